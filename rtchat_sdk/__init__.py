@@ -1,0 +1,70 @@
+"""rtchat: reliable real-time messaging over WebSocket.
+
+``async with Client(url) as client:`` gives rooms, requests, typed events,
+heartbeats, reconnection and an outbox, with nothing lost, duplicated or
+reordered silently.
+"""
+
+from .backoff import ReconnectPolicy
+from .client import Client, ConnectionState, NamespaceClient
+from .dispatch import Delivery
+from .errors import (
+    AckTimeout,
+    BufferFull,
+    ClientClosed,
+    ConnectionFailed,
+    ConnectionLost,
+    FatalConnectionError,
+    GaveUp,
+    HandlerError,
+    IncompatibleProtocol,
+    InvalidFrame,
+    MessageDropped,
+    MessageExpired,
+    ProtocolError,
+    RemoteError,
+    RTChatError,
+    Unauthorized,
+    UnknownEvent,
+    UnknownNamespace,
+    ValidationFailed,
+)
+from .events import Event
+from .outbox import Outbox, OverflowPolicy
+from .protocol import PROTOCOL_VERSION
+from .session import GapReported
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AckTimeout",
+    "BufferFull",
+    "Client",
+    "ClientClosed",
+    "ConnectionFailed",
+    "ConnectionLost",
+    "ConnectionState",
+    "Delivery",
+    "Event",
+    "FatalConnectionError",
+    "GapReported",
+    "GaveUp",
+    "HandlerError",
+    "IncompatibleProtocol",
+    "InvalidFrame",
+    "MessageDropped",
+    "MessageExpired",
+    "NamespaceClient",
+    "Outbox",
+    "OverflowPolicy",
+    "ProtocolError",
+    "RTChatError",
+    "ReconnectPolicy",
+    "RemoteError",
+    "Unauthorized",
+    "UnknownEvent",
+    "UnknownNamespace",
+    "ValidationFailed",
+    "__version__",
+]

@@ -1,0 +1,66 @@
+"""When to reconnect: exponential backoff with full jitter, as a pure policy.
+
+The waits come from tenacity's ``wait_random_exponential`` (uniform between 0
+and ``min(max_delay, initial_delay * multiplier ** (attempt - 1))``), so 200
+clients that lose a server at once spread their attempts instead of
+arriving together. ``classify`` decides whether a failure is worth retrying.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tenacity import RetryCallState, wait_random_exponential
+
+from .errors import FatalConnectionError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+__all__ = ["ReconnectPolicy", "is_retryable"]
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Fatal refusals (bad credentials, incompatible protocol) are never retried."""
+    return not isinstance(exc, FatalConnectionError)
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """How a client retries: delays, limits, and when the backoff resets."""
+
+    initial_delay: float = 0.5
+    """Upper bound of the first wait, in seconds."""
+    max_delay: float = 30.0
+    """Cap on the upper bound of any wait."""
+    multiplier: float = 2.0
+    """Growth of the upper bound per failed attempt."""
+    max_attempts: int | None = None
+    """Give up after this many failed attempts in a row (None: never)."""
+    max_elapsed: float | None = None
+    """Give up after failing for this long, in seconds (None: never)."""
+    stable_after: float = 10.0
+    """A connection up this long resets the backoff to its first step."""
+    enabled: bool = True
+    """False: a lost connection closes the client instead of reconnecting."""
+    classify: Callable[[BaseException], bool] = is_retryable
+    """Pure function: is this failure worth another attempt?"""
+
+    def __post_init__(self) -> None:
+        if self.initial_delay < 0 or self.max_delay < 0 or self.multiplier < 1:
+            raise ValueError("delays must be >= 0 and multiplier >= 1")
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+
+    def delays(self) -> Iterator[float]:
+        """Endless waits for attempts 1, 2, 3...; each uniformly jittered."""
+        wait = wait_random_exponential(
+            multiplier=self.initial_delay, max=self.max_delay, exp_base=self.multiplier
+        )
+        state = RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        attempt = 0
+        while True:
+            attempt += 1
+            state.attempt_number = attempt
+            yield float(wait(state))

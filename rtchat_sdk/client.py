@@ -1,0 +1,608 @@
+"""The asyncio client: a thin driver around the sans-I/O ``ClientSession``.
+
+The driver owns three tasks per client, all tracked and cancelled on close:
+the connection manager (connect, serve, back off, reconnect), the writer of
+the current connection, and the dispatcher that hands deliveries to
+handlers one after another, in stream order. Deliveries queue between the
+reader and the dispatcher, so a handler may itself ``await client.request()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from typing import Any, TypeVar, overload
+
+from pydantic import BaseModel
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from . import protocol as p
+from .backoff import ReconnectPolicy
+from .dispatch import ErrorCallback, HandlerRegistry
+from .errors import (
+    AckTimeout,
+    ClientClosed,
+    ConnectionFailed,
+    FatalConnectionError,
+    GaveUp,
+    IncompatibleProtocol,
+    MessageDropped,
+    MessageExpired,
+    RTChatError,
+    Unauthorized,
+    ValidationFailed,
+    remote_error,
+)
+from .events import Event, event_name, validate_payload
+from .outbox import Outbox, OverflowPolicy
+from .session import (
+    ClientSession,
+    Delivered,
+    Dropped,
+    Failed,
+    GapReported,
+    LinkDead,
+    ProtocolViolation,
+    Refused,
+    Replied,
+    ServerNotice,
+    SessionEvent,
+    TimedOut,
+    Welcomed,
+)
+
+__all__ = ["Client", "ConnectionState", "GapCallback", "NamespaceClient", "StateCallback"]
+
+log = logging.getLogger("rtchat_sdk")
+
+T = TypeVar("T", bound=BaseModel)
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+class ConnectionState(StrEnum):
+    """What the client is doing about its connection."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    CLOSED = "closed"
+
+
+StateCallback = Callable[[ConnectionState], Any]
+GapCallback = Callable[[GapReported], Any]
+
+_FATAL_CLOSE = {
+    p.CloseCode.UNAUTHORIZED: Unauthorized,
+    p.CloseCode.UNSUPPORTED_PROTOCOL: IncompatibleProtocol,
+}
+
+
+class NamespaceClient:
+    """The messaging API bound to one namespace of a client's connection."""
+
+    def __init__(self, client: Client, path: str) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"namespace must start with '/': {path!r}")
+        self._client = client
+        self.path = path
+
+    async def join(self, room: str) -> None:
+        """Join ``room``; deliveries start after the position returned by the server."""
+        c = self._client
+        await c._send(lambda now: c._session.join(self.path, room, now=now))
+
+    async def leave(self, room: str) -> None:
+        c = self._client
+        await c._send(lambda now: c._session.leave(self.path, room, now=now))
+
+    async def publish(
+        self,
+        room: str,
+        event: str | Event,
+        data: Any = None,
+        *,
+        echo: bool = False,
+        expires_in: float | None = None,
+    ) -> int:
+        """Publish to a room; returns the stream offset once the server has it."""
+        c = self._client
+        name, payload = _event_and_data(event, data)
+        reply = await c._send(
+            lambda now: c._session.publish(
+                self.path, room, name, payload, now=now, echo=echo, expires_in=expires_in
+            )
+        )
+        return int(reply["offset"]) if isinstance(reply, dict) else 0
+
+    async def emit(
+        self, event: str | Event, data: Any = None, *, expires_in: float | None = None
+    ) -> None:
+        """Send to a server handler and wait until the server acknowledges it."""
+        c = self._client
+        name, payload = _event_and_data(event, data)
+        await c._send(
+            lambda now: c._session.emit(self.path, name, payload, now=now, expires_in=expires_in)
+        )
+
+    @overload
+    async def request(
+        self,
+        event: str | Event,
+        data: Any = None,
+        *,
+        response: type[T],
+        timeout: float | None = None,
+    ) -> T: ...
+
+    @overload
+    async def request(
+        self,
+        event: str | Event,
+        data: Any = None,
+        *,
+        response: None = None,
+        timeout: float | None = None,
+    ) -> Any: ...
+
+    async def request(
+        self,
+        event: str | Event,
+        data: Any = None,
+        *,
+        response: type[T] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call a server handler and return its reply (validated into ``response``).
+
+        ``timeout`` defaults to the client's ``request_timeout``; when it runs
+        out, ``AckTimeout`` is raised and the request is never sent later.
+        """
+        c = self._client
+        name, payload = _event_and_data(event, data)
+        wait = c.request_timeout if timeout is None else timeout
+        reply = await c._send(
+            lambda now: c._session.request(self.path, name, payload, now=now, timeout=wait)
+        )
+        if response is None:
+            return reply
+        return validate_payload(response, reply)
+
+    def on(self, event: str | type[Event]) -> Callable[[H], H]:
+        """Decorator: call the handler for each delivery of ``event`` ("*": all)."""
+
+        def register(func: H) -> H:
+            self._client._handlers.add(self.path, event, func)
+            return func
+
+        return register
+
+    def off(self, event: str | type[Event], func: Callable[..., Any]) -> None:
+        self._client._handlers.remove(self.path, event, func)
+
+
+class Client(NamespaceClient):
+    """An rtchat client. Use ``async with Client(url) as client:``."""
+
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        *,
+        auth: dict[str, Any] | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        outbox: Outbox | None = None,
+        request_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        max_in_flight: int = 1_000,
+        max_frame_bytes: int = 1024 * 1024,
+        retry_first_connect: bool = False,
+        name: str = "rtchat-python",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(self, p.DEFAULT_NAMESPACE)
+        self.urls = [url] if isinstance(url, str) else list(url)
+        if not self.urls:
+            raise ValueError("at least one URL is needed")
+        self.reconnect = reconnect or ReconnectPolicy()
+        self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.max_frame_bytes = max_frame_bytes
+        self.retry_first_connect = retry_first_connect
+        self._clock = clock
+        self._session = ClientSession(
+            outbox=outbox,
+            auth=auth,
+            client_name=name,
+            max_in_flight=max_in_flight,
+            handshake_timeout=connect_timeout,
+        )
+        self._handlers = HandlerRegistry()
+        self._state = ConnectionState.IDLE
+        self._state_callbacks: list[StateCallback] = []
+        self._error_callbacks: list[ErrorCallback] = []
+        self._gap_callbacks: list[GapCallback] = []
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._deliveries: asyncio.Queue[p.MessageFrame | None] = asyncio.Queue()
+        self._ws: ClientConnection | None = None
+        self._wakeup = asyncio.Event()
+        self._space_freed = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._first_welcome: asyncio.Future[None] | None = None
+        self._closing = False
+        self._welcomed_here = False
+        self._fatal: RTChatError | None = None
+        self._retry_after: float | None = None
+        self.reconnects = 0
+        self.closed_reason: RTChatError | None = None
+
+    # ------------------------------------------------------------------
+    # Observable state
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._state
+
+    @property
+    def session_id(self) -> str | None:
+        return self._session.session_id
+
+    @property
+    def rtt(self) -> float | None:
+        """Last measured heartbeat round trip, in seconds."""
+        return self._session.rtt
+
+    @property
+    def outbox_size(self) -> int:
+        return len(self._session.outbox)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """sent, resent, duplicates_dropped, gaps, timed_out, dropped, reconnects..."""
+        c = self._session.counters
+        return {
+            "sent": c.sent,
+            "resent": c.resent,
+            "duplicates_dropped": c.duplicates_dropped,
+            "gaps": c.gaps,
+            "timed_out": c.timed_out,
+            "dropped": c.dropped,
+            "connections": c.connections,
+            "reconnects": self.reconnects,
+            "outbox_size": len(self._session.outbox),
+        }
+
+    def on_state_change(self, callback: StateCallback) -> StateCallback:
+        self._state_callbacks.append(callback)
+        return callback
+
+    def on_error(self, callback: ErrorCallback) -> ErrorCallback:
+        """Called with invalid deliveries, handler failures and server notices."""
+        self._error_callbacks.append(callback)
+        return callback
+
+    def on_gap(self, callback: GapCallback) -> GapCallback:
+        """Called when the server says part of a stream cannot be replayed."""
+        self._gap_callbacks.append(callback)
+        return callback
+
+    def namespace(self, path: str) -> NamespaceClient:
+        """The same API on another namespace, over the same connection."""
+        return NamespaceClient(self, path)
+
+    # ------------------------------------------------------------------
+    # Life cycle
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect and wait for the server's welcome (or raise why not)."""
+        if self._state is ConnectionState.CLOSED:
+            raise ClientClosed("this client was closed; make a new one")
+        if self._runner is None:
+            loop = asyncio.get_running_loop()
+            self._first_welcome = loop.create_future()
+            self._runner = asyncio.create_task(self._run(), name="rtchat-connection")
+            self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="rtchat-dispatch")
+        assert self._first_welcome is not None
+        try:
+            await asyncio.shield(self._first_welcome)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close for good: the server ends the session; waiting calls get ClientClosed."""
+        if self._closing:
+            if self._runner is not None:
+                await asyncio.gather(self._runner, return_exceptions=True)
+            return
+        self._closing = True
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(p.CloseCode.NORMAL, "client closed"), 5.0)
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
+        self._finish(self._fatal or ClientClosed("the client was closed"))
+        if self._dispatcher is not None:
+            self._deliveries.put_nowait(None)
+            try:
+                await asyncio.wait_for(self._dispatcher, 5.0)
+            except TimeoutError:
+                log.warning("handlers did not finish within 5 s of close; cancelled")
+
+    def _finish(self, reason: RTChatError) -> None:
+        """Fail everything still waiting, once, and settle into CLOSED."""
+        self._closing = True
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        self._session.close()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(reason)
+        self._pending.clear()
+        if self._first_welcome is not None and not self._first_welcome.done():
+            self._first_welcome.set_exception(reason)
+        self._space_freed.set()
+        self._set_state(ConnectionState.CLOSED)
+
+    def _set_state(self, state: ConnectionState) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        for callback in list(self._state_callbacks):
+            try:
+                callback(state)
+            except Exception:
+                log.exception("state callback raised")
+
+    # ------------------------------------------------------------------
+    # Sending
+
+    async def _send(self, op: Callable[[float], tuple[int, list[Dropped]]]) -> Any:
+        if self._closing:
+            raise ClientClosed("the client is closed")
+        if self._runner is None:
+            raise ClientClosed("the client is not connected; use 'async with Client(...)'")
+        outbox = self._session.outbox
+        if outbox.policy is OverflowPolicy.BLOCK:
+            while not outbox.fits(1) and not self._closing:
+                self._space_freed.clear()
+                await self._space_freed.wait()
+            if self._closing:
+                raise self.closed_reason or ClientClosed("the client is closed")
+        message_id, dropped = op(self._clock())
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[message_id] = future
+        for d in dropped:
+            self._fail(d.id, MessageDropped(f"{d.kind} {d.id} evicted from the full outbox"))
+        self._after_io()
+        return await future
+
+    def _fail(self, message_id: int, exc: RTChatError) -> None:
+        future = self._pending.pop(message_id, None)
+        if future is not None and not future.done():
+            future.set_exception(exc)
+
+    # ------------------------------------------------------------------
+    # The connection manager
+
+    async def _run(self) -> None:
+        policy = self.reconnect
+        delays = policy.delays()
+        failures = 0
+        failing_since: float | None = None
+        index = 0
+        ever_welcomed = False
+        while not self._closing:
+            url = self.urls[index % len(self.urls)]
+            self._set_state(
+                ConnectionState.RECONNECTING if ever_welcomed else ConnectionState.CONNECTING
+            )
+            started = self._clock()
+            error = await self._connect_once(url)
+            if self._closing:
+                return
+            if self._welcomed_here:
+                ever_welcomed = True
+                if self._clock() - started >= policy.stable_after:
+                    delays, failures, failing_since = policy.delays(), 0, None
+            if self._fatal is not None or not policy.classify(error):
+                self._finish(self._fatal or error)
+                return
+            if not ever_welcomed and not self.retry_first_connect:
+                self._finish(error)
+                return
+            if not policy.enabled:
+                self._finish(error)
+                return
+            failures += 1
+            failing_since = failing_since if failing_since is not None else started
+            elapsed = self._clock() - failing_since
+            if (policy.max_attempts is not None and failures >= policy.max_attempts) or (
+                policy.max_elapsed is not None and elapsed >= policy.max_elapsed
+            ):
+                self._finish(
+                    GaveUp(f"gave up after {failures} attempt(s) over {elapsed:.1f}s: {error}")
+                )
+                return
+            if not self._welcomed_here:
+                index += 1  # this URL failed: try the next one
+            delay = next(delays)
+            if self._retry_after is not None:
+                delay = max(delay, self._retry_after)
+                self._retry_after = None
+            log.info(
+                "reconnecting to %s in %.2fs (%s)", self.urls[index % len(self.urls)], delay, error
+            )
+            await asyncio.sleep(delay)
+            self.reconnects += 1
+
+    async def _connect_once(self, url: str) -> RTChatError:
+        """One connection, from TCP connect to its end; returns why it ended."""
+        self._welcomed_here = False
+        try:
+            ws = await connect(
+                url,
+                open_timeout=self.connect_timeout,
+                ping_interval=None,  # rtchat heartbeats run at the app level
+                compression=None,
+                max_size=self.max_frame_bytes,
+                proxy=None,
+            )
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
+            return ConnectionFailed(f"cannot connect to {url}: {exc}")
+        self._ws = ws
+        self._session.connection_made(self._clock())
+        writer = asyncio.create_task(self._write_loop(ws), name="rtchat-writer")
+        self._after_io()
+        try:
+            async for text in ws:
+                self._session.receive_text(text, self._clock())
+                self._after_io()
+        except ConnectionClosed:
+            pass
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            self._ws = None
+            if not self._closing:
+                self._session.connection_lost(self._clock())
+                self._after_io()
+        code = ws.close_code
+        if code in _FATAL_CLOSE and self._fatal is None:
+            self._fatal = _FATAL_CLOSE[p.CloseCode(code)](
+                "refused", ws.close_reason or f"closed with code {code}"
+            )
+        return ConnectionFailed(f"connection to {url} closed (code {code}: {ws.close_reason})")
+
+    async def _write_loop(self, ws: ClientConnection) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            for text in self._session.data_to_send():
+                await ws.send(text)
+
+    def _after_io(self) -> None:
+        """Act on the session's events, wake the writer, re-arm the timer."""
+        for event in self._session.events_received():
+            self._on_event(event)
+        self._wakeup.set()
+        if self._closing:
+            return
+        when = self._session.get_timer()
+        if when == self._timer_when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_when = when
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + max(0.0, when - self._clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = None
+        self._session.handle_timer(self._clock())
+        self._after_io()
+
+    def _on_event(self, event: SessionEvent) -> None:
+        match event:
+            case Replied(id=message_id, data=data):
+                future = self._pending.pop(message_id, None)
+                if future is not None and not future.done():
+                    future.set_result(data)
+                self._space_freed.set()
+            case Delivered(frame=frame):
+                if self._handlers.has_handlers(frame):
+                    self._deliveries.put_nowait(frame)
+            case Failed(id=message_id, code=code, message=message, details=details):
+                self._fail(message_id, remote_error(code, message, details))
+                self._space_freed.set()
+            case TimedOut(id=message_id, kind=kind):
+                if kind == "request":
+                    self._fail(message_id, AckTimeout(f"no reply to request {message_id} in time"))
+                else:
+                    self._fail(message_id, MessageExpired(f"{kind} {message_id} expired unsent"))
+                self._space_freed.set()
+            case Welcomed():
+                self._welcomed_here = True
+                self._set_state(ConnectionState.CONNECTED)
+                if self._first_welcome is not None and not self._first_welcome.done():
+                    self._first_welcome.set_result(None)
+            case Refused(code=code, message=message, fatal=fatal, retry_after=retry_after):
+                if fatal:
+                    cls = Unauthorized if code == p.ErrorCode.UNAUTHORIZED else IncompatibleProtocol
+                    self._fatal = cls(code, message)
+                else:
+                    self._fatal = (
+                        FatalConnectionError(code, message) if retry_after is None else None
+                    )
+                    self._retry_after = retry_after
+            case ServerNotice(code=code, message=message, retry_after=retry_after):
+                if retry_after is not None:
+                    self._retry_after = retry_after
+                self._report(remote_error(code, message))
+            case GapReported():
+                log.warning(
+                    "gap in %s (%s): now at %s:%d",
+                    event.stream,
+                    event.reason,
+                    event.epoch,
+                    event.offset,
+                )
+                for callback in list(self._gap_callbacks):
+                    try:
+                        callback(event)
+                    except Exception:
+                        log.exception("gap callback raised")
+            case LinkDead(reason=reason):
+                log.warning("connection declared dead: %s", reason)
+                if self._ws is not None and self._ws.transport is not None:
+                    self._ws.transport.abort()
+            case ProtocolViolation(error=error):
+                self._report(ValidationFailed(error))
+            case _:
+                pass
+
+    def _report(self, exc: RTChatError) -> None:
+        if not self._error_callbacks:
+            log.warning("%s", exc)
+        for callback in list(self._error_callbacks):
+            try:
+                callback(exc)
+            except Exception:
+                log.exception("error callback raised")
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            frame = await self._deliveries.get()
+            if frame is None:
+                return
+            await self._handlers.dispatch(frame, self._report)
+
+
+def _event_and_data(event: str | Event, data: Any) -> tuple[str, Any]:
+    if isinstance(event, Event):
+        if data is not None:
+            raise TypeError("pass either an Event instance or an event name with data, not both")
+        return event.event_name, event
+    return event_name(event), data

@@ -1,0 +1,378 @@
+"""The rtchat wire protocol: every frame as a pydantic model.
+
+One module is the single source of truth for client and server. A frame is
+one JSON object in one WebSocket text message; its ``type`` field picks the
+model. ``PROTOCOL.md`` explains the exchanges; ``json_schema()`` gives the
+machine-readable form, generated from these models.
+
+Rules that hold for every frame:
+
+* Unknown fields are ignored, so a newer peer may add optional fields without
+  bumping the protocol version.
+* Client message ids (``id``) are positive integers, strictly increasing per
+  client session; the server replies to each exactly once, with the same id.
+* Deliveries carry ``stream``, ``epoch`` and ``offset`` and nothing specific to
+  the recipient, so one encoded frame serves every member of a room.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+__all__ = [
+    "CLIENT_FRAME_TYPES",
+    "DEFAULT_NAMESPACE",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "ClientFrame",
+    "CloseCode",
+    "EmitFrame",
+    "ErrorCode",
+    "ErrorFrame",
+    "GapFrame",
+    "HeartbeatInfo",
+    "HelloFrame",
+    "JoinFrame",
+    "LeaveFrame",
+    "Limits",
+    "MessageFrame",
+    "PingFrame",
+    "PongFrame",
+    "PublishFrame",
+    "ReplyFrame",
+    "RequestFrame",
+    "ResumeInfo",
+    "ServerFrame",
+    "StreamPosition",
+    "WelcomeFrame",
+    "client_frame_adapter",
+    "decode_client_frame",
+    "decode_server_frame",
+    "encode",
+    "inbox_stream",
+    "json_schema",
+    "room_stream",
+    "server_frame_adapter",
+]
+
+PROTOCOL_VERSION = 1
+"""The version this module speaks."""
+
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+"""Every version a peer built from this module accepts."""
+
+DEFAULT_NAMESPACE = "/"
+
+MessageId = Annotated[int, Field(ge=1, description="Client message id, >= 1, increasing.")]
+Namespace = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^/[^\s]*$",
+        description="Namespace path, starting with '/'.",
+    ),
+]
+RoomName = Annotated[str, Field(min_length=1, max_length=256, description="Room name.")]
+EventName = Annotated[str, Field(min_length=1, max_length=256, description="Event name.")]
+
+
+class ErrorCode(StrEnum):
+    """Machine-readable reasons carried by ``error`` frames."""
+
+    BAD_JSON = "bad_json"
+    BAD_FRAME = "bad_frame"
+    UNKNOWN_TYPE = "unknown_type"
+    INVALID_FRAME = "invalid_frame"
+    HANDSHAKE_REQUIRED = "handshake_required"
+    ALREADY_HANDSHAKEN = "already_handshaken"
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+    UNAUTHORIZED = "unauthorized"
+    UNKNOWN_NAMESPACE = "unknown_namespace"
+    UNKNOWN_EVENT = "unknown_event"
+    INVALID_PAYLOAD = "invalid_payload"
+    HANDLER_ERROR = "handler_error"
+    NOT_IN_ROOM = "not_in_room"
+    DUPLICATE_ID = "duplicate_id"
+    OVERLOADED = "overloaded"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes used by rtchat (4xxx are rtchat's own)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+    UNAUTHORIZED = 4001
+    UNSUPPORTED_PROTOCOL = 4002
+    HANDSHAKE_TIMEOUT = 4003
+    HEARTBEAT_TIMEOUT = 4004
+    SLOW_CONSUMER = 4005
+    SESSION_REPLACED = 4006
+    TOO_MANY_BAD_FRAMES = 4007
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+# --------------------------------------------------------------------------
+# Shared pieces
+
+
+class StreamPosition(_Frame):
+    """Where a client is in one stream: the last offset it handled."""
+
+    stream: str = Field(min_length=1, max_length=512)
+    epoch: str = Field(min_length=1, max_length=64)
+    offset: int = Field(ge=0)
+
+
+class ResumeInfo(_Frame):
+    """What a reconnecting client presents to pick up its old session."""
+
+    token: str = Field(min_length=1, max_length=256, description="Secret from `welcome.token`.")
+    last_reply: int = Field(
+        default=0, ge=0, description="Highest message id whose reply the client holds."
+    )
+    streams: list[StreamPosition] = Field(default_factory=list)
+
+
+class HeartbeatInfo(_Frame):
+    """Heartbeat timing both sides follow, in seconds."""
+
+    interval: float = Field(gt=0)
+    timeout: float = Field(gt=0)
+
+
+class Limits(_Frame):
+    """Limits the server enforces, announced so clients can respect them."""
+
+    max_frame_bytes: int
+    max_in_flight: int
+    history_size: int
+    history_seconds: float
+    session_ttl: float
+
+
+# --------------------------------------------------------------------------
+# Frames either side may send
+
+
+class PingFrame(_Frame):
+    """Application heartbeat; the peer answers with ``pong`` carrying ``ts``."""
+
+    type: Literal["ping"] = "ping"
+    ts: float = Field(description="Sender's clock, echoed back to measure round trips.")
+
+
+class PongFrame(_Frame):
+    """Answer to ``ping``."""
+
+    type: Literal["pong"] = "pong"
+    ts: float
+
+
+# --------------------------------------------------------------------------
+# Client -> server
+
+
+class HelloFrame(_Frame):
+    """First frame of a connection: version, credentials, optional resume."""
+
+    type: Literal["hello"] = "hello"
+    protocol: int = Field(description="Protocol version the client speaks.")
+    auth: dict[str, Any] | None = Field(default=None, description="Credentials, app-defined.")
+    resume: ResumeInfo | None = None
+    client: str | None = Field(default=None, max_length=128, description="Client name/version.")
+
+
+class EmitFrame(_Frame):
+    """Send an event to a server handler; answered by an empty ``reply``."""
+
+    type: Literal["emit"] = "emit"
+    id: MessageId
+    ns: Namespace = DEFAULT_NAMESPACE
+    event: EventName
+    data: Any = None
+
+
+class RequestFrame(_Frame):
+    """Call a server handler; answered by a ``reply`` with its return value."""
+
+    type: Literal["request"] = "request"
+    id: MessageId
+    ns: Namespace = DEFAULT_NAMESPACE
+    event: EventName
+    data: Any = None
+
+
+class JoinFrame(_Frame):
+    """Join a room; the reply holds the room stream's current position."""
+
+    type: Literal["join"] = "join"
+    id: MessageId
+    ns: Namespace = DEFAULT_NAMESPACE
+    room: RoomName
+
+
+class LeaveFrame(_Frame):
+    """Leave a room."""
+
+    type: Literal["leave"] = "leave"
+    id: MessageId
+    ns: Namespace = DEFAULT_NAMESPACE
+    room: RoomName
+
+
+class PublishFrame(_Frame):
+    """Publish an event to every member of a room (the sender only if ``echo``)."""
+
+    type: Literal["publish"] = "publish"
+    id: MessageId
+    ns: Namespace = DEFAULT_NAMESPACE
+    room: RoomName
+    event: EventName
+    data: Any = None
+    echo: bool = False
+
+
+# --------------------------------------------------------------------------
+# Server -> client
+
+
+class WelcomeFrame(_Frame):
+    """Handshake accepted: the session, its resume token and the rules."""
+
+    type: Literal["welcome"] = "welcome"
+    protocol: int
+    session: str = Field(description="Public session id (as seen in `message.sender`).")
+    token: str = Field(description="Secret resume token; present it in `hello.resume`.")
+    resumed: bool = False
+    heartbeat: HeartbeatInfo
+    limits: Limits
+    inbox: StreamPosition | None = Field(
+        default=None, description="The session's inbox stream (direct messages) and its position."
+    )
+    server: str = "rtchat"
+
+
+class ReplyFrame(_Frame):
+    """Success answer to the client message with the same ``id``."""
+
+    type: Literal["reply"] = "reply"
+    id: int
+    data: Any = None
+
+
+class ErrorFrame(_Frame):
+    """Failure: answers message ``id``, or the connection when ``id`` is null."""
+
+    type: Literal["error"] = "error"
+    id: int | None = None
+    code: str
+    message: str
+    details: Any = None
+    retry_after: float | None = Field(
+        default=None, description="Seconds to wait before reconnecting, when closing."
+    )
+
+
+class MessageFrame(_Frame):
+    """A delivery: one event at one offset of one stream."""
+
+    type: Literal["message"] = "message"
+    stream: str
+    epoch: str
+    offset: int = Field(ge=1)
+    ns: str = DEFAULT_NAMESPACE
+    room: str | None = Field(default=None, description="Room, or null for a direct message.")
+    event: str
+    data: Any = None
+    sender: str | None = Field(default=None, description="Sender's session id, null if server.")
+
+
+class GapFrame(_Frame):
+    """Loud loss: the server cannot replay part of a stream for this client."""
+
+    type: Literal["gap"] = "gap"
+    stream: str
+    ns: str = DEFAULT_NAMESPACE
+    room: str | None = None
+    epoch: str = Field(description="The stream's current epoch; positions restart here.")
+    offset: int = Field(ge=0, description="The stream's position the client now stands at.")
+    reason: str = Field(description="'trimmed', 'epoch_changed' or 'session_unknown'.")
+
+
+ClientFrame = Annotated[
+    HelloFrame
+    | EmitFrame
+    | RequestFrame
+    | JoinFrame
+    | LeaveFrame
+    | PublishFrame
+    | PingFrame
+    | PongFrame,
+    Field(discriminator="type"),
+]
+ServerFrame = Annotated[
+    WelcomeFrame | ReplyFrame | ErrorFrame | MessageFrame | GapFrame | PingFrame | PongFrame,
+    Field(discriminator="type"),
+]
+
+CLIENT_FRAME_TYPES = frozenset(
+    {"hello", "emit", "request", "join", "leave", "publish", "ping", "pong"}
+)
+
+client_frame_adapter: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
+server_frame_adapter: TypeAdapter[ServerFrame] = TypeAdapter(ServerFrame)
+
+
+def decode_client_frame(text: str | bytes) -> ClientFrame:
+    """Parse one client frame; raises pydantic ``ValidationError`` if it is not one."""
+    return client_frame_adapter.validate_json(text)
+
+
+def decode_server_frame(text: str | bytes) -> ServerFrame:
+    """Parse one server frame; raises pydantic ``ValidationError`` if it is not one."""
+    return server_frame_adapter.validate_json(text)
+
+
+def encode(frame: _Frame) -> str:
+    """Serialise a frame to its wire text."""
+    return frame.model_dump_json()
+
+
+def room_stream(ns: str, room: str) -> str:
+    """The stream name of a room: ``room:<ns>:<room>``."""
+    return f"room:{ns}:{room}"
+
+
+def inbox_stream(session: str) -> str:
+    """The stream name of a session's inbox (direct messages)."""
+    return f"inbox:{session}"
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) of every frame, by direction."""
+    client = client_frame_adapter.json_schema(ref_template="#/$defs/{model}")
+    server = server_frame_adapter.json_schema(ref_template="#/$defs/{model}")
+    defs: dict[str, Any] = {**client.pop("$defs", {}), **server.pop("$defs", {})}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"rtchat wire protocol v{PROTOCOL_VERSION}",
+        "$defs": {**defs, "ClientFrame": client, "ServerFrame": server},
+        "oneOf": [{"$ref": "#/$defs/ClientFrame"}, {"$ref": "#/$defs/ServerFrame"}],
+    }
+
+
+# Re-exported so callers can catch decode failures without importing pydantic.
+FrameValidationError = ValidationError

@@ -1,0 +1,617 @@
+"""The client's sans-I/O state machine: ids, outbox, replies, offsets, heartbeats.
+
+``ClientSession`` does no I/O and reads no clock. The driver feeds it what
+happened and the time it happened at, and collects what to do:
+
+* ``connection_made(now)`` / ``connection_lost(now)``: the transport's life;
+* ``receive_text(text, now)``: one frame from the server;
+* ``emit`` / ``request`` / ``publish`` / ``join`` / ``leave``: the app sends;
+* ``data_to_send()``: frames for the driver to write, in order;
+* ``events_received()``: what the app must hear about (replies, deliveries...);
+* ``get_timer()`` / ``handle_timer(now)``: the next deadline and its handling.
+
+Rules:
+
+1. Every app message gets the next id and enters the outbox before anything
+   is written; it leaves the outbox only on its reply or error, on expiry, or
+   when the overflow policy drops it. Nothing is ever silently discarded:
+   each exit produces an event.
+2. Frames other than ``hello`` are written only after ``welcome``. Then the
+   outbox is written in id order, at most ``max_in_flight`` unanswered, before
+   anything newer. After a reconnect everything unanswered is written again.
+3. A delivery whose offset is not above the stream's last handled offset is a
+   duplicate: counted and dropped. A new epoch or a ``gap`` frame is reported.
+4. Heartbeats: a ``ping`` every ``interval`` while connected; no frame at all
+   for ``interval + timeout`` means the link is dead (``LinkDead``).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
+
+from . import protocol as p
+from .errors import ProtocolError, ValidationFailed
+from .outbox import Outbox, OutboxEntry
+
+__all__ = [
+    "ClientSession",
+    "Delivered",
+    "Dropped",
+    "Failed",
+    "GapReported",
+    "LinkDead",
+    "ProtocolViolation",
+    "Refused",
+    "Replied",
+    "RoundTrip",
+    "ServerNotice",
+    "SessionCounters",
+    "SessionEvent",
+    "SessionState",
+    "StreamState",
+    "TimedOut",
+    "Welcomed",
+]
+
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+DEFAULT_MAX_IN_FLIGHT = 1_000
+
+
+class SessionState(StrEnum):
+    DISCONNECTED = "disconnected"
+    HANDSHAKING = "handshaking"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# --------------------------------------------------------------------------
+# Events the session hands to the driver
+
+
+@dataclass(frozen=True, slots=True)
+class Welcomed:
+    session: str
+    resumed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Replied:
+    id: int
+    kind: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The server answered message ``id`` with an error."""
+
+    id: int
+    kind: str
+    code: str
+    message: str
+    details: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOut:
+    """Message ``id`` passed its deadline; it has left the outbox for good."""
+
+    id: int
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Message ``id`` was evicted by the drop-oldest overflow policy."""
+
+    id: int
+    kind: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The server refused the handshake (fatal unless ``retry_after`` says wait)."""
+
+    code: str
+    message: str
+    fatal: bool
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServerNotice:
+    """An error frame about the connection, not about one message."""
+
+    code: str
+    message: str
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    frame: p.MessageFrame
+
+
+@dataclass(frozen=True, slots=True)
+class GapReported:
+    stream: str
+    ns: str
+    room: str | None
+    epoch: str
+    offset: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinkDead:
+    """No frame within the deadline: the driver must drop the transport."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RoundTrip:
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """The server sent something we cannot parse; reported, then ignored."""
+
+    error: str
+
+
+SessionEvent = (
+    Welcomed
+    | Replied
+    | Failed
+    | TimedOut
+    | Dropped
+    | Refused
+    | ServerNotice
+    | Delivered
+    | GapReported
+    | LinkDead
+    | RoundTrip
+    | ProtocolViolation
+)
+
+
+@dataclass(slots=True)
+class StreamState:
+    """The last offset the app was handed on one stream, and its epoch."""
+
+    epoch: str
+    offset: int
+    ns: str
+    room: str | None
+
+
+@dataclass(slots=True)
+class SessionCounters:
+    """Numbers a user can read to see what reliability work happened."""
+
+    sent: int = 0
+    resent: int = 0
+    duplicates_dropped: int = 0
+    gaps: int = 0
+    timed_out: int = 0
+    dropped: int = 0
+    connections: int = 0
+
+
+@dataclass(slots=True)
+class _Heartbeat:
+    interval: float
+    timeout: float
+
+
+_FATAL_CODES = frozenset({p.ErrorCode.UNAUTHORIZED, p.ErrorCode.UNSUPPORTED_PROTOCOL})
+
+
+class ClientSession:
+    """Client protocol state for one logical session, across many connections."""
+
+    def __init__(
+        self,
+        *,
+        outbox: Outbox | None = None,
+        auth: dict[str, Any] | None = None,
+        client_name: str | None = "rtchat-python",
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+        first_id: int = 1,
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.outbox = outbox if outbox is not None else Outbox()
+        self.auth = auth
+        self.client_name = client_name
+        self.max_in_flight = max_in_flight
+        self.handshake_timeout = handshake_timeout
+        self.state = SessionState.DISCONNECTED
+        self.session_id: str | None = None
+        self.token: str | None = None
+        self.streams: dict[str, StreamState] = {}
+        self.rooms: dict[tuple[str, str], str] = {}
+        self.counters = SessionCounters()
+        self.rtt: float | None = None
+        self._next_id = first_id
+        self._unsent: deque[int] = deque()
+        self._in_flight: set[int] = set()
+        self._to_send: list[str] = []
+        self._events: list[SessionEvent] = []
+        self._deadlines: list[tuple[float, int]] = []
+        self._heartbeat: _Heartbeat | None = None
+        self._server_max_in_flight: int | None = None
+        self._last_received = 0.0
+        self._next_ping: float | None = None
+        self._dead_at: float | None = None
+        self._ever_sent: set[int] = set()
+
+    # ------------------------------------------------------------------
+    # Output
+
+    def data_to_send(self) -> list[str]:
+        """Frames to write, in order; the list is handed over and cleared."""
+        out, self._to_send = self._to_send, []
+        return out
+
+    def events_received(self) -> list[SessionEvent]:
+        """Events for the app, in order; the list is handed over and cleared."""
+        out, self._events = self._events, []
+        return out
+
+    # ------------------------------------------------------------------
+    # Transport life
+
+    def connection_made(self, now: float) -> None:
+        """A transport is up: say hello (with resume info when we have a session)."""
+        if self.state is SessionState.CLOSED:
+            raise ProtocolError("session is closed")
+        self.state = SessionState.HANDSHAKING
+        self._last_received = now
+        self._dead_at = now + self.handshake_timeout
+        self._next_ping = None
+        resume = None
+        if self.token is not None:
+            resume = p.ResumeInfo(
+                token=self.token,
+                last_reply=self.last_reply,
+                streams=[
+                    p.StreamPosition(stream=name, epoch=s.epoch, offset=s.offset)
+                    for name, s in self.streams.items()
+                ],
+            )
+        hello = p.HelloFrame(
+            protocol=p.PROTOCOL_VERSION, auth=self.auth, resume=resume, client=self.client_name
+        )
+        self._to_send.append(p.encode(hello))
+
+    def connection_lost(self, now: float) -> None:
+        """The transport is gone: everything unanswered will be written again."""
+        if self.state is SessionState.CLOSED:
+            return
+        self.state = SessionState.DISCONNECTED
+        self._to_send.clear()
+        self._in_flight.clear()
+        self._unsent = deque(self.outbox.ids())
+        self._next_ping = None
+        self._dead_at = None
+        self.handle_timer(now)
+
+    def close(self) -> None:
+        """No more connections; pending entries stay in the outbox for the caller."""
+        self.state = SessionState.CLOSED
+        self._to_send.clear()
+        self._next_ping = None
+        self._dead_at = None
+
+    @property
+    def last_reply(self) -> int:
+        """Every message id up to this one has been answered (or given up)."""
+        ids = self.outbox.ids()
+        return (ids[0] if ids else self._next_id) - 1
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # ------------------------------------------------------------------
+    # Sending
+
+    def emit(
+        self, ns: str, event: str, data: Any, *, now: float, expires_in: float | None = None
+    ) -> tuple[int, list[Dropped]]:
+        return self._queue(
+            "emit",
+            lambda i: p.EmitFrame(id=i, ns=ns, event=event, data=_jsonable(data)),
+            now,
+            expires_in,
+        )
+
+    def request(
+        self, ns: str, event: str, data: Any, *, now: float, timeout: float | None = None
+    ) -> tuple[int, list[Dropped]]:
+        return self._queue(
+            "request",
+            lambda i: p.RequestFrame(id=i, ns=ns, event=event, data=_jsonable(data)),
+            now,
+            timeout,
+        )
+
+    def publish(
+        self,
+        ns: str,
+        room: str,
+        event: str,
+        data: Any,
+        *,
+        now: float,
+        echo: bool = False,
+        expires_in: float | None = None,
+    ) -> tuple[int, list[Dropped]]:
+        return self._queue(
+            "publish",
+            lambda i: p.PublishFrame(
+                id=i, ns=ns, room=room, event=event, data=_jsonable(data), echo=echo
+            ),
+            now,
+            expires_in,
+        )
+
+    def join(self, ns: str, room: str, *, now: float) -> tuple[int, list[Dropped]]:
+        return self._queue("join", lambda i: p.JoinFrame(id=i, ns=ns, room=room), now, None)
+
+    def leave(self, ns: str, room: str, *, now: float) -> tuple[int, list[Dropped]]:
+        return self._queue("leave", lambda i: p.LeaveFrame(id=i, ns=ns, room=room), now, None)
+
+    def _queue(
+        self,
+        kind: str,
+        build: Any,
+        now: float,
+        expires_in: float | None,
+    ) -> tuple[int, list[Dropped]]:
+        if self.state is SessionState.CLOSED:
+            raise ProtocolError("session is closed")
+        message_id = self._next_id
+        try:
+            frame: BaseModel = build(message_id)
+            text = frame.model_dump_json()
+        except (ValidationError, PydanticSerializationError) as exc:
+            raise ValidationFailed(f"cannot encode {kind}: {exc}") from exc
+        expires_at = None if expires_in is None else now + expires_in
+        dropped = self.outbox.add(OutboxEntry(message_id, kind, text, expires_at))
+        self._next_id += 1
+        evicted = [Dropped(e.id, e.kind) for e in dropped]
+        for e in dropped:
+            self._forget(e.id)
+        self.counters.dropped += len(evicted)
+        if expires_at is not None:
+            heapq.heappush(self._deadlines, (expires_at, message_id))
+        self._unsent.append(message_id)
+        self._pump()
+        return message_id, evicted
+
+    def _pump(self) -> None:
+        """Write queued messages, in order, while the in-flight window allows."""
+        if self.state is not SessionState.OPEN:
+            return
+        limit = self.max_in_flight
+        if self._server_max_in_flight is not None:
+            limit = min(limit, self._server_max_in_flight)
+        while self._unsent and len(self._in_flight) < limit:
+            message_id = self._unsent.popleft()
+            entry = self.outbox.get(message_id)
+            if entry is None:
+                continue
+            self._in_flight.add(message_id)
+            self._to_send.append(entry.text)
+            if message_id in self._ever_sent:
+                self.counters.resent += 1
+            else:
+                self._ever_sent.add(message_id)
+                self.counters.sent += 1
+
+    def _forget(self, message_id: int) -> None:
+        self._in_flight.discard(message_id)
+        self._ever_sent.discard(message_id)
+
+    def _settle(self, message_id: int) -> OutboxEntry | None:
+        entry = self.outbox.remove(message_id)
+        self._forget(message_id)
+        return entry
+
+    # ------------------------------------------------------------------
+    # Receiving
+
+    def receive_text(self, text: str | bytes, now: float) -> None:
+        """Handle one frame from the server."""
+        self._last_received = now
+        if self._heartbeat is not None and self.state is SessionState.OPEN:
+            self._dead_at = now + self._heartbeat.interval + self._heartbeat.timeout
+        try:
+            frame = p.decode_server_frame(text)
+        except ValidationError as exc:
+            self._events.append(ProtocolViolation(f"undecodable server frame: {exc}"))
+            return
+        match frame:
+            case p.MessageFrame():
+                self._on_message(frame)
+            case p.ReplyFrame():
+                self._on_reply(frame)
+            case p.ErrorFrame():
+                self._on_error(frame)
+            case p.PingFrame():
+                self._to_send.append(p.encode(p.PongFrame(ts=frame.ts)))
+            case p.PongFrame():
+                self.rtt = max(0.0, now - frame.ts)
+                self._events.append(RoundTrip(self.rtt))
+            case p.GapFrame():
+                self._on_gap(frame)
+            case p.WelcomeFrame():
+                self._on_welcome(frame, now)
+
+    def _on_welcome(self, frame: p.WelcomeFrame, now: float) -> None:
+        if self.state is not SessionState.HANDSHAKING:
+            self._events.append(ProtocolViolation("unexpected welcome"))
+            return
+        self.counters.connections += 1
+        if not frame.resumed and self.session_id is not None:
+            # The old session is gone on the server: its rooms and positions too.
+            for name, stream in self.streams.items():
+                self.counters.gaps += 1
+                self._events.append(
+                    GapReported(
+                        name, stream.ns, stream.room, stream.epoch, stream.offset, "session_unknown"
+                    )
+                )
+            self.streams.clear()
+            self._rejoin_rooms(now)
+        self.state = SessionState.OPEN
+        self.session_id = frame.session
+        self.token = frame.token
+        inbox = frame.inbox
+        if inbox is not None and inbox.stream not in self.streams:
+            self.streams[inbox.stream] = StreamState(
+                inbox.epoch, inbox.offset, p.DEFAULT_NAMESPACE, None
+            )
+        self._heartbeat = _Heartbeat(frame.heartbeat.interval, frame.heartbeat.timeout)
+        self._server_max_in_flight = frame.limits.max_in_flight
+        self._next_ping = now + frame.heartbeat.interval
+        self._dead_at = now + frame.heartbeat.interval + frame.heartbeat.timeout
+        self._events.append(Welcomed(frame.session, frame.resumed))
+        self._pump()
+
+    def _rejoin_rooms(self, now: float) -> None:
+        """Queue joins, ahead of everything unsent, for rooms a lost session held."""
+        rejoin: list[int] = []
+        for ns, room in list(self.rooms):
+            message_id, _ = self.join(ns, room, now=now)
+            self._unsent.remove(message_id)
+            rejoin.append(message_id)
+        self._unsent.extendleft(reversed(rejoin))
+
+    def _on_reply(self, frame: p.ReplyFrame) -> None:
+        entry = self._settle(frame.id)
+        if entry is None:
+            return  # a reply to a resend of something already answered
+        if entry.kind == "join":
+            self._on_joined(entry, frame.data)
+        elif entry.kind == "leave":
+            self._on_left(entry)
+        self._events.append(Replied(frame.id, entry.kind, frame.data))
+        self._pump()
+
+    def _on_joined(self, entry: OutboxEntry, data: Any) -> None:
+        join = p.JoinFrame.model_validate_json(entry.text)
+        try:
+            position = p.StreamPosition.model_validate(data)
+        except ValidationError:
+            self._events.append(ProtocolViolation(f"bad join reply: {data!r}"))
+            return
+        self.rooms[(join.ns, join.room)] = position.stream
+        known = self.streams.get(position.stream)
+        if known is None or known.epoch != position.epoch:
+            self.streams[position.stream] = StreamState(
+                position.epoch, position.offset, join.ns, join.room
+            )
+
+    def _on_left(self, entry: OutboxEntry) -> None:
+        leave = p.LeaveFrame.model_validate_json(entry.text)
+        stream = self.rooms.pop((leave.ns, leave.room), None)
+        if stream is not None:
+            self.streams.pop(stream, None)
+
+    def _on_error(self, frame: p.ErrorFrame) -> None:
+        if frame.id is None:
+            if self.state is SessionState.HANDSHAKING:
+                fatal = frame.code in _FATAL_CODES
+                self._events.append(Refused(frame.code, frame.message, fatal, frame.retry_after))
+            else:
+                self._events.append(ServerNotice(frame.code, frame.message, frame.retry_after))
+            return
+        entry = self._settle(frame.id)
+        if entry is None:
+            return
+        self._events.append(Failed(frame.id, entry.kind, frame.code, frame.message, frame.details))
+        self._pump()
+
+    def _on_message(self, frame: p.MessageFrame) -> None:
+        known = self.streams.get(frame.stream)
+        if known is not None and known.epoch == frame.epoch:
+            if frame.offset <= known.offset:
+                self.counters.duplicates_dropped += 1
+                return
+            known.offset = frame.offset
+        else:
+            if known is not None:
+                # New epoch without a gap frame: the server lost history. Be loud.
+                self.counters.gaps += 1
+                self._events.append(
+                    GapReported(
+                        frame.stream,
+                        frame.ns,
+                        frame.room,
+                        frame.epoch,
+                        frame.offset - 1,
+                        "epoch_changed",
+                    )
+                )
+            self.streams[frame.stream] = StreamState(
+                frame.epoch, frame.offset, frame.ns, frame.room
+            )
+        self._events.append(Delivered(frame))
+
+    def _on_gap(self, frame: p.GapFrame) -> None:
+        self.counters.gaps += 1
+        self.streams[frame.stream] = StreamState(frame.epoch, frame.offset, frame.ns, frame.room)
+        self._events.append(
+            GapReported(frame.stream, frame.ns, frame.room, frame.epoch, frame.offset, frame.reason)
+        )
+
+    # ------------------------------------------------------------------
+    # Time
+
+    def get_timer(self) -> float | None:
+        """The next moment ``handle_timer`` has work to do, or None."""
+        candidates = [t for t in (self._next_ping, self._dead_at) if t is not None]
+        while self._deadlines and self._deadlines[0][1] not in self.outbox:
+            heapq.heappop(self._deadlines)
+        if self._deadlines:
+            candidates.append(self._deadlines[0][0])
+        return min(candidates) if candidates else None
+
+    def handle_timer(self, now: float) -> None:
+        """Expire messages, send a heartbeat, or declare the link dead."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, message_id = heapq.heappop(self._deadlines)
+            entry = self._settle(message_id)
+            if entry is not None:
+                self.counters.timed_out += 1
+                self._events.append(TimedOut(message_id, entry.kind))
+        if self._dead_at is not None and now >= self._dead_at:
+            self._dead_at = None
+            self._next_ping = None
+            waited = now - self._last_received
+            self._events.append(LinkDead(f"no frame from the server for {waited:.1f}s"))
+            return
+        if self._next_ping is not None and now >= self._next_ping and self._heartbeat:
+            self._to_send.append(p.encode(p.PingFrame(ts=now)))
+            self._next_ping = now + self._heartbeat.interval
+        self._pump()
+
+
+def _jsonable(data: Any) -> Any:
+    """Event instances travel as their JSON form; everything else as given."""
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json")
+    return data

@@ -1,0 +1,6 @@
+"""Where the server keeps streams: memory by default, Redis to scale out."""
+
+from .base import Broker, FrameBuilder, Listener, Replay, StreamEntry
+from .memory import MemoryBroker
+
+__all__ = ["Broker", "FrameBuilder", "Listener", "MemoryBroker", "Replay", "StreamEntry"]

@@ -1,0 +1,659 @@
+"""The reference server: an asyncio driver over websockets.asyncio.server.
+
+Per connection, one reader loop feeds frames to the sans-I/O
+``ConnectionCore`` and acts on what it returns, one frame at a time, so a
+client's messages are processed in the order it sent them. Sessions outlive
+connections for ``session_ttl`` seconds so a client can resume; streams live
+behind the ``Broker``. A broadcast is encoded once and written to every
+member's socket with ``websockets.broadcast``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
+
+from rtchat_sdk import protocol as p
+from rtchat_sdk.events import Event, event_name
+from rtchat_sdk.session import _jsonable
+
+from .app import Context, HandlerFailure, Namespace
+from .broker import Broker, MemoryBroker, StreamEntry
+from .session import ConnectionCore, error_frame
+
+__all__ = ["Authenticator", "Server", "ServerConfig"]
+
+log = logging.getLogger("server_ref")
+
+Authenticator = Callable[[dict[str, Any] | None], "str | Awaitable[str | None] | None"]
+"""Gets ``hello.auth``; returns the user identity, or None to refuse."""
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    """Every limit and interval of the server, with its default."""
+
+    heartbeat_interval: float = 20.0
+    heartbeat_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    max_frame_bytes: int = 1024 * 1024
+    max_in_flight: int = 1_000
+    max_bad_frames: int = 100
+    history_size: int = 1_000
+    history_seconds: float = 300.0
+    session_ttl: float = 300.0
+    dedupe_size: int = 2_000
+    max_pending_bytes: int = 4 * 1024 * 1024
+    shutdown_retry_after: float = 1.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)!r}")
+        if self.dedupe_size < self.max_in_flight:
+            raise ValueError("dedupe_size must be at least max_in_flight")
+
+
+class _Session:
+    """A logical client session; it outlives its connections for resume."""
+
+    __slots__ = (
+        "conn",
+        "expiry",
+        "held",
+        "highest_id",
+        "id",
+        "inbox",
+        "lock",
+        "replaying",
+        "replies",
+        "rooms",
+        "token",
+        "user",
+    )
+
+    def __init__(self, user: str | None) -> None:
+        self.id = secrets.token_hex(8)
+        self.token = secrets.token_urlsafe(32)
+        self.user = user
+        self.inbox = p.inbox_stream(self.id)
+        self.rooms: dict[tuple[str, str], tuple[str, int]] = {}
+        self.highest_id = 0
+        self.replies: dict[int, str] = {}
+        self.lock = asyncio.Lock()
+        self.conn: _Connection | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+        self.replaying = False
+        self.held: list[StreamEntry] = []
+
+
+class _Connection:
+    __slots__ = ("core", "session", "timer", "ws")
+
+    def __init__(self, ws: ServerConnection, core: ConnectionCore) -> None:
+        self.ws = ws
+        self.core = core
+        self.session: _Session | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class Server:
+    """An embeddable rtchat server. ``async with server.serving(host, port):``."""
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        broker: Broker | None = None,
+        authenticate: Authenticator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or ServerConfig()
+        self.broker = broker or MemoryBroker(
+            history_size=self.config.history_size, history_seconds=self.config.history_seconds
+        )
+        self._authenticate = authenticate
+        self._clock = clock
+        self._namespaces: dict[str, Namespace] = {p.DEFAULT_NAMESPACE: Namespace("/")}
+        self._sessions: dict[str, _Session] = {}
+        self._by_token: dict[str, _Session] = {}
+        self._members: dict[str, set[_Session]] = {}
+        self._connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ws_server: WsServer | None = None
+        self._closing = False
+        self._heartbeat = p.HeartbeatInfo(
+            interval=self.config.heartbeat_interval, timeout=self.config.heartbeat_timeout
+        )
+        self._limits = p.Limits(
+            max_frame_bytes=self.config.max_frame_bytes,
+            max_in_flight=self.config.max_in_flight,
+            history_size=self.config.history_size,
+            history_seconds=self.config.history_seconds,
+            session_ttl=self.config.session_ttl,
+        )
+
+    # ------------------------------------------------------------------
+    # Handlers and namespaces
+
+    def namespace(self, path: str) -> Namespace:
+        """The namespace at ``path``, created on first use."""
+        ns = self._namespaces.get(path)
+        if ns is None:
+            ns = self._namespaces[path] = Namespace(path)
+        return ns
+
+    def on(self, event: str | type[Event]) -> Callable[[Any], Any]:
+        """Register a handler in the default namespace ``/``."""
+        return self._namespaces[p.DEFAULT_NAMESPACE].on(event)
+
+    # ------------------------------------------------------------------
+    # Running
+
+    @property
+    def port(self) -> int:
+        """The TCP port actually bound (useful with port 0)."""
+        if self._ws_server is None:
+            raise RuntimeError("server is not started")
+        port: int = next(iter(self._ws_server.sockets)).getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8765) -> None:
+        """Start listening; returns once the socket is bound."""
+        await self.broker.start()
+        self._ws_server = await serve(
+            self._handle,
+            host,
+            port,
+            max_size=self.config.max_frame_bytes,
+            ping_interval=None,  # rtchat's own heartbeats run at the app level
+            compression=None,
+        )
+        log.info("rtchat server listening on %s:%s", host, self.port)
+
+    async def close(self) -> None:
+        """Stop accepting, close every session with GOING_AWAY, release the broker."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._ws_server is not None:
+            self._ws_server.close(close_connections=False)
+        notice = error_frame(
+            p.ErrorCode.SHUTTING_DOWN,
+            "server is shutting down",
+            retry_after=self.config.shutdown_retry_after,
+        )
+        conns = list(self._connections)
+        broadcast([c.ws for c in conns], notice)
+        await asyncio.gather(
+            *(c.ws.close(p.CloseCode.GOING_AWAY, "server shutting down") for c in conns),
+            return_exceptions=True,
+        )
+        if self._ws_server is not None:
+            await self._ws_server.wait_closed()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for session in self._sessions.values():
+            if session.expiry is not None:
+                session.expiry.cancel()
+        await self.broker.close()
+
+    async def __aenter__(self) -> Server:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------
+    # Server-side API
+
+    async def publish(
+        self,
+        room: str,
+        event: str | Event,
+        data: Any = None,
+        *,
+        ns: str = p.DEFAULT_NAMESPACE,
+        sender: str | None = None,
+        echo: bool = False,
+    ) -> int:
+        """Append to a room's stream and deliver to its members; returns the offset."""
+        entry = await self._append(
+            p.room_stream(ns, room), ns, room, event, data, sender=sender, echo=echo
+        )
+        return entry.offset
+
+    async def send_to(
+        self,
+        session_id: str,
+        event: str | Event,
+        data: Any = None,
+        *,
+        ns: str = p.DEFAULT_NAMESPACE,
+    ) -> int:
+        """Append to one session's inbox and deliver it; returns the offset."""
+        entry = await self._append(p.inbox_stream(session_id), ns, None, event, data, sender=None)
+        return entry.offset
+
+    async def join_session(self, session_id: str, ns: str, room: str) -> tuple[str, int]:
+        session = self._sessions[session_id]
+        stream = p.room_stream(ns, room)
+        epoch, offset = await self.broker.position(stream)
+        if (ns, room) not in session.rooms:
+            session.rooms[(ns, room)] = (epoch, offset)
+            self._add_member(stream, session)
+        return epoch, offset
+
+    async def leave_session(self, session_id: str, ns: str, room: str) -> None:
+        session = self._sessions[session_id]
+        if session.rooms.pop((ns, room), None) is not None:
+            self._remove_member(p.room_stream(ns, room), session)
+
+    def session_ids(self) -> list[str]:
+        return list(self._sessions)
+
+    async def _append(
+        self,
+        stream: str,
+        ns: str,
+        room: str | None,
+        event: str | Event,
+        data: Any,
+        *,
+        sender: str | None,
+        echo: bool = False,
+    ) -> StreamEntry:
+        name = event_name(event)
+        payload = _jsonable(event if isinstance(event, Event) else data)
+
+        def build(epoch: str, offset: int) -> str:
+            return p.encode(
+                p.MessageFrame(
+                    stream=stream,
+                    epoch=epoch,
+                    offset=offset,
+                    ns=ns,
+                    room=room,
+                    event=name,
+                    data=payload,
+                    sender=sender,
+                )
+            )
+
+        return await self.broker.append(stream, build, sender=sender, echo=echo)
+
+    # ------------------------------------------------------------------
+    # Membership and fan-out
+
+    def _add_member(self, stream: str, session: _Session) -> None:
+        members = self._members.get(stream)
+        if members is None:
+            members = self._members[stream] = set()
+            self.broker.subscribe(stream, self._deliver)
+        members.add(session)
+
+    def _remove_member(self, stream: str, session: _Session) -> None:
+        members = self._members.get(stream)
+        if members is None:
+            return
+        members.discard(session)
+        if not members:
+            del self._members[stream]
+            self.broker.unsubscribe(stream, self._deliver)
+
+    def _deliver(self, entry: StreamEntry) -> None:
+        """Write one appended entry to every local member that should get it."""
+        members = self._members.get(entry.stream)
+        if not members:
+            return
+        targets: list[ServerConnection] = []
+        for session in members:
+            if entry.sender == session.id and not entry.echo:
+                continue
+            if session.replaying:
+                session.held.append(entry)
+                continue
+            conn = session.conn
+            if conn is None:
+                continue  # detached: it will replay from history on resume
+            if self._too_slow(conn):
+                continue
+            targets.append(conn.ws)
+        broadcast(targets, entry.text)
+
+    def _too_slow(self, conn: _Connection) -> bool:
+        """Disconnect a consumer whose unsent data passed the limit."""
+        transport = conn.ws.transport
+        if transport is None or transport.get_write_buffer_size() <= self.config.max_pending_bytes:
+            return False
+        conn.core.close(p.CloseCode.SLOW_CONSUMER, "too much unsent data; resume to catch up")
+        self._spawn(self._close_connection(conn))
+        return True
+
+    # ------------------------------------------------------------------
+    # Connections
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close_connection(self, conn: _Connection) -> None:
+        code = conn.core.close_code or p.CloseCode.NORMAL
+        await conn.ws.close(code, conn.core.close_reason)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        if self._closing:
+            await ws.close(p.CloseCode.GOING_AWAY, "server shutting down")
+            return
+        now = self._clock()
+        conn = _Connection(
+            ws,
+            ConnectionCore(
+                now,
+                heartbeat=self._heartbeat,
+                handshake_timeout=self.config.handshake_timeout,
+                max_bad_frames=self.config.max_bad_frames,
+            ),
+        )
+        self._connections.add(conn)
+        self._arm_timer(conn)
+        try:
+            async for text in ws:
+                frame = conn.core.receive_text(text, self._clock())
+                if frame is not None:
+                    await self._dispatch(conn, frame)
+                await self._flush(conn)
+                if conn.core.close_code is not None:
+                    await self._close_connection(conn)
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            self._connections.discard(conn)
+            if conn.timer is not None:
+                conn.timer.cancel()
+            self._detach(conn)
+
+    async def _flush(self, conn: _Connection) -> None:
+        for text in conn.core.data_to_send():
+            await conn.ws.send(text)
+
+    def _arm_timer(self, conn: _Connection) -> None:
+        when = conn.core.get_timer()
+        if when is None:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, when - self._clock())
+        conn.timer = loop.call_at(loop.time() + delay, self._on_timer, conn)
+
+    def _on_timer(self, conn: _Connection) -> None:
+        conn.timer = None
+        conn.core.handle_timer(self._clock())
+        pending = conn.core.data_to_send()
+        if pending:
+            for text in pending:
+                broadcast([conn.ws], text)
+        if conn.core.close_code is not None:
+            self._spawn(self._close_connection(conn))
+            return
+        self._arm_timer(conn)
+
+    # ------------------------------------------------------------------
+    # Sessions
+
+    def _detach(self, conn: _Connection) -> None:
+        session = conn.session
+        if session is None or session.conn is not conn:
+            return
+        session.conn = None
+        goodbye = conn.ws.protocol.close_rcvd
+        if goodbye is not None and goodbye.code == p.CloseCode.NORMAL:
+            self._end_session(session)  # the client said goodbye: nothing to resume
+            return
+        loop = asyncio.get_running_loop()
+        session.expiry = loop.call_later(self.config.session_ttl, self._end_session, session)
+
+    def _end_session(self, session: _Session) -> None:
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        self._sessions.pop(session.id, None)
+        self._by_token.pop(session.token, None)
+        for ns, room in list(session.rooms):
+            self._remove_member(p.room_stream(ns, room), session)
+        self._remove_member(session.inbox, session)
+        session.rooms.clear()
+
+    async def _hello(self, conn: _Connection, hello: p.HelloFrame) -> None:
+        user = await self._identify(conn, hello)
+        if conn.core.close_code is not None:
+            return
+        now = self._clock()
+        session = None
+        if hello.resume is not None:
+            candidate = self._by_token.get(hello.resume.token)
+            if candidate is not None and candidate.user == user:
+                session = candidate
+        if session is None:
+            session = _Session(user)
+            self._sessions[session.id] = session
+            self._by_token[session.token] = session
+            self._add_member(session.inbox, session)
+            await self._attach(conn, session, resumed=False, now=now)
+            return
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        old = session.conn
+        if old is not None and old is not conn:
+            old.session = None
+            old.core.close(p.CloseCode.SESSION_REPLACED, "session resumed on another connection")
+            self._spawn(self._close_connection(old))
+        assert hello.resume is not None
+        for message_id in [i for i in session.replies if i <= hello.resume.last_reply]:
+            del session.replies[message_id]
+        await self._attach(conn, session, resumed=True, now=now, resume=hello.resume)
+
+    async def _identify(self, conn: _Connection, hello: p.HelloFrame) -> str | None:
+        if self._authenticate is None:
+            user = (hello.auth or {}).get("user")
+            return user if isinstance(user, str) else None
+        try:
+            result = self._authenticate(hello.auth)
+            if isinstance(result, Awaitable):
+                result = await result
+        except Exception as exc:  # an authenticator bug must not kill the server
+            log.exception("authenticate raised")
+            result = None
+            reason = f"authentication failed: {type(exc).__name__}"
+        else:
+            reason = "credentials were refused"
+        if result is None:
+            conn.core.refuse(p.ErrorCode.UNAUTHORIZED, reason, p.CloseCode.UNAUTHORIZED)
+        return result
+
+    async def _attach(
+        self,
+        conn: _Connection,
+        session: _Session,
+        *,
+        resumed: bool,
+        now: float,
+        resume: p.ResumeInfo | None = None,
+    ) -> None:
+        conn.session = session
+        session.conn = conn
+        session.replaying = True
+        session.held = []
+        inbox_epoch, inbox_offset = await self.broker.position(session.inbox)
+        conn.core.accept(
+            p.WelcomeFrame(
+                protocol=p.PROTOCOL_VERSION,
+                session=session.id,
+                token=session.token,
+                resumed=resumed,
+                heartbeat=self._heartbeat,
+                limits=self._limits,
+                inbox=p.StreamPosition(
+                    stream=session.inbox, epoch=inbox_epoch, offset=inbox_offset
+                ),
+            ),
+            now,
+        )
+        covered = {session.inbox: inbox_offset}
+        try:
+            if resume is not None:
+                covered.update(await self._replay(conn, session, resume))
+        finally:
+            session.replaying = False
+            held, session.held = session.held, []
+        await self._flush(conn)
+        # Entries appended while we replayed: send those the replay did not cover.
+        for entry in held:
+            if entry.offset > covered.get(entry.stream, 0):
+                covered[entry.stream] = entry.offset
+                await conn.ws.send(entry.text)
+        if conn.timer is not None:
+            conn.timer.cancel()
+        self._arm_timer(conn)
+
+    async def _replay(
+        self, conn: _Connection, session: _Session, resume: p.ResumeInfo
+    ) -> dict[str, int]:
+        """Queue what each of the session's streams holds past the client's position.
+
+        Returns, per stream, the offset the replay reached.
+        """
+        covered: dict[str, int] = {}
+        given = {s.stream: s for s in resume.streams}
+        wanted: dict[str, tuple[str, str | None, str, int]] = {}
+        for (room_ns, room_name), (room_epoch, room_offset) in session.rooms.items():
+            wanted[p.room_stream(room_ns, room_name)] = (
+                room_ns,
+                room_name,
+                room_epoch,
+                room_offset,
+            )
+        wanted[session.inbox] = (p.DEFAULT_NAMESPACE, None, "", 0)
+        for stream, (ns, room, epoch, offset) in wanted.items():
+            position = given.get(stream)
+            if position is not None:
+                epoch, offset = position.epoch, position.offset
+            elif not epoch:
+                epoch, offset = (await self.broker.position(stream))[0], 0
+            replay = await self.broker.read_since(stream, epoch, offset)
+            if replay.gap is not None:
+                conn.core.send(
+                    p.encode(
+                        p.GapFrame(
+                            stream=stream,
+                            ns=ns,
+                            room=room,
+                            epoch=replay.epoch,
+                            offset=replay.gap_offset,
+                            reason=replay.gap,
+                        )
+                    )
+                )
+            for entry in replay.entries:
+                if entry.sender != session.id or entry.echo:
+                    conn.core.send(entry.text)
+            covered[stream] = replay.offset
+        return covered
+
+    # ------------------------------------------------------------------
+    # Frames
+
+    async def _dispatch(self, conn: _Connection, frame: p.ClientFrame) -> None:
+        if isinstance(frame, p.HelloFrame):
+            await self._hello(conn, frame)
+            return
+        session = conn.session
+        assert session is not None
+        assert not isinstance(frame, p.PingFrame | p.PongFrame)
+        async with session.lock:
+            if frame.id <= session.highest_id:
+                stored = session.replies.get(frame.id)
+                conn.core.send(
+                    stored
+                    if stored is not None
+                    else error_frame(
+                        p.ErrorCode.DUPLICATE_ID,
+                        f"message {frame.id} was already processed and its reply is no longer held",
+                        frame.id,
+                    )
+                )
+                return
+            session.highest_id = frame.id
+            reply = await self._process(session, frame)
+            session.replies[frame.id] = reply
+            while len(session.replies) > self.config.dedupe_size:
+                del session.replies[next(iter(session.replies))]
+            conn.core.send(reply)
+
+    async def _process(
+        self,
+        session: _Session,
+        frame: p.EmitFrame | p.RequestFrame | p.JoinFrame | p.LeaveFrame | p.PublishFrame,
+    ) -> str:
+        """Carry out one client message; returns the encoded reply or error frame."""
+        ns = self._namespaces.get(frame.ns)
+        if ns is None:
+            return error_frame(
+                p.ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {frame.ns!r} on this server", frame.id
+            )
+        ctx = Context(self, session.id, session.user, frame.ns)
+        try:
+            data: Any = None
+            if isinstance(frame, p.RequestFrame):
+                data = await ns.call(ctx, frame.event, frame.data)
+            elif isinstance(frame, p.EmitFrame):
+                await ns.call(ctx, frame.event, frame.data)
+            elif isinstance(frame, p.JoinFrame):
+                if not await ns.may_join(ctx, frame.room):
+                    raise HandlerFailure(p.ErrorCode.UNAUTHORIZED, f"may not join {frame.room!r}")
+                epoch, offset = await self.join_session(session.id, frame.ns, frame.room)
+                data = {
+                    "stream": p.room_stream(frame.ns, frame.room),
+                    "epoch": epoch,
+                    "offset": offset,
+                }
+            elif isinstance(frame, p.LeaveFrame):
+                await self.leave_session(session.id, frame.ns, frame.room)
+            else:
+                if (frame.ns, frame.room) not in session.rooms:
+                    raise HandlerFailure(
+                        p.ErrorCode.NOT_IN_ROOM, f"join room {frame.room!r} before publishing to it"
+                    )
+                stream = p.room_stream(frame.ns, frame.room)
+                entry = await self._append(
+                    stream,
+                    frame.ns,
+                    frame.room,
+                    frame.event,
+                    frame.data,
+                    sender=session.id,
+                    echo=frame.echo,
+                )
+                data = {"stream": stream, "epoch": entry.epoch, "offset": entry.offset}
+            return p.encode(p.ReplyFrame(id=frame.id, data=data))
+        except HandlerFailure as exc:
+            return error_frame(exc.code, exc.message, frame.id, details=exc.details)
+        except Exception as exc:  # never let one message kill the connection
+            log.exception("processing %s %s failed", frame.type, frame.id)
+            return error_frame(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)
