@@ -28,6 +28,7 @@ from .errors import (
     AckTimeout,
     ClientClosed,
     ConnectionFailed,
+    ConnectionLost,
     FatalConnectionError,
     GaveUp,
     IncompatibleProtocol,
@@ -50,6 +51,7 @@ from .session import (
     ProtocolViolation,
     Refused,
     Replied,
+    RoundTrip,
     ServerNotice,
     SessionEvent,
     TimedOut,
@@ -227,6 +229,7 @@ class Client(NamespaceClient):
         self._error_callbacks: list[ErrorCallback] = []
         self._gap_callbacks: list[GapCallback] = []
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._rtt_waiters: list[asyncio.Future[float]] = []
         self._deliveries: asyncio.Queue[p.MessageFrame | None] = asyncio.Queue()
         self._ws: ClientConnection | None = None
         self._wakeup = asyncio.Event()
@@ -258,6 +261,16 @@ class Client(NamespaceClient):
     def rtt(self) -> float | None:
         """Last measured heartbeat round trip, in seconds."""
         return self._session.rtt
+
+    async def ping(self) -> float:
+        """Measure one round trip to the server now, in seconds."""
+        if self._state is not ConnectionState.CONNECTED:
+            raise ConnectionLost("not connected")
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._rtt_waiters.append(future)
+        self._session.ping(self._clock())
+        self._after_io()
+        return await future
 
     @property
     def outbox_size(self) -> int:
@@ -354,10 +367,11 @@ class Client(NamespaceClient):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for future in self._pending.values():
+        for future in [*self._pending.values(), *self._rtt_waiters]:
             if not future.done():
                 future.set_exception(reason)
         self._pending.clear()
+        self._rtt_waiters.clear()
         if self._first_welcome is not None and not self._first_welcome.done():
             self._first_welcome.set_exception(reason)
         self._space_freed.set()
@@ -578,6 +592,11 @@ class Client(NamespaceClient):
                 log.warning("connection declared dead: %s", reason)
                 if self._ws is not None and self._ws.transport is not None:
                     self._ws.transport.abort()
+            case RoundTrip(seconds=seconds):
+                waiters, self._rtt_waiters = self._rtt_waiters, []
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(seconds)
             case ProtocolViolation(error=error):
                 self._report(ValidationFailed(error))
             case _:

@@ -314,6 +314,11 @@ class ClientSession:
         self._next_ping = None
         self._dead_at = None
 
+    def ping(self, now: float) -> None:
+        """Send a heartbeat now (its pong yields a RoundTrip event)."""
+        if self.state is SessionState.OPEN:
+            self._to_send.append(p.encode(p.PingFrame(ts=now)))
+
     @property
     def last_reply(self) -> int:
         """Every message id up to this one has been answered (or given up)."""

@@ -97,13 +97,14 @@ class _Session:
 
 
 class _Connection:
-    __slots__ = ("core", "session", "timer", "ws")
+    __slots__ = ("busy", "core", "session", "timer", "ws")
 
     def __init__(self, ws: ServerConnection, core: ConnectionCore) -> None:
         self.ws = ws
         self.core = core
         self.session: _Session | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.busy = False
 
 
 class Server:
@@ -376,7 +377,11 @@ class Server:
             async for text in ws:
                 frame = conn.core.receive_text(text, self._clock())
                 if frame is not None:
-                    await self._dispatch(conn, frame)
+                    conn.busy = True
+                    try:
+                        await self._dispatch(conn, frame)
+                    finally:
+                        conn.busy = False
                 await self._flush(conn)
                 if conn.core.close_code is not None:
                     await self._close_connection(conn)
@@ -403,7 +408,10 @@ class Server:
 
     def _on_timer(self, conn: _Connection) -> None:
         conn.timer = None
-        conn.core.handle_timer(self._clock())
+        now = self._clock()
+        if conn.busy:
+            conn.core.keepalive(now)  # a slow handler, not a silent peer
+        conn.core.handle_timer(now)
         pending = conn.core.data_to_send()
         if pending:
             for text in pending:

@@ -199,6 +199,12 @@ class ConnectionCore:
                 p.CloseCode.TOO_MANY_BAD_FRAMES, f"{self.bad_frames} bad frames on this connection"
             )
 
+    def keepalive(self, now: float) -> None:
+        """Count the peer as alive now (the driver is busy on its last frame)."""
+        self.last_received = now
+        if self.phase is ConnectionPhase.OPEN:
+            self._dead_at = now + self.heartbeat.interval + self.heartbeat.timeout
+
     def get_timer(self) -> float | None:
         times = [t for t in (self._next_ping, self._dead_at) if t is not None]
         return min(times) if times else None

@@ -1,0 +1,294 @@
+"""The client's sans-I/O core, driven by hand with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from rtchat_sdk import BufferFull, Outbox, OverflowPolicy
+from rtchat_sdk import protocol as p
+from rtchat_sdk.session import (
+    ClientSession,
+    Delivered,
+    Dropped,
+    Failed,
+    GapReported,
+    LinkDead,
+    ProtocolViolation,
+    Refused,
+    Replied,
+    RoundTrip,
+    TimedOut,
+    Welcomed,
+)
+from tests.helpers import events, frames, message, open_session, reply, welcome
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_hello_first_and_nothing_else_before_welcome() -> None:
+    s = ClientSession(auth={"user": "ann"})
+    s.emit("/", "queued", 1, now=0)
+    assert frames(s) == []  # not connected: waits in the outbox
+    s.connection_made(0)
+    sent = frames(s)
+    assert [f["type"] for f in sent] == ["hello"]
+    assert sent[0]["protocol"] == p.PROTOCOL_VERSION
+    assert sent[0]["auth"] == {"user": "ann"}
+    assert sent[0]["resume"] is None
+    s.receive_text(welcome(), 0)
+    assert [f["type"] for f in frames(s)] == ["emit"]
+    assert events(s) == [Welcomed("s1", False)]
+
+
+def test_ids_increase_and_replies_correlate_out_of_order() -> None:
+    s = ClientSession()
+    open_session(s)
+    ids = [s.request("/", "e", i, now=0)[0] for i in range(5)]
+    assert ids == [1, 2, 3, 4, 5]
+    assert [f["id"] for f in frames(s)] == ids
+    for i in reversed(ids):
+        s.receive_text(reply(i, i * 10), 0)
+    got = events(s)
+    assert got == [Replied(i, "request", i * 10) for i in reversed(ids)]
+    assert len(s.outbox) == 0
+
+
+def test_error_reply_fails_only_its_message() -> None:
+    s = ClientSession()
+    open_session(s)
+    s.request("/", "a", None, now=0)
+    s.request("/", "b", None, now=0)
+    s.receive_text(p.encode(p.ErrorFrame(id=2, code="unknown_event", message="no")), 0)
+    assert events(s) == [Failed(2, "request", "unknown_event", "no")]
+    assert s.outbox.ids() == [1]
+
+
+def test_unanswered_messages_are_resent_in_order_after_reconnect() -> None:
+    s = ClientSession()
+    open_session(s)
+    for i in range(3):
+        s.publish("/", "room", "e", i, now=0)
+    assert [f["id"] for f in frames(s)] == [1, 2, 3]
+    s.receive_text(reply(1), 0)
+    s.connection_lost(1)
+    s.emit("/", "while-down", None, now=1)
+    assert frames(s) == []
+    s.connection_made(2)
+    hello = frames(s)[0]
+    assert hello["resume"]["token"] == "tok"
+    assert hello["resume"]["last_reply"] == 1
+    s.receive_text(welcome(resumed=True), 2)
+    resent = frames(s)
+    assert [f["id"] for f in resent] == [2, 3, 4]
+    assert [f["type"] for f in resent] == ["publish", "publish", "emit"]
+    assert s.counters.resent == 2
+
+
+def test_in_flight_window_holds_the_rest_back() -> None:
+    s = ClientSession(max_in_flight=2)
+    open_session(s)
+    for i in range(5):
+        s.emit("/", "e", i, now=0)
+    assert [f["id"] for f in frames(s)] == [1, 2]
+    s.receive_text(reply(2), 0)
+    assert [f["id"] for f in frames(s)] == [3]
+    assert s.in_flight == 2
+
+
+def test_server_window_caps_the_client_window() -> None:
+    s = ClientSession(max_in_flight=100)
+    open_session(s, max_in_flight=1)
+    s.emit("/", "e", 1, now=0)
+    s.emit("/", "e", 2, now=0)
+    assert [f["id"] for f in frames(s)] == [1]
+
+
+def test_request_timeout_leaves_the_outbox_and_is_never_sent() -> None:
+    s = ClientSession()
+    s.request("/", "slow", None, now=0, timeout=5)
+    assert s.get_timer() == 5
+    s.handle_timer(4.9)
+    assert events(s) == []
+    s.handle_timer(5.0)
+    assert events(s) == [TimedOut(1, "request")]
+    s.connection_made(6)
+    s.receive_text(welcome(), 6)
+    assert [f["type"] for f in frames(s)] == ["hello"]
+    # A late reply to it is ignored.
+    s.receive_text(reply(1, "late"), 7)
+    assert [e for e in events(s) if isinstance(e, Replied)] == []
+
+
+def test_duplicate_deliveries_are_dropped_by_offset() -> None:
+    s = ClientSession()
+    open_session(s)
+    for offset in (1, 2, 2, 1, 3):
+        s.receive_text(message("room:/:r", offset, offset), 0)
+    delivered = [e.frame.offset for e in events(s) if isinstance(e, Delivered)]
+    assert delivered == [1, 2, 3]
+    assert s.counters.duplicates_dropped == 2
+
+
+def test_new_epoch_without_gap_frame_is_reported() -> None:
+    s = ClientSession()
+    open_session(s)
+    s.receive_text(message("room:/:r", 5, epoch="old"), 0)
+    s.receive_text(message("room:/:r", 1, epoch="new"), 0)
+    got = events(s)
+    assert isinstance(got[1], GapReported)
+    assert (got[1].reason, got[1].epoch) == ("epoch_changed", "new")
+    assert isinstance(got[2], Delivered)
+    assert s.streams["room:/:r"].epoch == "new"
+
+
+def test_gap_frame_moves_the_position_and_is_reported() -> None:
+    s = ClientSession()
+    open_session(s)
+    s.receive_text(message("room:/:r", 1), 0)
+    s.receive_text(
+        p.encode(p.GapFrame(stream="room:/:r", room="r", epoch="e1", offset=40, reason="trimmed")),
+        0,
+    )
+    s.receive_text(message("room:/:r", 41), 0)
+    got = events(s)
+    assert isinstance(got[1], GapReported)
+    assert got[1].reason == "trimmed"
+    assert isinstance(got[2], Delivered)
+    assert s.counters.gaps == 1
+
+
+def test_join_reply_sets_the_position_and_resume_presents_it() -> None:
+    s = ClientSession()
+    open_session(s)
+    s.join("/", "r", now=0)
+    s.receive_text(reply(1, {"stream": "room:/:r", "epoch": "e1", "offset": 7}), 0)
+    s.receive_text(message("room:/:r", 8), 0)
+    s.connection_lost(1)
+    s.connection_made(1)
+    resume = frames(s)[0]["resume"]
+    positions = {x["stream"]: (x["epoch"], x["offset"]) for x in resume["streams"]}
+    assert positions["room:/:r"] == ("e1", 8)
+    assert positions["inbox:s1"] == ("e0", 0)
+
+
+def test_lost_session_reports_gaps_and_rejoins_before_anything_else() -> None:
+    s = ClientSession()
+    open_session(s)
+    s.join("/", "r", now=0)
+    s.receive_text(reply(1, {"stream": "room:/:r", "epoch": "e1", "offset": 0}), 0)
+    s.connection_lost(1)
+    s.publish("/", "r", "e", "queued", now=1)
+    s.connection_made(2)
+    frames(s)
+    events(s)
+    s.receive_text(welcome(session="s2", token="tok2", resumed=False), 2)
+    got = events(s)
+    gaps = [e for e in got if isinstance(e, GapReported)]
+    assert {(g.stream, g.reason) for g in gaps} == {
+        ("room:/:r", "session_unknown"),
+        ("inbox:s1", "session_unknown"),
+    }
+    sent = frames(s)
+    assert [(f["type"], f.get("room")) for f in sent] == [("join", "r"), ("publish", "r")]
+    assert sent[0]["id"] > sent[1]["id"]  # a fresh id, written first
+    assert s.token == "tok2"
+
+
+def test_heartbeat_pings_then_declares_the_link_dead() -> None:
+    s = ClientSession()
+    open_session(s, interval=2, timeout=1)
+    assert s.get_timer() == 2
+    s.handle_timer(2)
+    ping = frames(s)
+    assert ping == [{"type": "ping", "ts": 2}]
+    s.receive_text(p.encode(p.PongFrame(ts=2)), 2.25)
+    assert events(s) == [RoundTrip(0.25)]
+    assert s.rtt == 0.25
+    # Silence from 2.25: dead at 2.25 + 2 + 1.
+    s.handle_timer(4.25)
+    frames(s)
+    s.handle_timer(5.24)
+    assert events(s) == []
+    s.handle_timer(5.25)
+    assert isinstance(events(s)[0], LinkDead)
+
+
+def test_server_ping_is_answered() -> None:
+    s = ClientSession()
+    open_session(s)
+    s.receive_text(p.encode(p.PingFrame(ts=42.0)), 1)
+    assert frames(s) == [{"type": "pong", "ts": 42.0}]
+
+
+def test_handshake_timeout_declares_the_link_dead() -> None:
+    s = ClientSession(handshake_timeout=3)
+    s.connection_made(10)
+    assert s.get_timer() == 13
+    s.handle_timer(13)
+    assert isinstance(events(s)[0], LinkDead)
+
+
+def test_refusal_during_handshake_is_fatal_for_bad_credentials() -> None:
+    s = ClientSession()
+    s.connection_made(0)
+    s.receive_text(p.encode(p.ErrorFrame(code="unauthorized", message="no")), 0)
+    assert events(s) == [Refused("unauthorized", "no", True)]
+
+
+def test_undecodable_server_frame_is_reported_not_raised() -> None:
+    s = ClientSession()
+    open_session(s)
+    s.receive_text("{not json", 0)
+    s.receive_text('{"type": "mystery"}', 0)
+    got = events(s)
+    assert len(got) == 2
+    assert all(isinstance(e, ProtocolViolation) for e in got)
+
+
+def test_outbox_raise_policy_refuses_and_keeps_what_is_queued() -> None:
+    s = ClientSession(outbox=Outbox(max_messages=2))
+    s.emit("/", "e", 1, now=0)
+    s.emit("/", "e", 2, now=0)
+    with pytest.raises(BufferFull):
+        s.emit("/", "e", 3, now=0)
+    assert s.outbox.ids() == [1, 2]
+
+
+def test_outbox_drop_oldest_reports_what_it_dropped() -> None:
+    s = ClientSession(outbox=Outbox(max_messages=2, policy=OverflowPolicy.DROP_OLDEST))
+    s.emit("/", "e", 1, now=0)
+    s.emit("/", "e", 2, now=0)
+    message_id, dropped = s.emit("/", "e", 3, now=0)
+    assert dropped == [Dropped(1, "emit")]
+    assert s.outbox.ids() == [2, 3]
+    assert message_id == 3
+
+
+def test_outbox_byte_limit() -> None:
+    s = ClientSession(outbox=Outbox(max_bytes=200))
+    with pytest.raises(BufferFull, match="exceeds the outbox byte limit"):
+        s.emit("/", "e", "x" * 500, now=0)
+    assert len(s.outbox) == 0
+
+
+def test_unserialisable_payload_is_a_clear_error_and_queues_nothing() -> None:
+    from rtchat_sdk import ValidationFailed
+
+    s = ClientSession()
+    with pytest.raises(ValidationFailed, match="cannot encode"):
+        s.emit("/", "e", object(), now=0)
+    assert len(s.outbox) == 0
+    assert s.emit("/", "e", 1, now=0)[0] == 1  # the failed id was not consumed
+
+
+def test_last_reply_is_below_the_oldest_unanswered() -> None:
+    s = ClientSession()
+    open_session(s)
+    for i in range(4):
+        s.emit("/", "e", i, now=0)
+    s.receive_text(reply(1), 0)
+    s.receive_text(reply(3), 0)
+    assert s.last_reply == 1
+    s.receive_text(reply(2), 0)
+    s.receive_text(reply(4), 0)
+    assert s.last_reply == 4

@@ -1,0 +1,145 @@
+"""The server's per-connection sans-I/O core, with a fake clock."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from rtchat_sdk import protocol as p
+from server_ref.session import ConnectionCore, ConnectionPhase
+
+pytestmark = pytest.mark.timeout(10)
+
+HEARTBEAT = p.HeartbeatInfo(interval=5, timeout=2)
+
+
+def core(now: float = 0.0, **kw: Any) -> ConnectionCore:
+    return ConnectionCore(now, heartbeat=HEARTBEAT, **kw)
+
+
+def sent(c: ConnectionCore) -> list[dict[str, Any]]:
+    return [json.loads(t) for t in c.data_to_send()]
+
+
+def welcomed(now: float = 0.0, **kw: Any) -> ConnectionCore:
+    c = core(now, **kw)
+    assert isinstance(c.receive_text('{"type":"hello","protocol":1}', now), p.HelloFrame)
+    c.accept(
+        p.WelcomeFrame(
+            protocol=1,
+            session="s",
+            token="t",
+            heartbeat=HEARTBEAT,
+            limits=p.Limits(
+                max_frame_bytes=1,
+                max_in_flight=1,
+                history_size=1,
+                history_seconds=1,
+                session_ttl=1,
+            ),
+        ),
+        now,
+    )
+    sent(c)
+    return c
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        ("not json", "bad_json"),
+        ("[1, 2]", "bad_frame"),
+        ('"a string"', "bad_frame"),
+        ('{"no_type": 1}', "bad_frame"),
+        ('{"type": "teleport"}', "unknown_type"),
+        ('{"type": "request", "id": 3, "event": 5}', "invalid_frame"),
+        ('{"type": "emit", "id": "x", "event": "e"}', "invalid_frame"),
+        ('{"type": "join", "id": 4, "room": ""}', "invalid_frame"),
+        ('{"type": "join", "id": 4, "room": "r", "ns": "no-slash"}', "invalid_frame"),
+        ('{"type": "hello", "protocol": 1}', "already_handshaken"),
+    ],
+)
+def test_bad_frames_get_a_named_error_and_the_connection_carries_on(text: str, code: str) -> None:
+    c = welcomed()
+    assert c.receive_text(text, 1) is None
+    [error] = sent(c)
+    assert error["type"] == "error"
+    assert error["code"] == code
+    assert error["message"]
+    assert c.phase is ConnectionPhase.OPEN
+    assert isinstance(c.receive_text('{"type":"emit","id":1,"event":"e"}', 1), p.EmitFrame)
+
+
+def test_invalid_frame_error_carries_the_message_id_when_readable() -> None:
+    c = welcomed()
+    c.receive_text('{"type": "request", "id": 9, "event": 5}', 1)
+    [error] = sent(c)
+    assert error["id"] == 9
+    assert "event" in error["message"]
+
+
+def test_first_frame_must_be_hello() -> None:
+    c = core()
+    assert c.receive_text('{"type":"emit","id":1,"event":"e"}', 0) is None
+    [error] = sent(c)
+    assert error["code"] == "handshake_required"
+    assert c.close_code == p.CloseCode.POLICY_VIOLATION
+
+
+def test_unsupported_protocol_version_is_refused_with_its_close_code() -> None:
+    c = core()
+    assert c.receive_text('{"type":"hello","protocol":99}', 0) is None
+    [error] = sent(c)
+    assert error["code"] == "unsupported_protocol"
+    assert error["details"] == {"supported": [1]}
+    assert c.close_code == p.CloseCode.UNSUPPORTED_PROTOCOL
+
+
+def test_ping_is_answered_with_pong() -> None:
+    c = welcomed()
+    assert c.receive_text('{"type":"ping","ts":1.5}', 1) is None
+    assert sent(c) == [{"type": "pong", "ts": 1.5}]
+
+
+def test_heartbeat_pings_and_closes_a_silent_peer() -> None:
+    c = welcomed(0)
+    assert c.get_timer() == 5
+    c.handle_timer(5)
+    assert sent(c) == [{"type": "ping", "ts": 5}]
+    c.handle_timer(6.9)
+    assert c.close_code is None
+    c.handle_timer(7)
+    assert c.close_code == p.CloseCode.HEARTBEAT_TIMEOUT
+
+
+def test_any_frame_counts_as_life() -> None:
+    c = welcomed(0)
+    c.receive_text('{"type":"pong","ts":0}', 6)
+    c.handle_timer(7)
+    assert c.close_code is None
+    assert c.get_timer() == 12  # pinged late at 7; the next ping one interval on
+
+
+def test_keepalive_while_busy() -> None:
+    c = welcomed(0)
+    c.keepalive(6.5)
+    c.handle_timer(7)
+    assert c.close_code is None
+
+
+def test_handshake_timeout() -> None:
+    c = core(0, handshake_timeout=3)
+    c.handle_timer(3)
+    assert c.close_code == p.CloseCode.HANDSHAKE_TIMEOUT
+
+
+def test_too_many_bad_frames_closes() -> None:
+    c = welcomed(max_bad_frames=3)
+    for _ in range(2):
+        c.receive_text("nope", 1)
+    assert c.close_code is None
+    c.receive_text("nope", 1)
+    assert c.close_code == p.CloseCode.TOO_MANY_BAD_FRAMES
+    assert c.receive_text('{"type":"emit","id":1,"event":"e"}', 1) is None
