@@ -1,0 +1,213 @@
+"""The reference server's command line: ``rtchat-server`` / ``python -m server_ref``.
+
+Every field of :class:`ServerConfig` is a flag (``heartbeat_interval`` is
+``--heartbeat-interval``) whose default comes from the dataclass, so a new
+field gets its flag without touching this module. The server answers a
+built-in ``echo`` request in the default namespace ``/``.
+
+Exit codes:
+
+* 0: stopped by SIGINT or SIGTERM after a graceful shutdown (every client got
+  a ``shutting_down`` error frame and a 1001 GOING_AWAY close);
+* 1: could not listen (address in use, unknown host...);
+* 2: bad command line;
+* killed by the signal (128 + its number in a shell): a second SIGINT or
+  SIGTERM during the graceful shutdown, which may otherwise wait up to the
+  close timeout for clients that do not answer the closing handshake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import math
+import re
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, get_type_hints
+
+from rtchat_sdk import protocol as p
+
+from .app import Context
+from .server import Server, ServerConfig
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+log = logging.getLogger("server_ref.cli")
+
+PROG = "rtchat-server"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+CONFIG_HELP: dict[str, str] = {
+    "heartbeat_interval": "seconds between application heartbeats",
+    "heartbeat_timeout": "seconds of silence past the interval before a peer is dead",
+    "handshake_timeout": "seconds a new connection has to send its hello",
+    "max_frame_bytes": "largest frame accepted, in bytes",
+    "max_in_flight": "unanswered messages a client may have in flight",
+    "max_bad_frames": "unparseable frames tolerated before disconnecting",
+    "history_size": "entries kept per stream for replay",
+    "history_seconds": "seconds an entry is kept for replay",
+    "session_ttl": "seconds a disconnected session stays resumable",
+    "dedupe_size": "replies remembered per session to answer resent messages",
+    "max_pending_bytes": "unsent bytes before a slow consumer is disconnected",
+    "shutdown_retry_after": "seconds clients are told to wait before reconnecting",
+}
+"""Help text per ServerConfig field; a field missing here still gets a flag."""
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _number(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse ``type`` that parses a finite int or float (range checks are ServerConfig's)."""
+
+    def parse(text: str) -> int | float:
+        value = kind(text)  # ValueError -> argparse's "invalid int/float value"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {port}")
+    return port
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return level
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser, with one flag per ServerConfig field."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        usage="%(prog)s [options]",
+        description="Run the rtchat reference server (in-memory broker).",
+        epilog="SIGINT or SIGTERM shuts down gracefully (exit 0); a second one exits at once.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default=DEFAULT_HOST, help="interface to listen on")
+    parser.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help="TCP port to listen on (0: any free port)"
+    )
+    hints = get_type_hints(ServerConfig)
+    for field in dataclasses.fields(ServerConfig):
+        kind = hints[field.name]
+        if kind not in (int, float):
+            raise TypeError(f"ServerConfig.{field.name}: no flag for type {kind!r}")
+        help_text = CONFIG_HELP.get(field.name, f"ServerConfig.{field.name}")
+        parser.add_argument(
+            _flag(field.name),
+            dest=field.name,
+            type=_number(kind),
+            default=field.default,
+            metavar="N" if kind is int else "SECONDS" if help_text.startswith("seconds") else "X",
+            help=help_text,
+        )
+    parser.add_argument(
+        "--log-level", type=_log_level, default="INFO", help=f"one of {', '.join(LOG_LEVELS)}"
+    )
+    return parser
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
+    """Build the ServerConfig; an invalid one exits 2 through ``parser.error``."""
+    names = [f.name for f in dataclasses.fields(ServerConfig)]
+    try:
+        return ServerConfig(**{name: getattr(args, name) for name in names})
+    except (TypeError, ValueError) as exc:
+        # Speak in flags, not field names: "--dedupe-size must be at least --max-in-flight".
+        pattern = r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b"
+        parser.error(re.sub(pattern, lambda m: _flag(m.group(1)), str(exc)))
+
+
+def _echo(ctx: Context, data: Any) -> Any:
+    """The built-in ``echo`` request handler: replies with its payload unchanged."""
+    return data
+
+
+def _display_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+async def _serve(host: str, port: int, config: ServerConfig) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        if len(received) == 1:
+            log.info("%s received: shutting down gracefully (send again to force)", sig.name)
+            stop.set()
+        else:
+            # Die of the signal, as with no handler: prompt, whatever is pending.
+            log.warning("%s received again: exiting now", sig.name)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError):  # no signal handlers on this platform
+            continue
+        handled.append(sig)
+
+    server = Server(config)
+    server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
+    try:
+        try:
+            await server.start(host, port)
+        except OSError as exc:
+            await server.close()
+            print(
+                f"{PROG}: error: cannot listen on {_display_host(host)}:{port}: {exc}",
+                file=sys.stderr,
+            )
+            return 1
+        print(
+            f"rtchat server listening on ws://{_display_host(host)}:{server.port}"
+            " (in-memory broker)",
+            flush=True,
+        )
+        await stop.wait()
+        await server.close()
+        log.info("server stopped")
+        return 0
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``rtchat-server``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(parser, args)
+    logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    try:
+        return asyncio.run(_serve(args.host, args.port, config))
+    except KeyboardInterrupt:  # SIGINT before the handlers were installed or after removal
+        return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
