@@ -27,7 +27,7 @@ from rtchat_sdk.events import Event, event_name
 from rtchat_sdk.session import _jsonable
 
 from .app import Context, HandlerFailure, Namespace
-from .broker import Broker, MemoryBroker, StreamEntry
+from .broker import Broker, MemoryBroker, SessionRecord, StreamEntry
 from .session import ConnectionCore, error_frame
 
 __all__ = ["Authenticator", "Server", "ServerConfig"]
@@ -64,31 +64,14 @@ class ServerConfig:
 
 
 class _Session:
-    """A logical client session; it outlives its connections for resume."""
+    """A session as this node holds it: the shared record plus local live state."""
 
-    __slots__ = (
-        "conn",
-        "expiry",
-        "held",
-        "highest_id",
-        "id",
-        "inbox",
-        "lock",
-        "replaying",
-        "replies",
-        "rooms",
-        "token",
-        "user",
-    )
+    __slots__ = ("conn", "expiry", "held", "id", "inbox", "lock", "record", "replaying")
 
-    def __init__(self, user: str | None) -> None:
-        self.id = secrets.token_hex(8)
-        self.token = secrets.token_urlsafe(32)
-        self.user = user
-        self.inbox = p.inbox_stream(self.id)
-        self.rooms: dict[tuple[str, str], tuple[str, int]] = {}
-        self.highest_id = 0
-        self.replies: dict[int, str] = {}
+    def __init__(self, record: SessionRecord) -> None:
+        self.record = record
+        self.id = record.id
+        self.inbox = p.inbox_stream(record.id)
         self.lock = asyncio.Lock()
         self.conn: _Connection | None = None
         self.expiry: asyncio.TimerHandle | None = None
@@ -120,13 +103,14 @@ class Server:
     ) -> None:
         self.config = config or ServerConfig()
         self.broker = broker or MemoryBroker(
-            history_size=self.config.history_size, history_seconds=self.config.history_seconds
+            history_size=self.config.history_size,
+            history_seconds=self.config.history_seconds,
+            dedupe_size=self.config.dedupe_size,
         )
         self._authenticate = authenticate
         self._clock = clock
         self._namespaces: dict[str, Namespace] = {p.DEFAULT_NAMESPACE: Namespace("/")}
         self._sessions: dict[str, _Session] = {}
-        self._by_token: dict[str, _Session] = {}
         self._members: dict[str, set[_Session]] = {}
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -254,14 +238,16 @@ class Server:
         session = self._sessions[session_id]
         stream = p.room_stream(ns, room)
         epoch, offset = await self.broker.position(stream)
-        if (ns, room) not in session.rooms:
-            session.rooms[(ns, room)] = (epoch, offset)
+        if (ns, room) not in session.record.rooms:
+            session.record.rooms[(ns, room)] = (epoch, offset)
+            await self.broker.save_session(session.record, None)
             self._add_member(stream, session)
         return epoch, offset
 
     async def leave_session(self, session_id: str, ns: str, room: str) -> None:
         session = self._sessions[session_id]
-        if session.rooms.pop((ns, room), None) is not None:
+        if session.record.rooms.pop((ns, room), None) is not None:
+            await self.broker.save_session(session.record, None)
             self._remove_member(p.room_stream(ns, room), session)
 
     def session_ids(self) -> list[str]:
@@ -392,7 +378,7 @@ class Server:
             self._connections.discard(conn)
             if conn.timer is not None:
                 conn.timer.cancel()
-            self._detach(conn)
+            await self._detach(conn)
 
     async def _flush(self, conn: _Connection) -> None:
         for text in conn.core.data_to_send():
@@ -424,58 +410,80 @@ class Server:
     # ------------------------------------------------------------------
     # Sessions
 
-    def _detach(self, conn: _Connection) -> None:
+    async def _detach(self, conn: _Connection) -> None:
+        """The connection is gone: keep the session for resume, or end it."""
         session = conn.session
         if session is None or session.conn is not conn:
             return
         session.conn = None
         goodbye = conn.ws.protocol.close_rcvd
-        if goodbye is not None and goodbye.code == p.CloseCode.NORMAL:
-            self._end_session(session)  # the client said goodbye: nothing to resume
+        if (goodbye is not None and goodbye.code == p.CloseCode.NORMAL) or self._closing:
+            # The client said goodbye (nothing to resume), or this node is stopping
+            # (the record stays in the broker for its TTL so another node can resume it).
+            if not self._closing:
+                await self.broker.delete_session(session.record)
+            else:
+                await self.broker.save_session(session.record, self.config.session_ttl)
+            self._drop_local(session)
             return
+        await self.broker.save_session(session.record, self.config.session_ttl)
         loop = asyncio.get_running_loop()
-        session.expiry = loop.call_later(self.config.session_ttl, self._end_session, session)
+        session.expiry = loop.call_later(self.config.session_ttl, self._drop_local, session)
 
-    def _end_session(self, session: _Session) -> None:
+    def _drop_local(self, session: _Session) -> None:
+        """Forget this node's live state of a session (its record expires on its own)."""
         if session.expiry is not None:
             session.expiry.cancel()
             session.expiry = None
+        if session.conn is not None:
+            return  # resumed meanwhile
         self._sessions.pop(session.id, None)
-        self._by_token.pop(session.token, None)
-        for ns, room in list(session.rooms):
+        for ns, room in list(session.record.rooms):
             self._remove_member(p.room_stream(ns, room), session)
         self._remove_member(session.inbox, session)
-        session.rooms.clear()
 
     async def _hello(self, conn: _Connection, hello: p.HelloFrame) -> None:
         user = await self._identify(conn, hello)
         if conn.core.close_code is not None:
             return
         now = self._clock()
-        session = None
+        record = None
         if hello.resume is not None:
-            candidate = self._by_token.get(hello.resume.token)
-            if candidate is not None and candidate.user == user:
-                session = candidate
-        if session is None:
-            session = _Session(user)
-            self._sessions[session.id] = session
-            self._by_token[session.token] = session
+            record = await self.broker.load_session(hello.resume.token)
+            if record is not None and record.user != user:
+                record = None  # a token is bound to its user: nobody else resumes it
+        if record is None:
+            record = SessionRecord(secrets.token_hex(8), secrets.token_urlsafe(32), user)
+            await self.broker.save_session(record, None)
+            session = self._sessions[record.id] = _Session(record)
             self._add_member(session.inbox, session)
             await self._attach(conn, session, resumed=False, now=now)
             return
-        if session.expiry is not None:
-            session.expiry.cancel()
-            session.expiry = None
+        await self.broker.save_session(record, None)
+        session = self._local_session(record)
         old = session.conn
         if old is not None and old is not conn:
             old.session = None
             old.core.close(p.CloseCode.SESSION_REPLACED, "session resumed on another connection")
             self._spawn(self._close_connection(old))
         assert hello.resume is not None
-        for message_id in [i for i in session.replies if i <= hello.resume.last_reply]:
-            del session.replies[message_id]
+        await self.broker.forget_replies(record.id, hello.resume.last_reply)
         await self._attach(conn, session, resumed=True, now=now, resume=hello.resume)
+
+    def _local_session(self, record: SessionRecord) -> _Session:
+        """This node's live session for a record, made (with memberships) if new here."""
+        session = self._sessions.get(record.id)
+        if session is None:
+            session = self._sessions[record.id] = _Session(record)
+            self._add_member(session.inbox, session)
+            for ns, room in record.rooms:
+                self._add_member(p.room_stream(ns, room), session)
+        else:
+            session.record = record
+        if session.expiry is not None:
+            session.expiry.cancel()
+            session.expiry = None
+        return session
 
     async def _identify(self, conn: _Connection, hello: p.HelloFrame) -> str | None:
         if self._authenticate is None:
@@ -513,7 +521,7 @@ class Server:
             p.WelcomeFrame(
                 protocol=p.PROTOCOL_VERSION,
                 session=session.id,
-                token=session.token,
+                token=session.record.token,
                 resumed=resumed,
                 heartbeat=self._heartbeat,
                 limits=self._limits,
@@ -550,7 +558,7 @@ class Server:
         covered: dict[str, int] = {}
         given = {s.stream: s for s in resume.streams}
         wanted: dict[str, tuple[str, str | None, str, int]] = {}
-        for (room_ns, room_name), (room_epoch, room_offset) in session.rooms.items():
+        for (room_ns, room_name), (room_epoch, room_offset) in session.record.rooms.items():
             wanted[p.room_stream(room_ns, room_name)] = (
                 room_ns,
                 room_name,
@@ -595,8 +603,8 @@ class Server:
         assert session is not None
         assert not isinstance(frame, p.PingFrame | p.PongFrame)
         async with session.lock:
-            if frame.id <= session.highest_id:
-                stored = session.replies.get(frame.id)
+            processed, stored = await self.broker.recall_reply(session.id, frame.id)
+            if processed:
                 conn.core.send(
                     stored
                     if stored is not None
@@ -607,11 +615,8 @@ class Server:
                     )
                 )
                 return
-            session.highest_id = frame.id
             reply = await self._process(session, frame)
-            session.replies[frame.id] = reply
-            while len(session.replies) > self.config.dedupe_size:
-                del session.replies[next(iter(session.replies))]
+            await self.broker.remember_reply(session.id, frame.id, reply)
             conn.core.send(reply)
 
     async def _process(
@@ -625,7 +630,7 @@ class Server:
             return error_frame(
                 p.ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {frame.ns!r} on this server", frame.id
             )
-        ctx = Context(self, session.id, session.user, frame.ns)
+        ctx = Context(self, session.id, session.record.user, frame.ns)
         try:
             data: Any = None
             if isinstance(frame, p.RequestFrame):
@@ -644,7 +649,7 @@ class Server:
             elif isinstance(frame, p.LeaveFrame):
                 await self.leave_session(session.id, frame.ns, frame.room)
             else:
-                if (frame.ns, frame.room) not in session.rooms:
+                if (frame.ns, frame.room) not in session.record.rooms:
                     raise HandlerFailure(
                         p.ErrorCode.NOT_IN_ROOM, f"join room {frame.room!r} before publishing to it"
                     )

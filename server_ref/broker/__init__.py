@@ -1,6 +1,14 @@
 """Where the server keeps streams: memory by default, Redis to scale out."""
 
-from .base import Broker, FrameBuilder, Listener, Replay, StreamEntry
+from .base import Broker, FrameBuilder, Listener, Replay, SessionRecord, StreamEntry
 from .memory import MemoryBroker
 
-__all__ = ["Broker", "FrameBuilder", "Listener", "MemoryBroker", "Replay", "StreamEntry"]
+__all__ = [
+    "Broker",
+    "FrameBuilder",
+    "Listener",
+    "MemoryBroker",
+    "Replay",
+    "SessionRecord",
+    "StreamEntry",
+]

@@ -4,6 +4,8 @@ Each stream keeps its newest ``history_size`` entries, none older than
 ``history_seconds``. A stream's epoch is random and made when the stream is
 first used, so after a restart every client's old positions are recognisably
 stale and clients are told of the gap instead of silently missing messages.
+Sessions expire lazily at their TTL; each keeps the replies to its newest
+``dedupe_size`` processed messages.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from .base import Broker, FrameBuilder, Listener, Replay, StreamEntry
+from .base import Broker, FrameBuilder, Listener, Replay, SessionRecord, StreamEntry
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -31,6 +33,14 @@ class _Stream:
         self.listeners: list[Listener] = []
 
 
+class _Dedupe:
+    __slots__ = ("highest", "replies")
+
+    def __init__(self) -> None:
+        self.highest = 0
+        self.replies: dict[int, str] = {}
+
+
 class MemoryBroker(Broker):
     """Streams in this process's memory, bounded by count and age."""
 
@@ -39,14 +49,18 @@ class MemoryBroker(Broker):
         *,
         history_size: int = 1_000,
         history_seconds: float = 300.0,
+        dedupe_size: int = 2_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if history_size < 1 or history_seconds <= 0:
-            raise ValueError("history limits must be positive")
+        if history_size < 1 or history_seconds <= 0 or dedupe_size < 1:
+            raise ValueError("history and dedupe limits must be positive")
         self.history_size = history_size
         self.history_seconds = history_seconds
+        self.dedupe_size = dedupe_size
         self._clock = clock
         self._streams: dict[str, _Stream] = {}
+        self._sessions: dict[str, tuple[SessionRecord, float | None]] = {}
+        self._dedupe: dict[str, _Dedupe] = {}
 
     def _stream(self, name: str) -> _Stream:
         stream = self._streams.get(name)
@@ -98,3 +112,46 @@ class MemoryBroker(Broker):
         s = self._streams.get(stream)
         if s is not None and listener in s.listeners:
             s.listeners.remove(listener)
+
+    async def save_session(self, record: SessionRecord, ttl: float | None) -> None:
+        expires = None if ttl is None else self._clock() + ttl
+        self._sessions[record.token] = (record, expires)
+
+    async def load_session(self, token: str) -> SessionRecord | None:
+        found = self._sessions.get(token)
+        if found is None:
+            return None
+        record, expires = found
+        if expires is not None and self._clock() >= expires:
+            await self.delete_session(record)
+            return None
+        return record
+
+    async def delete_session(self, record: SessionRecord) -> None:
+        found = self._sessions.get(record.token)
+        if found is not None and found[0] is record:
+            del self._sessions[record.token]
+        self._dedupe.pop(record.id, None)
+
+    async def recall_reply(self, session_id: str, message_id: int) -> tuple[bool, str | None]:
+        dedupe = self._dedupe.get(session_id)
+        if dedupe is None or message_id > dedupe.highest:
+            return False, None
+        return True, dedupe.replies.get(message_id)
+
+    async def remember_reply(self, session_id: str, message_id: int, reply: str) -> None:
+        dedupe = self._dedupe.get(session_id)
+        if dedupe is None:
+            dedupe = self._dedupe[session_id] = _Dedupe()
+        dedupe.highest = max(dedupe.highest, message_id)
+        replies = dedupe.replies
+        replies[message_id] = reply
+        if len(replies) > self.dedupe_size:
+            del replies[next(iter(replies))]
+
+    async def forget_replies(self, session_id: str, upto: int) -> None:
+        dedupe = self._dedupe.get(session_id)
+        if dedupe is None:
+            return
+        for message_id in [i for i in dedupe.replies if i <= upto]:
+            del dedupe.replies[message_id]

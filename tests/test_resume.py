@@ -1,0 +1,261 @@
+"""Reconnect and resume through a fault-injecting proxy."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from rtchat_sdk import (
+    Client,
+    ConnectionState,
+    GapReported,
+    GaveUp,
+    ReconnectPolicy,
+    Unauthorized,
+)
+from server_ref import Context, Server, ServerConfig
+from tests.conftest import make_server
+from tests.faultproxy import FaultProxy
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.2)
+
+
+@pytest.fixture
+async def proxy(server: Server) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(server.port) as p:
+        yield p
+
+
+class Inbox:
+    """Collects deliveries and lets a test wait for a count."""
+
+    def __init__(self, client: Client, event: str = "m") -> None:
+        self.items: list[Any] = []
+        self._changed = asyncio.Event()
+        client.on(event)(self._add)
+
+    def _add(self, data: Any) -> None:
+        self.items.append(data)
+        self._changed.set()
+
+    async def wait_for(self, count: int) -> list[Any]:
+        async with asyncio.timeout(10):
+            while len(self.items) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.items
+
+
+async def wait_state(client: Client, state: ConnectionState) -> None:
+    """Wait until the client is in ``state`` (returns at once if it is)."""
+    reached = asyncio.Event()
+    client.on_state_change(lambda s: reached.set() if s is state else None)
+    if client.state is not state:
+        await asyncio.wait_for(reached.wait(), 10)
+
+
+async def wait_reconnected(client: Client) -> None:
+    """Wait until the client has lost its connection and got a new one."""
+    before = client.counters["connections"]
+    changed = asyncio.Event()
+    client.on_state_change(lambda s: changed.set())
+    async with asyncio.timeout(10):
+        while not (
+            client.counters["connections"] > before and client.state is ConnectionState.CONNECTED
+        ):
+            changed.clear()
+            await changed.wait()
+
+
+async def test_dropped_link_resumes_and_replays_what_was_missed(
+    server: Server, proxy: FaultProxy
+) -> None:
+    async with Client(server.url) as sender, Client(proxy.url, reconnect=FAST) as receiver:
+        inbox = Inbox(receiver)
+        await sender.join("r")
+        await receiver.join("r")
+        await sender.publish("r", "m", 0)
+        await inbox.wait_for(1)
+        proxy.refuse(True)
+        proxy.drop()
+        await wait_state(receiver, ConnectionState.RECONNECTING)
+        for i in range(1, 6):
+            await sender.publish("r", "m", i)  # the receiver is away
+        proxy.refuse(False)
+        await wait_state(receiver, ConnectionState.CONNECTED)
+        await sender.publish("r", "m", 6)
+        assert await inbox.wait_for(7) == list(range(7))
+        assert receiver.counters["gaps"] == 0
+        assert receiver.counters["reconnects"] >= 1
+
+
+async def test_messages_sent_while_down_wait_in_the_outbox_and_go_in_order(
+    server: Server, proxy: FaultProxy
+) -> None:
+    async with Client(server.url) as watcher, Client(proxy.url, reconnect=FAST) as sender:
+        inbox = Inbox(watcher)
+        await watcher.join("r")
+        await sender.join("r")
+        proxy.refuse(True)
+        proxy.drop()
+        await wait_state(sender, ConnectionState.RECONNECTING)
+        sends = [asyncio.ensure_future(sender.publish("r", "m", i)) for i in range(20)]
+        await asyncio.sleep(0)  # let them queue
+        assert sender.outbox_size == 20
+        proxy.refuse(False)
+        offsets = await asyncio.gather(*sends)
+        assert offsets == list(range(1, 21))
+        assert await inbox.wait_for(20) == list(range(20))
+
+
+async def test_request_resent_after_a_cut_runs_once(server: Server, proxy: FaultProxy) -> None:
+    calls: list[int] = []
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    @server.on("count")
+    async def count(ctx: Context, n: int) -> int:
+        calls.append(n)
+        started.set()
+        await release.wait()
+        return n * 2
+
+    async with Client(proxy.url, reconnect=FAST) as client:
+        pending = asyncio.ensure_future(client.request("count", 21))
+        await asyncio.wait_for(started.wait(), 5)
+        proxy.drop()  # the request was processed, its reply will be lost
+        release.set()
+        assert await pending == 42
+        assert calls == [21]
+        assert client.counters["resent"] == 1
+
+
+async def test_half_open_link_is_detected_within_interval_plus_timeout() -> None:
+    srv = make_server(ServerConfig(heartbeat_interval=0.2, heartbeat_timeout=0.3))
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with FaultProxy(srv.port) as proxy, Client(proxy.url, reconnect=FAST) as client:
+            assert client.state is ConnectionState.CONNECTED
+            loop = asyncio.get_running_loop()
+            lost = asyncio.Event()
+            client.on_state_change(
+                lambda s: lost.set() if s is ConnectionState.RECONNECTING else None
+            )
+            proxy.blackhole(True)
+            started = loop.time()
+            await asyncio.wait_for(lost.wait(), 5)
+            detected = loop.time() - started
+            assert detected <= 0.2 + 0.3 + 0.25  # interval + timeout + scheduling slack
+            proxy.blackhole(False)
+            await wait_state(client, ConnectionState.CONNECTED)
+            assert await client.request("echo", "back") == "back"
+    finally:
+        await srv.close()
+
+
+async def test_trimmed_history_is_reported_as_a_gap() -> None:
+    srv = make_server(ServerConfig(history_size=3))
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with (
+            FaultProxy(srv.port) as proxy,
+            Client(srv.url) as sender,
+            Client(proxy.url, reconnect=FAST) as receiver,
+        ):
+            inbox = Inbox(receiver)
+            gaps: list[GapReported] = []
+            receiver.on_gap(gaps.append)
+            await sender.join("r")
+            await receiver.join("r")
+            proxy.refuse(True)
+            proxy.drop()
+            await wait_state(receiver, ConnectionState.RECONNECTING)
+            for i in range(10):
+                await sender.publish("r", "m", i)
+            proxy.refuse(False)
+            await wait_state(receiver, ConnectionState.CONNECTED)
+            assert await inbox.wait_for(3) == [7, 8, 9]
+            assert [(g.stream, g.reason, g.offset) for g in gaps] == [("room:/:r", "trimmed", 7)]
+    finally:
+        await srv.close()
+
+
+async def test_server_restart_reports_lost_streams_and_rejoins() -> None:
+    first = make_server()
+    await first.start("127.0.0.1", 0)
+    port = first.port
+    gaps: list[GapReported] = []
+    async with Client(first.url, reconnect=FAST) as client:
+        client.on_gap(gaps.append)
+        inbox = Inbox(client)
+        await client.join("r")
+        await first.close()
+        second = make_server()
+        await second.start("127.0.0.1", port)
+        try:
+            await wait_reconnected(client)
+            assert {(g.stream.split(":")[0], g.reason) for g in gaps} == {
+                ("room", "session_unknown"),
+                ("inbox", "session_unknown"),
+            }
+            # Rejoined automatically: a new publish reaches it.
+            async with Client(second.url) as other:
+                await other.join("r")
+                await client.request("echo", "sync")  # the rejoin was written before this
+                await other.publish("r", "m", "after restart")
+                assert await inbox.wait_for(1) == ["after restart"]
+        finally:
+            await second.close()
+
+
+async def test_bad_credentials_are_fatal_and_not_retried() -> None:
+    srv = Server(authenticate=lambda auth: "ann" if auth == {"password": "ok"} else None)
+    await srv.start("127.0.0.1", 0)
+    try:
+        client = Client(srv.url, auth={"password": "wrong"}, retry_first_connect=True)
+        with pytest.raises(Unauthorized):
+            await client.connect()
+        assert client.state is ConnectionState.CLOSED
+        assert client.counters["reconnects"] == 0
+        async with Client(srv.url, auth={"password": "ok"}) as good:
+            assert good.state is ConnectionState.CONNECTED
+    finally:
+        await srv.close()
+
+
+async def test_resume_token_is_bound_to_its_user() -> None:
+    users = iter(["ann", "mallory"])
+    srv = Server(authenticate=lambda auth: next(users))
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with FaultProxy(srv.port) as proxy, Client(proxy.url, reconnect=FAST) as client:
+            first_session = client.session_id
+            proxy.drop()
+            await wait_reconnected(client)
+            # The second connection authenticates as someone else: no resume.
+            assert client.session_id != first_session
+    finally:
+        await srv.close()
+
+
+async def test_next_url_is_tried_when_one_fails(server: Server) -> None:
+    async with FaultProxy(server.port) as dead:
+        dead.refuse(True)
+        client = Client([dead.url, server.url], reconnect=FAST, retry_first_connect=True)
+        async with client:
+            assert await client.request("echo", 1) == 1
+
+
+async def test_gives_up_after_max_attempts() -> None:
+    async with FaultProxy(1) as dead:
+        dead.refuse(True)
+        policy = ReconnectPolicy(initial_delay=0.01, max_delay=0.02, max_attempts=3)
+        client = Client(dead.url, reconnect=policy, retry_first_connect=True)
+        with pytest.raises(GaveUp, match="3 attempt"):
+            await client.connect()
+        assert dead.stats.refused == 3
