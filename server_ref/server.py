@@ -11,10 +11,12 @@ member's socket with ``websockets.broadcast``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -57,8 +59,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) <= 0:
-                raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)!r}")
+            value = getattr(self, f.name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{f.name} must be positive, got {value!r}")
         if self.dedupe_size < self.max_in_flight:
             raise ValueError("dedupe_size must be at least max_in_flight")
 
@@ -91,7 +94,11 @@ class _Connection:
 
 
 class Server:
-    """An embeddable rtchat server. ``async with server.serving(host, port):``."""
+    """An embeddable rtchat server.
+
+    ``await server.start(host, port)`` ... ``await server.close()``, or
+    ``async with server.serving(host, port):``.
+    """
 
     def __init__(
         self,
@@ -167,10 +174,23 @@ class Server:
             ping_interval=None,  # rtchat's own heartbeats run at the app level
             compression=None,
         )
-        log.info("rtchat server listening on %s:%s", host, self.port)
+        log.debug("rtchat server listening on %s:%s", host, self.port)
 
-    async def close(self) -> None:
-        """Stop accepting, close every session with GOING_AWAY, release the broker."""
+    @contextlib.asynccontextmanager
+    async def serving(self, host: str = "127.0.0.1", port: int = 8765) -> AsyncIterator[Server]:
+        """Run the server for the duration of an ``async with`` block."""
+        await self.start(host, port)
+        try:
+            yield self
+        finally:
+            await self.close()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting, close every session with GOING_AWAY, release the broker.
+
+        Clients get ``timeout`` seconds to answer the close; then their
+        connections are aborted.
+        """
         if self._closing:
             return
         self._closing = True
@@ -183,10 +203,16 @@ class Server:
         )
         conns = list(self._connections)
         broadcast([c.ws for c in conns], notice)
-        await asyncio.gather(
+        closing = asyncio.gather(
             *(c.ws.close(p.CloseCode.GOING_AWAY, "server shutting down") for c in conns),
             return_exceptions=True,
         )
+        try:
+            await asyncio.wait_for(closing, timeout)
+        except TimeoutError:
+            for c in conns:
+                if c.ws.transport is not None:
+                    c.ws.transport.abort()
         if self._ws_server is not None:
             await self._ws_server.wait_closed()
         for task in list(self._tasks):
