@@ -18,7 +18,15 @@ from .errors import BufferFull
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["DEFAULT_MAX_BYTES", "DEFAULT_MAX_MESSAGES", "Outbox", "OutboxEntry", "OverflowPolicy"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MAX_MESSAGES",
+    "Outbox",
+    "OutboxEntry",
+    "OverflowPolicy",
+    "SavedState",
+    "StreamPosition",
+]
 
 DEFAULT_MAX_MESSAGES = 10_000
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
@@ -49,8 +57,33 @@ class OutboxEntry:
         return len(self.text)
 
 
+@dataclass(slots=True)
+class StreamPosition:
+    """The last offset handed to the app on one stream, and its epoch."""
+
+    epoch: str
+    offset: int
+    ns: str
+    room: str | None
+
+
+@dataclass(slots=True)
+class SavedState:
+    """What a persistent outbox restores after a process restart."""
+
+    session_id: str | None
+    token: str | None
+    next_id: int
+    streams: dict[str, StreamPosition]
+    rooms: dict[tuple[str, str], str]
+
+
 class Outbox:
-    """In-memory, ordered, bounded store of unacknowledged messages."""
+    """In-memory, ordered, bounded store of unacknowledged messages.
+
+    The ``load_state`` / ``save_*`` hooks do nothing here; a persistent
+    outbox overrides them (and ``add`` / ``remove``) to survive a restart.
+    """
 
     def __init__(
         self,
@@ -127,3 +160,21 @@ class Outbox:
     def ids(self) -> list[int]:
         """Queued ids in send order."""
         return list(self._entries)
+
+    # ------------------------------------------------------------------
+    # Resume state: kept by persistent outboxes only
+
+    def load_state(self) -> SavedState | None:
+        """The state saved by an earlier process, or None."""
+        return None
+
+    def save_session(
+        self, session_id: str | None, token: str | None, rooms: dict[tuple[str, str], str]
+    ) -> None:
+        """The session to resume and the rooms it is in changed."""
+
+    def save_stream(self, stream: str, position: StreamPosition | None) -> None:
+        """A stream's position moved (None: the stream is no longer followed)."""
+
+    def close(self) -> None:
+        """Release any resources (files, connections)."""

@@ -38,7 +38,7 @@ from pydantic_core import PydanticSerializationError
 
 from . import protocol as p
 from .errors import ProtocolError, ValidationFailed
-from .outbox import Outbox, OutboxEntry
+from .outbox import Outbox, OutboxEntry, StreamPosition
 
 __all__ = [
     "ClientSession",
@@ -55,7 +55,6 @@ __all__ = [
     "SessionCounters",
     "SessionEvent",
     "SessionState",
-    "StreamState",
     "TimedOut",
     "Welcomed",
 ]
@@ -185,16 +184,6 @@ SessionEvent = (
 
 
 @dataclass(slots=True)
-class StreamState:
-    """The last offset the app was handed on one stream, and its epoch."""
-
-    epoch: str
-    offset: int
-    ns: str
-    room: str | None
-
-
-@dataclass(slots=True)
 class SessionCounters:
     """Numbers a user can read to see what reliability work happened."""
 
@@ -239,7 +228,7 @@ class ClientSession:
         self.state = SessionState.DISCONNECTED
         self.session_id: str | None = None
         self.token: str | None = None
-        self.streams: dict[str, StreamState] = {}
+        self.streams: dict[str, StreamPosition] = {}
         self.rooms: dict[tuple[str, str], str] = {}
         self.counters = SessionCounters()
         self.rtt: float | None = None
@@ -255,6 +244,13 @@ class ClientSession:
         self._next_ping: float | None = None
         self._dead_at: float | None = None
         self._ever_sent: set[int] = set()
+        saved = self.outbox.load_state()
+        if saved is not None:
+            self.session_id, self.token = saved.session_id, saved.token
+            self.streams = dict(saved.streams)
+            self.rooms = dict(saved.rooms)
+            self._next_id = max(self._next_id, saved.next_id)
+            self._unsent = deque(self.outbox.ids())
 
     # ------------------------------------------------------------------
     # Output
@@ -479,15 +475,17 @@ class ClientSession:
                         name, stream.ns, stream.room, stream.epoch, stream.offset, "session_unknown"
                     )
                 )
-            self.streams.clear()
+            for name in list(self.streams):
+                self._set_stream(name, None)
             self._rejoin_rooms(now)
         self.state = SessionState.OPEN
         self.session_id = frame.session
         self.token = frame.token
+        self.outbox.save_session(self.session_id, self.token, self.rooms)
         inbox = frame.inbox
         if inbox is not None and inbox.stream not in self.streams:
-            self.streams[inbox.stream] = StreamState(
-                inbox.epoch, inbox.offset, p.DEFAULT_NAMESPACE, None
+            self._set_stream(
+                inbox.stream, StreamPosition(inbox.epoch, inbox.offset, p.DEFAULT_NAMESPACE, None)
             )
         self._heartbeat = _Heartbeat(frame.heartbeat.interval, frame.heartbeat.timeout)
         self._server_max_in_flight = frame.limits.max_in_flight
@@ -524,17 +522,19 @@ class ClientSession:
             self._events.append(ProtocolViolation(f"bad join reply: {data!r}"))
             return
         self.rooms[(join.ns, join.room)] = position.stream
+        self.outbox.save_session(self.session_id, self.token, self.rooms)
         known = self.streams.get(position.stream)
         if known is None or known.epoch != position.epoch:
-            self.streams[position.stream] = StreamState(
-                position.epoch, position.offset, join.ns, join.room
+            self._set_stream(
+                position.stream, StreamPosition(position.epoch, position.offset, join.ns, join.room)
             )
 
     def _on_left(self, entry: OutboxEntry) -> None:
         leave = p.LeaveFrame.model_validate_json(entry.text)
         stream = self.rooms.pop((leave.ns, leave.room), None)
         if stream is not None:
-            self.streams.pop(stream, None)
+            self.outbox.save_session(self.session_id, self.token, self.rooms)
+            self._set_stream(stream, None)
 
     def _on_error(self, frame: p.ErrorFrame) -> None:
         if frame.id is None:
@@ -557,6 +557,7 @@ class ClientSession:
                 self.counters.duplicates_dropped += 1
                 return
             known.offset = frame.offset
+            self.outbox.save_stream(frame.stream, known)
         else:
             if known is not None:
                 # New epoch without a gap frame: the server lost history. Be loud.
@@ -571,17 +572,27 @@ class ClientSession:
                         "epoch_changed",
                     )
                 )
-            self.streams[frame.stream] = StreamState(
-                frame.epoch, frame.offset, frame.ns, frame.room
+            self._set_stream(
+                frame.stream, StreamPosition(frame.epoch, frame.offset, frame.ns, frame.room)
             )
         self._events.append(Delivered(frame))
 
     def _on_gap(self, frame: p.GapFrame) -> None:
         self.counters.gaps += 1
-        self.streams[frame.stream] = StreamState(frame.epoch, frame.offset, frame.ns, frame.room)
+        self._set_stream(
+            frame.stream, StreamPosition(frame.epoch, frame.offset, frame.ns, frame.room)
+        )
         self._events.append(
             GapReported(frame.stream, frame.ns, frame.room, frame.epoch, frame.offset, frame.reason)
         )
+
+    def _set_stream(self, name: str, position: StreamPosition | None) -> None:
+        """Record (or forget) a stream position, in memory and in the outbox."""
+        if position is None:
+            self.streams.pop(name, None)
+        else:
+            self.streams[name] = position
+        self.outbox.save_stream(name, position)
 
     # ------------------------------------------------------------------
     # Time
