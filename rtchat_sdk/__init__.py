@@ -33,6 +33,7 @@ from .events import Event
 from .outbox import Outbox, OverflowPolicy
 from .protocol import PROTOCOL_VERSION
 from .session import GapReported
+from .sync import SyncClient
 
 __version__ = "0.1.0"
 
@@ -62,6 +63,7 @@ __all__ = [
     "RTChatError",
     "ReconnectPolicy",
     "RemoteError",
+    "SyncClient",
     "Unauthorized",
     "UnknownEvent",
     "UnknownNamespace",
