@@ -5,12 +5,12 @@
     RTChatError
     ├── ProtocolError            a peer sent something the protocol forbids
     ├── ConnectionFailed         could not connect (refused, bad URL, handshake)
-    │   └── FatalConnectionError the server refused us for good: no retry helps
-    │       ├── Unauthorized
-    │       └── IncompatibleProtocol
-    ├── ConnectionLost           the link dropped while an operation needed it
+    │   ├── FatalConnectionError the server refused us for good: no retry helps
+    │   │   ├── Unauthorized
+    │   │   └── IncompatibleProtocol
+    │   └── GaveUp               reconnection stopped after its limits
+    ├── ConnectionLost           the link is down and the operation needs it now
     ├── ClientClosed             the client was closed; the operation cannot run
-    ├── GaveUp                   reconnection stopped after its limits
     ├── AckTimeout               (also a TimeoutError) no reply in time
     ├── BufferFull               the outbox is full and its policy is "raise"
     ├── MessageDropped           evicted from a full outbox (policy "drop_oldest")
