@@ -32,6 +32,7 @@ __all__ = [
     "EmitFrame",
     "ErrorCode",
     "ErrorFrame",
+    "FrameValidationError",
     "GapFrame",
     "HeartbeatInfo",
     "HelloFrame",
@@ -97,6 +98,7 @@ class ErrorCode(StrEnum):
     HANDLER_ERROR = "handler_error"
     NOT_IN_ROOM = "not_in_room"
     DUPLICATE_ID = "duplicate_id"
+    TOO_LARGE = "too_large"
     OVERLOADED = "overloaded"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
@@ -120,8 +122,16 @@ class CloseCode(IntEnum):
     TOO_MANY_BAD_FRAMES = 4007
 
 
+def _require_type(schema: dict[str, Any]) -> None:
+    """Frames must carry ``type`` on the wire even though the models default it."""
+    if "type" in schema.get("properties", {}):
+        required = schema.setdefault("required", [])
+        if "type" not in required:
+            required.insert(0, "type")
+
+
 class _Frame(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_require_type)
 
 
 # --------------------------------------------------------------------------
@@ -134,6 +144,12 @@ class StreamPosition(_Frame):
     stream: str = Field(min_length=1, max_length=512)
     epoch: str = Field(min_length=1, max_length=64)
     offset: int = Field(ge=0)
+    ns: str | None = Field(
+        default=None, description="For a room stream in `hello.resume`: the room's namespace."
+    )
+    room: str | None = Field(
+        default=None, description="For a room stream in `hello.resume`: the room to rejoin."
+    )
 
 
 class ResumeInfo(_Frame):
@@ -141,9 +157,14 @@ class ResumeInfo(_Frame):
 
     token: str = Field(min_length=1, max_length=256, description="Secret from `welcome.token`.")
     last_reply: int = Field(
-        default=0, ge=0, description="Highest message id whose reply the client holds."
+        default=0,
+        ge=0,
+        description="Every message id up to this one is answered or abandoned: the oldest "
+        "unanswered id minus one. The server may forget replies up to it.",
     )
-    streams: list[StreamPosition] = Field(default_factory=list)
+    streams: list[StreamPosition] = Field(
+        default_factory=list, max_length=10_000, description="Positions in followed streams."
+    )
 
 
 class HeartbeatInfo(_Frame):
@@ -309,7 +330,9 @@ class GapFrame(_Frame):
     room: str | None = None
     epoch: str = Field(description="The stream's current epoch; positions restart here.")
     offset: int = Field(ge=0, description="The stream's position the client now stands at.")
-    reason: str = Field(description="'trimmed', 'epoch_changed' or 'session_unknown'.")
+    reason: str = Field(
+        description="'trimmed', 'epoch_changed', 'session_unknown' or 'not_rejoined'."
+    )
 
 
 ClientFrame = Annotated[
@@ -370,7 +393,8 @@ def json_schema() -> dict[str, Any]:
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"rtchat wire protocol v{PROTOCOL_VERSION}",
         "$defs": {**defs, "ClientFrame": client, "ServerFrame": server},
-        "oneOf": [{"$ref": "#/$defs/ClientFrame"}, {"$ref": "#/$defs/ServerFrame"}],
+        # anyOf, not oneOf: ping and pong belong to both directions.
+        "anyOf": [{"$ref": "#/$defs/ClientFrame"}, {"$ref": "#/$defs/ServerFrame"}],
     }
 
 

@@ -2,22 +2,20 @@
 
 ``docs/protocol.schema.json`` is what implementers in other languages read, so
 it must equal what ``rtchat_sdk.schema`` generates from ``protocol.py`` today,
-and it must accept exactly the frames the decoders accept. The ``jsonschema``
-package is used when it is installed; otherwise a small validator below covers
-the keywords pydantic emits (and fails loudly on any other keyword, so a
-schema change cannot slip past it unchecked).
+and it must accept exactly the frames the decoders accept, as judged by the
+``jsonschema`` package (a dev dependency).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from pydantic import BaseModel, ValidationError
 
@@ -53,87 +51,8 @@ def _direction_schema(full: dict[str, Any], name: str) -> dict[str, Any]:
     return {"$schema": full["$schema"], "$defs": full["$defs"], "$ref": f"#/$defs/{name}"}
 
 
-# Keywords that only annotate; everything else must be understood by _valid().
-_ANNOTATIONS = frozenset({"$schema", "title", "description", "default", "discriminator", "$defs"})
-_JSON_TYPES: dict[str, Any] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-    "integer": lambda v: (
-        (isinstance(v, int) and not isinstance(v, bool))
-        or (isinstance(v, float) and v.is_integer())
-    ),
-}
-_BOUNDS: dict[str, Any] = {
-    "minimum": lambda v, a: v >= a,
-    "exclusiveMinimum": lambda v, a: v > a,
-    "maximum": lambda v, a: v <= a,
-    "exclusiveMaximum": lambda v, a: v < a,
-}
-
-
-def _valid(value: Any, node: Any, root: dict[str, Any]) -> bool:
-    """A minimal draft 2020-12 validator for the keywords pydantic generates."""
-    if node is True:
-        return True
-    if node is False:
-        return False
-    ok = True
-    for key, arg in node.items():
-        if key in _ANNOTATIONS:
-            continue
-        if key == "$ref":
-            assert arg.startswith("#/$defs/"), arg
-            ok = ok and _valid(value, root["$defs"][arg.removeprefix("#/$defs/")], root)
-        elif key == "type":
-            types = arg if isinstance(arg, list) else [arg]
-            ok = ok and any(_JSON_TYPES[t](value) for t in types)
-        elif key == "const":
-            ok = ok and type(value) is type(arg) and value == arg
-        elif key == "enum":
-            ok = ok and any(type(value) is type(a) and value == a for a in arg)
-        elif key == "anyOf":
-            ok = ok and any(_valid(value, sub, root) for sub in arg)
-        elif key == "oneOf":
-            ok = ok and sum(_valid(value, sub, root) for sub in arg) == 1
-        elif key == "required":
-            ok = ok and (not isinstance(value, dict) or all(k in value for k in arg))
-        elif key == "properties":
-            if isinstance(value, dict):
-                ok = ok and all(_valid(value[k], sub, root) for k, sub in arg.items() if k in value)
-        elif key == "additionalProperties":
-            if isinstance(value, dict):
-                known = node.get("properties", {})
-                ok = ok and all(_valid(v, arg, root) for k, v in value.items() if k not in known)
-        elif key == "items":
-            if isinstance(value, list):
-                ok = ok and all(_valid(v, arg, root) for v in value)
-        elif key in _BOUNDS:
-            if _JSON_TYPES["number"](value):
-                ok = ok and _BOUNDS[key](value, arg)
-        elif key in ("minLength", "maxLength"):
-            if isinstance(value, str):
-                ok = ok and (len(value) >= arg if key == "minLength" else len(value) <= arg)
-        elif key == "pattern":
-            if isinstance(value, str):
-                # ECMA-262 '$' is end of input; Python's would also match before a final '\n'.
-                ok = ok and re.search(arg.replace("$", r"\Z"), value) is not None
-        else:
-            pytest.fail(f"schema keyword {key!r} is not understood by the fallback validator")
-    return ok
-
-
 def _is_valid(instance: Any, schema_doc: dict[str, Any]) -> bool:
-    """Validate with ``jsonschema`` when installed, else with the fallback above."""
-    try:
-        import jsonschema  # type: ignore[import-untyped, unused-ignore]
-    except ImportError:
-        return _valid(instance, schema_doc, schema_doc)
-    validator = jsonschema.Draft202012Validator(schema_doc)
-    return bool(validator.is_valid(instance))
+    return bool(jsonschema.Draft202012Validator(schema_doc).is_valid(instance))
 
 
 def _all_refs(node: Any) -> list[str]:
@@ -343,13 +262,7 @@ def test_schema_is_draft_2020_12() -> None:
     for ref in _all_refs(full):
         assert ref.startswith("#/$defs/"), ref
         assert ref.removeprefix("#/$defs/") in full["$defs"], f"dangling $ref {ref}"
-    try:
-        import jsonschema  # type: ignore[import-untyped, unused-ignore]
-    except ImportError:
-        # Without the package: the fallback validator understands every keyword used.
-        assert _valid({"type": "ping", "ts": 1.0}, _direction_schema(full, "ClientFrame"), full)
-    else:
-        jsonschema.Draft202012Validator.check_schema(full)
+    jsonschema.Draft202012Validator.check_schema(full)
 
 
 @pytest.mark.timeout(30)
@@ -425,21 +338,11 @@ def test_bad_server_frames_are_rejected(frame: Any) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="protocol.json_schema() joins the two directions with oneOf, and ping/pong "
-    "belong to both, so the root schema rejects them; it should be anyOf",
-)
 def test_root_schema_accepts_ping() -> None:
     assert _is_valid({"type": "ping", "ts": 1.0}, p.json_schema())
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="'type' has a default in every model, so the generated schema does not require "
-    "it, while the decoders reject a frame without 'type'",
-)
 def test_schema_requires_type() -> None:
     frame = {"protocol": 1}
     with pytest.raises(ValidationError):
