@@ -1,0 +1,403 @@
+"""``rtchat``: the command-line client.
+
+::
+
+    rtchat listen URL --room R [--room R2 ...] [--count N] [--no-reconnect]
+    rtchat send URL --room R EVENT [JSON]
+    rtchat request URL EVENT [JSON] [--timeout S]
+
+Every subcommand also takes ``--ns /path`` (namespace, default ``/``),
+``--user NAME`` (sent as the hello's auth ``{"user": NAME}``),
+``--connect-timeout S`` and ``-v`` (log the SDK's info messages on stderr).
+
+``listen`` prints one JSON object per delivery on stdout, one a line, flushed
+at once: ``{"event", "data", "room", "ns", "sender", "stream", "offset"}``. It
+writes ``joined ROOM`` on stderr for each room once the server has confirmed
+the join, so a script can wait for that line before it publishes. It runs until
+``--count`` deliveries were printed, Ctrl-C or SIGTERM (exit 0), or the
+connection is gone for good (exit 1). A dropped link is retried with the SDK's
+backoff and resumed from the last offset, so nothing is missed or repeated;
+what the server can no longer replay (say after a restart without its
+history) is reported on stderr as a gap. Once the link is back and the rooms
+are joined again, ``rtchat: reconnected`` is written on stderr.
+``--no-reconnect`` exits 1 when the link drops instead.
+
+``send`` joins the room (the server only takes publishes from members),
+publishes and prints ``{"offset": N}``. ``request`` prints the handler's reply
+as JSON. Neither reconnects: they fail fast and say why.
+
+Exit status: 0 success; 1 a connection or server error, reported on stderr as
+one line ``rtchat: error: ...``; 2 bad usage (including a JSON argument that
+does not parse); 130 interrupted (``send``/``request``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .backoff import ReconnectPolicy
+from .client import Client, ConnectionState
+from .dispatch import Delivery
+from .errors import AckTimeout, RTChatError
+
+__all__ = ["build_parser", "main"]
+
+PROG = "rtchat"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_NO_RECONNECT = ReconnectPolicy(enabled=False)
+
+
+class CliError(Exception):
+    """A failure to report as ``rtchat: error: ...`` with exit status 1."""
+
+
+# ----------------------------------------------------------------------
+# Argument parsing
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {exc}") from None
+
+
+def _ws_url(text: str) -> str:
+    if not text.startswith(("ws://", "wss://")):
+        raise argparse.ArgumentTypeError(f"URL must start with ws:// or wss://, got {text!r}")
+    return text
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text!r}")
+    return value
+
+
+def _namespace(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"namespace must start with '/', got {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rtchat`` argument parser (exposed for docs and tests)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("url", metavar="URL", type=_ws_url, help="server URL, ws://host:port")
+    common.add_argument(
+        "--ns", type=_namespace, default="/", help="namespace (default: %(default)s)"
+    )
+    common.add_argument("--user", help='user name, sent as auth {"user": USER}')
+    common.add_argument(
+        "--connect-timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the connection (default: %(default)s)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="log the SDK's info messages on stderr"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Command-line client of an rtchat server.",
+        epilog="Exit status: 0 ok, 1 connection or server error, 2 usage error.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    listen = sub.add_parser(
+        "listen",
+        parents=[common],
+        help="print every delivery in rooms as JSON lines",
+        description="Join rooms and print each delivery as one JSON object per line.",
+    )
+    listen.add_argument(
+        "--room", action="append", required=True, help="room to join (repeat for several)"
+    )
+    listen.add_argument(
+        "--count", type=_count, metavar="N", help="exit after N deliveries (default: run on)"
+    )
+    listen.add_argument(
+        "--no-reconnect",
+        action="store_true",
+        help="exit 1 when the connection drops instead of reconnecting and resuming",
+    )
+
+    send = sub.add_parser(
+        "send",
+        parents=[common],
+        help="publish one message to a room",
+        description='Join a room, publish one message and print {"offset": N}.',
+    )
+    send.add_argument("--room", required=True, help="room to publish to")
+    send.add_argument("event", metavar="EVENT", help="event name, e.g. chat.message")
+    send.add_argument(
+        "data",
+        metavar="JSON",
+        nargs="?",
+        type=_json_value,
+        default=None,
+        help="payload as JSON (default: null)",
+    )
+    send.add_argument(
+        "--timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the server's acknowledgement (default: %(default)s)",
+    )
+
+    request = sub.add_parser(
+        "request",
+        parents=[common],
+        help="call a server handler and print its reply",
+        description="Send a request to a server handler and print its reply as JSON.",
+    )
+    request.add_argument("event", metavar="EVENT", help="event name of the server handler")
+    request.add_argument(
+        "data",
+        metavar="JSON",
+        nargs="?",
+        type=_json_value,
+        default=None,
+        help="payload as JSON (default: null)",
+    )
+    request.add_argument(
+        "--timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help="seconds to wait for the reply (default: %(default)s)",
+    )
+    return parser
+
+
+# ----------------------------------------------------------------------
+# Output
+
+
+def _emit(obj: Any) -> None:
+    """Write one JSON line on stdout and flush it."""
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush does not fail again."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, AckTimeout):
+        return f"timeout: {exc}"
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())  # one line, always
+
+
+def _client(args: argparse.Namespace, reconnect: ReconnectPolicy | None) -> Client:
+    return Client(
+        args.url,
+        auth={"user": args.user} if args.user is not None else None,
+        reconnect=reconnect,
+        connect_timeout=args.connect_timeout,
+        name="rtchat-cli",
+    )
+
+
+# ----------------------------------------------------------------------
+# Commands
+
+
+async def _listen(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    # What the main loop below waits for: "reconnected", "done" (count reached), "closed".
+    news: asyncio.Queue[str] = asyncio.Queue()
+    printed = 0
+    welcomed = False
+    interrupted = False
+    reader_gone = False
+
+    def on_signal() -> None:
+        nonlocal interrupted
+        if not interrupted:
+            interrupted = True
+            task.cancel()
+
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+            installed.append(sig)
+
+    client = _client(args, _NO_RECONNECT if args.no_reconnect else None)
+    room = client.namespace(args.ns)
+
+    def on_delivery(data: Any, meta: Delivery) -> None:
+        nonlocal printed, reader_gone
+        if reader_gone or (args.count is not None and printed >= args.count):
+            return
+        try:
+            _emit(
+                {
+                    "event": meta.event,
+                    "data": data,
+                    "room": meta.room,
+                    "ns": meta.ns,
+                    "sender": meta.sender,
+                    "stream": meta.stream,
+                    "offset": meta.offset,
+                }
+            )
+        except BrokenPipeError:
+            # stdout's reader went away (``rtchat listen ... | head -3``): stop quietly.
+            reader_gone = True
+            _silence_stdout()
+            news.put_nowait("done")
+            return
+        printed += 1
+        if args.count is not None and printed >= args.count:
+            news.put_nowait("done")
+
+    def on_state(new: ConnectionState) -> None:
+        nonlocal welcomed
+        if new is ConnectionState.RECONNECTING:
+            _note(f"{PROG}: connection lost, reconnecting")
+        elif new is ConnectionState.CONNECTED:
+            if welcomed:
+                news.put_nowait("reconnected")
+            welcomed = True
+        elif new is ConnectionState.CLOSED:
+            news.put_nowait("closed")
+
+    room.on("*")(on_delivery)  # before joining, so that no delivery is missed
+    client.on_state_change(on_state)
+    try:
+        await client.connect()
+        for name in args.room:
+            await room.join(name)
+            _note(f"joined {name}")
+        while (what := await news.get()) == "reconnected":
+            # The client rejoins by itself if the server lost the session, ahead of
+            # anything else; joining again (a no-op for a member) and waiting for the
+            # reply tells when that is done, so that "reconnected" means "listening".
+            try:
+                for name in args.room:
+                    await room.join(name)
+            except RTChatError:
+                continue  # closed for good: "closed" is queued next
+            _note(f"{PROG}: reconnected")
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        task.uncancel()
+        what = "interrupted"
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await client.close()
+    if what in ("interrupted", "done"):
+        return EXIT_OK
+    reason = client.closed_reason
+    raise CliError(_describe(reason) if reason is not None else "the connection closed")
+
+
+async def _send(args: argparse.Namespace) -> int:
+    async with _client(args, _NO_RECONNECT) as client:
+        room = client.namespace(args.ns)
+        async with asyncio.timeout(args.timeout):
+            await room.join(args.room)
+            offset = await room.publish(args.room, args.event, args.data)
+    _emit({"offset": offset})
+    return EXIT_OK
+
+
+async def _request(args: argparse.Namespace) -> int:
+    async with _client(args, _NO_RECONNECT) as client:
+        room = client.namespace(args.ns)
+        try:
+            reply = await room.request(args.event, args.data, timeout=args.timeout)
+        except AckTimeout as exc:
+            raise CliError(f"timeout: no reply to {args.event!r} within {args.timeout:g}s") from exc
+    _emit(reply)
+    return EXIT_OK
+
+
+_COMMANDS = {"listen": _listen, "send": _send, "request": _request}
+
+
+async def _run(args: argparse.Namespace) -> int:
+    try:
+        return await _COMMANDS[args.command](args)
+    except RTChatError as exc:
+        raise CliError(_describe(exc)) from exc
+    except TimeoutError as exc:  # asyncio.timeout() around send's join and publish
+        raise CliError(
+            f"timeout: no acknowledgement within {getattr(args, 'timeout', 0):g}s"
+        ) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``rtchat`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format=f"{PROG}: %(levelname)s: %(message)s",
+            stream=sys.stderr,
+        )
+    try:
+        return asyncio.run(_run(args))
+    except CliError as exc:
+        _note(f"{PROG}: error: {exc}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_OK if args.command == "listen" else EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout's reader went away: nobody to tell
+        _silence_stdout()
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
