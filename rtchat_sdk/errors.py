@@ -15,6 +15,7 @@
     ├── BufferFull               the outbox is full and its policy is "raise"
     ├── MessageDropped           evicted from a full outbox (policy "drop_oldest")
     ├── MessageExpired           a queued message outlived its expiry
+    ├── MessageTooLarge          (also a ValueError) larger than the server accepts
     ├── ValidationFailed         a payload did not match its Event model
     └── RemoteError              the server answered with an error frame
         ├── UnknownEvent
@@ -43,6 +44,7 @@ __all__ = [
     "InvalidFrame",
     "MessageDropped",
     "MessageExpired",
+    "MessageTooLarge",
     "ProtocolError",
     "RTChatError",
     "RemoteError",
@@ -111,6 +113,10 @@ class MessageExpired(RTChatError):
     """A queued message passed its expiry before it could be sent."""
 
 
+class MessageTooLarge(RTChatError, ValueError):
+    """The encoded message exceeds the server's frame size limit; it was not queued."""
+
+
 class ValidationFailed(RTChatError):
     """A payload did not validate against its Event model."""
 
@@ -150,6 +156,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
     "bad_frame": InvalidFrame,
     "unknown_type": InvalidFrame,
     "invalid_frame": InvalidFrame,
+    "too_large": InvalidFrame,
 }
 
 

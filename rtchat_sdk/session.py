@@ -23,6 +23,10 @@ Rules:
    duplicate: counted and dropped. A new epoch or a ``gap`` frame is reported.
 4. Heartbeats: a ``ping`` every ``interval`` while connected; no frame at all
    for ``interval + timeout`` means the link is dead (``LinkDead``).
+5. A resume that the server cannot honour (``welcome.resumed`` false) keeps
+   the rooms: the server rejoins them from the positions in the hello and
+   replays or reports a gap per stream; only the old inbox is lost, and that
+   is reported here as a ``session_unknown`` gap.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from . import protocol as p
-from .errors import ProtocolError, ValidationFailed
+from .errors import MessageTooLarge, ProtocolError, ValidationFailed
 from .outbox import Outbox, OutboxEntry, StreamPosition
 
 __all__ = [
@@ -61,6 +65,7 @@ __all__ = [
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 1_000
+DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
 
 
 class SessionState(StrEnum):
@@ -240,6 +245,7 @@ class ClientSession:
         self._deadlines: list[tuple[float, int]] = []
         self._heartbeat: _Heartbeat | None = None
         self._server_max_in_flight: int | None = None
+        self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
         self._last_received = 0.0
         self._next_ping: float | None = None
         self._dead_at: float | None = None
@@ -282,7 +288,13 @@ class ClientSession:
                 token=self.token,
                 last_reply=self.last_reply,
                 streams=[
-                    p.StreamPosition(stream=name, epoch=s.epoch, offset=s.offset)
+                    p.StreamPosition(
+                        stream=name,
+                        epoch=s.epoch,
+                        offset=s.offset,
+                        ns=s.ns if s.room is not None else None,
+                        room=s.room,
+                    )
                     for name, s in self.streams.items()
                 ],
             )
@@ -389,6 +401,11 @@ class ClientSession:
             text = frame.model_dump_json()
         except (ValidationError, PydanticSerializationError) as exc:
             raise ValidationFailed(f"cannot encode {kind}: {exc}") from exc
+        if len(text) > self.max_frame_bytes:
+            raise MessageTooLarge(
+                f"{kind} is {len(text)} bytes encoded; the server accepts at most "
+                f"{self.max_frame_bytes}"
+            )
         expires_at = None if expires_in is None else now + expires_in
         dropped = self.outbox.add(OutboxEntry(message_id, kind, text, expires_at))
         self._next_id += 1
@@ -467,17 +484,30 @@ class ClientSession:
             return
         self.counters.connections += 1
         if not frame.resumed and self.session_id is not None:
-            # The old session is gone on the server: its rooms and positions too.
-            for name, stream in self.streams.items():
+            # The old session is gone on the server. Its rooms are rejoined by the
+            # server from our hello; its inbox is lost, and we say so.
+            old_inbox = p.inbox_stream(self.session_id)
+            lost = self.streams.get(old_inbox)
+            if lost is not None:
                 self.counters.gaps += 1
                 self._events.append(
                     GapReported(
-                        name, stream.ns, stream.room, stream.epoch, stream.offset, "session_unknown"
+                        old_inbox, lost.ns, None, lost.epoch, lost.offset, "session_unknown"
                     )
                 )
-            for name in list(self.streams):
-                self._set_stream(name, None)
-            self._rejoin_rooms(now)
+                self._set_stream(old_inbox, None)
+        self.max_frame_bytes = frame.limits.max_frame_bytes
+        for entry in self.outbox:
+            if entry.size > self.max_frame_bytes:
+                self._settle(entry.id)
+                self._events.append(
+                    Failed(
+                        entry.id,
+                        entry.kind,
+                        p.ErrorCode.TOO_LARGE,
+                        f"{entry.size} bytes; the server accepts at most {self.max_frame_bytes}",
+                    )
+                )
         self.state = SessionState.OPEN
         self.session_id = frame.session
         self.token = frame.token
@@ -493,15 +523,6 @@ class ClientSession:
         self._dead_at = now + frame.heartbeat.interval + frame.heartbeat.timeout
         self._events.append(Welcomed(frame.session, frame.resumed))
         self._pump()
-
-    def _rejoin_rooms(self, now: float) -> None:
-        """Queue joins, ahead of everything unsent, for rooms a lost session held."""
-        rejoin: list[int] = []
-        for ns, room in list(self.rooms):
-            message_id, _ = self.join(ns, room, now=now)
-            self._unsent.remove(message_id)
-            rejoin.append(message_id)
-        self._unsent.extendleft(reversed(rejoin))
 
     def _on_reply(self, frame: p.ReplyFrame) -> None:
         entry = self._settle(frame.id)
@@ -579,6 +600,19 @@ class ClientSession:
 
     def _on_gap(self, frame: p.GapFrame) -> None:
         self.counters.gaps += 1
+        if frame.reason == "not_rejoined":
+            # The server would not put the new session back in this room.
+            for key, stream in list(self.rooms.items()):
+                if stream == frame.stream:
+                    del self.rooms[key]
+            self.outbox.save_session(self.session_id, self.token, self.rooms)
+            self._set_stream(frame.stream, None)
+            self._events.append(
+                GapReported(
+                    frame.stream, frame.ns, frame.room, frame.epoch, frame.offset, frame.reason
+                )
+            )
+            return
         self._set_stream(
             frame.stream, StreamPosition(frame.epoch, frame.offset, frame.ns, frame.room)
         )

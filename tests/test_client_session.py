@@ -171,27 +171,70 @@ def test_join_reply_sets_the_position_and_resume_presents_it() -> None:
     assert positions["inbox:s1"] == ("e0", 0)
 
 
-def test_lost_session_reports_gaps_and_rejoins_before_anything_else() -> None:
+def test_lost_session_keeps_rooms_reports_the_old_inbox_and_sends_the_outbox() -> None:
+    s = ClientSession()
+    open_session(s)
+    s.join("/chat", "r", now=0)
+    s.receive_text(reply(1, {"stream": "room:/chat:r", "epoch": "e1", "offset": 4}), 0)
+    s.connection_lost(1)
+    s.publish("/chat", "r", "e", "queued", now=1)
+    s.connection_made(2)
+    hello = frames(s)[0]
+    rooms = [x for x in hello["resume"]["streams"] if x["room"] is not None]
+    assert rooms == [
+        {"stream": "room:/chat:r", "epoch": "e1", "offset": 4, "ns": "/chat", "room": "r"}
+    ]
+    events(s)
+    s.receive_text(welcome(session="s2", token="tok2", resumed=False), 2)
+    gaps = [e for e in events(s) if isinstance(e, GapReported)]
+    assert [(g.stream, g.reason) for g in gaps] == [("inbox:s1", "session_unknown")]
+    assert s.rooms == {("/chat", "r"): "room:/chat:r"}
+    assert set(s.streams) == {"room:/chat:r", "inbox:s2"}
+    sent = frames(s)
+    assert [(f["type"], f["id"]) for f in sent] == [("publish", 2)]
+    assert s.token == "tok2"
+
+
+def test_room_the_server_would_not_rejoin_is_dropped_and_reported() -> None:
     s = ClientSession()
     open_session(s)
     s.join("/", "r", now=0)
     s.receive_text(reply(1, {"stream": "room:/:r", "epoch": "e1", "offset": 0}), 0)
-    s.connection_lost(1)
-    s.publish("/", "r", "e", "queued", now=1)
-    s.connection_made(2)
-    frames(s)
     events(s)
-    s.receive_text(welcome(session="s2", token="tok2", resumed=False), 2)
-    got = events(s)
-    gaps = [e for e in got if isinstance(e, GapReported)]
-    assert {(g.stream, g.reason) for g in gaps} == {
-        ("room:/:r", "session_unknown"),
-        ("inbox:s1", "session_unknown"),
-    }
-    sent = frames(s)
-    assert [(f["type"], f.get("room")) for f in sent] == [("join", "r"), ("publish", "r")]
-    assert sent[0]["id"] > sent[1]["id"]  # a fresh id, written first
-    assert s.token == "tok2"
+    s.receive_text(
+        p.encode(
+            p.GapFrame(stream="room:/:r", room="r", epoch="e1", offset=0, reason="not_rejoined")
+        ),
+        1,
+    )
+    [gap] = events(s)
+    assert isinstance(gap, GapReported)
+    assert gap.reason == "not_rejoined"
+    assert s.rooms == {}
+    assert "room:/:r" not in s.streams
+
+
+def test_message_larger_than_the_server_limit_is_refused_before_queueing() -> None:
+    from rtchat_sdk import MessageTooLarge
+
+    s = ClientSession()
+    open_session(s)  # the test welcome announces 1 MiB
+    with pytest.raises(MessageTooLarge, match="at most 1048576"):
+        s.emit("/", "big", "x" * (1 << 20), now=0)
+    assert len(s.outbox) == 0
+
+
+def test_queued_message_over_a_smaller_announced_limit_fails_at_welcome() -> None:
+    s = ClientSession()
+    s.emit("/", "big", "x" * 5000, now=0)
+    s.emit("/", "small", "x", now=0)
+    s.connection_made(0)
+    frames(s)
+    s.receive_text(welcome().replace('"max_frame_bytes":1048576', '"max_frame_bytes":1000'), 0)
+    failed = [e for e in events(s) if isinstance(e, Failed)]
+    assert [(e.id, e.code) for e in failed] == [(1, "too_large")]
+    assert "at most 1000" in failed[0].message
+    assert [f["id"] for f in frames(s)] == [2]
 
 
 def test_heartbeat_pings_then_declares_the_link_dead() -> None:

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def quick_start_code() -> str:
     readme = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    return next(b for b in blocks if "asyncio.run(main())" in b)
+    code: str = next(b for b in blocks if "asyncio.run(main())" in b)
+    return code
 
 
 @pytest.mark.timeout(30)
