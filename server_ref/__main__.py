@@ -57,6 +57,8 @@ CONFIG_HELP: dict[str, str] = {
     "dedupe_size": "replies remembered per session to answer resent messages",
     "max_pending_bytes": "unsent bytes before a slow consumer is disconnected",
     "shutdown_retry_after": "seconds clients are told to wait before reconnecting",
+    "max_connections": "connections accepted at once; past it new ones are told to retry",
+    "overload_retry_after": "seconds refused clients are told to wait when overloaded",
 }
 """Help text per ServerConfig field; a field missing here still gets a flag."""
 

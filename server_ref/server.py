@@ -32,12 +32,16 @@ from .app import Context, HandlerFailure, Namespace
 from .broker import Broker, MemoryBroker, SessionRecord, StreamEntry
 from .session import ConnectionCore, error_frame
 
-__all__ = ["Authenticator", "Server", "ServerConfig"]
+__all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig"]
 
 log = logging.getLogger("server_ref")
 
 Authenticator = Callable[[dict[str, Any] | None], "str | Awaitable[str | None] | None"]
 """Gets ``hello.auth``; returns the user identity, or None to refuse."""
+
+
+class FrameTooLarge(ValueError):
+    """A delivery would exceed ``max_frame_bytes``; nothing was appended."""
 
 
 @dataclass(slots=True)
@@ -56,6 +60,8 @@ class ServerConfig:
     dedupe_size: int = 2_000
     max_pending_bytes: int = 4 * 1024 * 1024
     shutdown_retry_after: float = 1.0
+    max_connections: int = 50_000
+    overload_retry_after: float = 5.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -122,6 +128,7 @@ class Server:
         self._connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ws_server: WsServer | None = None
+        self._port: int | None = None
         self._closing = False
         self._heartbeat = p.HeartbeatInfo(
             interval=self.config.heartbeat_interval, timeout=self.config.heartbeat_timeout
@@ -154,10 +161,9 @@ class Server:
     @property
     def port(self) -> int:
         """The TCP port actually bound (useful with port 0)."""
-        if self._ws_server is None:
+        if self._port is None:
             raise RuntimeError("server is not started")
-        port: int = next(iter(self._ws_server.sockets)).getsockname()[1]
-        return port
+        return self._port
 
     @property
     def url(self) -> str:
@@ -174,6 +180,7 @@ class Server:
             ping_interval=None,  # rtchat's own heartbeats run at the app level
             compression=None,
         )
+        self._port = next(iter(self._ws_server.sockets)).getsockname()[1]
         log.debug("rtchat server listening on %s:%s", host, self.port)
 
     @contextlib.asynccontextmanager
@@ -294,7 +301,7 @@ class Server:
         payload = _jsonable(event if isinstance(event, Event) else data)
 
         def build(epoch: str, offset: int) -> str:
-            return p.encode(
+            text = p.encode(
                 p.MessageFrame(
                     stream=stream,
                     epoch=epoch,
@@ -306,6 +313,12 @@ class Server:
                     sender=sender,
                 )
             )
+            if len(text) > self.config.max_frame_bytes:
+                raise FrameTooLarge(
+                    f"the delivery would be {len(text)} bytes; "
+                    f"the limit is {self.config.max_frame_bytes}"
+                )
+            return text
 
         return await self.broker.append(stream, build, sender=sender, echo=echo)
 
@@ -350,6 +363,8 @@ class Server:
 
     def _too_slow(self, conn: _Connection) -> bool:
         """Disconnect a consumer whose unsent data passed the limit."""
+        if conn.core.close_code is not None:
+            return True  # already cut off: nothing more may reach it before it resumes
         transport = conn.ws.transport
         if transport is None or transport.get_write_buffer_size() <= self.config.max_pending_bytes:
             return False
@@ -372,6 +387,17 @@ class Server:
     async def _handle(self, ws: ServerConnection) -> None:
         if self._closing:
             await ws.close(p.CloseCode.GOING_AWAY, "server shutting down")
+            return
+        if len(self._connections) >= self.config.max_connections:
+            retry = self.config.overload_retry_after
+            await ws.send(
+                error_frame(
+                    p.ErrorCode.OVERLOADED,
+                    f"server is at its limit of {self.config.max_connections} connections",
+                    retry_after=retry,
+                )
+            )
+            await ws.close(p.CloseCode.TRY_AGAIN_LATER, f"overloaded; retry after {retry}s")
             return
         now = self._clock()
         conn = _Connection(
@@ -480,10 +506,14 @@ class Server:
                 record = None  # a token is bound to its user: nobody else resumes it
         if record is None:
             record = SessionRecord(secrets.token_hex(8), secrets.token_urlsafe(32), user)
+            refused: list[p.StreamPosition] = []
+            if hello.resume is not None:
+                refused = await self._restore_rooms(record, hello.resume)
             await self.broker.save_session(record, None)
-            session = self._sessions[record.id] = _Session(record)
-            self._add_member(session.inbox, session)
-            await self._attach(conn, session, resumed=False, now=now)
+            session = self._local_session(record)
+            await self._attach(
+                conn, session, resumed=False, now=now, resume=hello.resume, refused=refused
+            )
             return
         await self.broker.save_session(record, None)
         session = self._local_session(record)
@@ -495,6 +525,29 @@ class Server:
         assert hello.resume is not None
         await self.broker.forget_replies(record.id, hello.resume.last_reply)
         await self._attach(conn, session, resumed=True, now=now, resume=hello.resume)
+
+    async def _restore_rooms(
+        self, record: SessionRecord, resume: p.ResumeInfo
+    ) -> list[p.StreamPosition]:
+        """Put a new session in the rooms a client followed under its lost session.
+
+        Each room is checked like a join; returns the positions refused.
+        """
+        refused: list[p.StreamPosition] = []
+        for position in resume.streams:
+            if position.room is None or position.ns is None:
+                continue
+            ns = self._namespaces.get(position.ns)
+            ctx = Context(self, record.id, record.user, position.ns)
+            if (
+                ns is None
+                or position.stream != p.room_stream(position.ns, position.room)
+                or not await ns.may_join(ctx, position.room)
+            ):
+                refused.append(position)
+                continue
+            record.rooms[(position.ns, position.room)] = (position.epoch, position.offset)
+        return refused
 
     def _local_session(self, record: SessionRecord) -> _Session:
         """This node's live session for a record, made (with memberships) if new here."""
@@ -537,6 +590,7 @@ class Server:
         resumed: bool,
         now: float,
         resume: p.ResumeInfo | None = None,
+        refused: list[p.StreamPosition] | None = None,
     ) -> None:
         conn.session = session
         session.conn = conn
@@ -557,19 +611,36 @@ class Server:
             ),
             now,
         )
+        for position in refused or ():
+            conn.core.send(
+                p.encode(
+                    p.GapFrame(
+                        stream=position.stream,
+                        ns=position.ns or p.DEFAULT_NAMESPACE,
+                        room=position.room,
+                        epoch=position.epoch,
+                        offset=position.offset,
+                        reason="not_rejoined",
+                    )
+                )
+            )
         covered = {session.inbox: inbox_offset}
         try:
             if resume is not None:
                 covered.update(await self._replay(conn, session, resume))
+            await self._flush(conn)
+            # Live entries held back while we replayed: those the replay did not
+            # cover, in order. Until none is left, new ones keep being held, so no
+            # live entry can overtake a replayed one.
+            while session.held:
+                held, session.held = session.held, []
+                for entry in held:
+                    if entry.offset > covered.get(entry.stream, 0):
+                        covered[entry.stream] = entry.offset
+                        await conn.ws.send(entry.text)
         finally:
             session.replaying = False
-            held, session.held = session.held, []
-        await self._flush(conn)
-        # Entries appended while we replayed: send those the replay did not cover.
-        for entry in held:
-            if entry.offset > covered.get(entry.stream, 0):
-                covered[entry.stream] = entry.offset
-                await conn.ws.send(entry.text)
+            session.held = []
         if conn.timer is not None:
             conn.timer.cancel()
         self._arm_timer(conn)
@@ -693,6 +764,8 @@ class Server:
             return p.encode(p.ReplyFrame(id=frame.id, data=data))
         except HandlerFailure as exc:
             return error_frame(exc.code, exc.message, frame.id, details=exc.details)
+        except FrameTooLarge as exc:
+            return error_frame(p.ErrorCode.TOO_LARGE, str(exc), frame.id)
         except Exception as exc:  # never let one message kill the connection
             log.exception("processing %s %s failed", frame.type, frame.id)
             return error_frame(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)

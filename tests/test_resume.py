@@ -14,9 +14,10 @@ from rtchat_sdk import (
     GapReported,
     GaveUp,
     ReconnectPolicy,
+    RemoteError,
     Unauthorized,
 )
-from server_ref import Context, Server, ServerConfig
+from server_ref import Context, MemoryBroker, Server, ServerConfig
 from tests.conftest import make_server
 from tests.faultproxy import FaultProxy
 
@@ -185,32 +186,105 @@ async def test_trimmed_history_is_reported_as_a_gap() -> None:
         await srv.close()
 
 
-async def test_server_restart_reports_lost_streams_and_rejoins() -> None:
+async def test_server_restart_reports_lost_streams_and_replays_the_new_epoch() -> None:
     first = make_server()
     await first.start("127.0.0.1", 0)
     port = first.port
     gaps: list[GapReported] = []
-    async with Client(first.url, reconnect=FAST) as client:
+    async with FaultProxy(port) as proxy, Client(proxy.url, reconnect=FAST) as client:
         client.on_gap(gaps.append)
         inbox = Inbox(client)
         await client.join("r")
+        proxy.refuse(True)  # keep the client away until the new server has traffic
         await first.close()
         second = make_server()
         await second.start("127.0.0.1", port)
         try:
-            await wait_reconnected(client)
-            assert {(g.stream.split(":")[0], g.reason) for g in gaps} == {
-                ("room", "session_unknown"),
-                ("inbox", "session_unknown"),
-            }
-            # Rejoined automatically: a new publish reaches it.
             async with Client(second.url) as other:
                 await other.join("r")
-                await client.request("echo", "sync")  # the rejoin was written before this
-                await other.publish("r", "m", "after restart")
-                assert await inbox.wait_for(1) == ["after restart"]
+                await other.publish("r", "m", "while you were away")
+                proxy.refuse(False)
+                await wait_reconnected(client)
+                await other.publish("r", "m", "live")
+                assert await inbox.wait_for(2) == ["while you were away", "live"]
+            assert sorted((g.stream.split(":")[0], g.reason) for g in gaps) == [
+                ("inbox", "session_unknown"),
+                ("room", "epoch_changed"),
+            ]
+            room_gap = next(g for g in gaps if g.room == "r")
+            assert room_gap.offset == 0  # replay covered the whole new epoch
         finally:
             await second.close()
+
+
+class FakeClock:
+    """The broker's clock, moved by hand to expire sessions without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_expired_session_rejoins_rooms_and_replays_from_history() -> None:
+    clock = FakeClock()
+    srv = Server(broker=MemoryBroker(clock=clock))
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with (
+            FaultProxy(srv.port) as proxy,
+            Client(srv.url) as sender,
+            Client(proxy.url, reconnect=FAST) as receiver,
+        ):
+            gaps: list[GapReported] = []
+            receiver.on_gap(gaps.append)
+            inbox = Inbox(receiver)
+            await sender.join("r")
+            await receiver.join("r")
+            old_session = receiver.session_id
+            proxy.refuse(True)
+            proxy.drop()
+            await wait_state(receiver, ConnectionState.RECONNECTING)
+            await sender.publish("r", "m", 1)
+            clock.now += srv.config.session_ttl  # the session expires in the broker
+            proxy.refuse(False)
+            await wait_reconnected(receiver)
+            await sender.publish("r", "m", 2)
+            assert await inbox.wait_for(2) == [1, 2]
+            assert receiver.session_id != old_session
+            assert [(g.room, g.reason) for g in gaps] == [(None, "session_unknown")]
+    finally:
+        await srv.close()
+
+
+async def test_room_refused_on_rejoin_is_reported() -> None:
+    clock = FakeClock()
+    srv = Server(broker=MemoryBroker(clock=clock))
+    allowed = {"r": True}
+
+    @srv.namespace("/").authorize_join
+    def check(ctx: Context, room: str) -> bool:
+        return allowed.get(room, False)
+
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with FaultProxy(srv.port) as proxy, Client(proxy.url, reconnect=FAST) as client:
+            gaps: list[GapReported] = []
+            client.on_gap(gaps.append)
+            await client.join("r")
+            proxy.refuse(True)
+            proxy.drop()
+            await wait_state(client, ConnectionState.RECONNECTING)
+            allowed["r"] = False
+            clock.now += srv.config.session_ttl
+            proxy.refuse(False)
+            await wait_reconnected(client)
+            assert ("r", "not_rejoined") in [(g.room, g.reason) for g in gaps]
+            with pytest.raises(RemoteError, match="not_in_room"):
+                await client.publish("r", "m", 1)
+    finally:
+        await srv.close()
 
 
 async def test_bad_credentials_are_fatal_and_not_retried() -> None:

@@ -10,6 +10,7 @@ Sessions expire lazily at their TTL; each keeps the replies to its newest
 
 from __future__ import annotations
 
+import heapq
 import secrets
 import time
 from collections import deque
@@ -61,6 +62,7 @@ class MemoryBroker(Broker):
         self._streams: dict[str, _Stream] = {}
         self._sessions: dict[str, tuple[SessionRecord, float | None]] = {}
         self._dedupe: dict[str, _Dedupe] = {}
+        self._expiries: list[tuple[float, str]] = []
 
     def _stream(self, name: str) -> _Stream:
         stream = self._streams.get(name)
@@ -79,8 +81,9 @@ class MemoryBroker(Broker):
     ) -> StreamEntry:
         s = self._stream(stream)
         now = self._clock()
+        text = build(s.epoch, s.offset + 1)  # may raise: then nothing is numbered
         s.offset += 1
-        entry = StreamEntry(stream, s.epoch, s.offset, build(s.epoch, s.offset), sender, echo, now)
+        entry = StreamEntry(stream, s.epoch, s.offset, text, sender, echo, now)
         s.entries.append(entry)
         self._trim(s, now)
         for listener in tuple(s.listeners):
@@ -114,8 +117,21 @@ class MemoryBroker(Broker):
             s.listeners.remove(listener)
 
     async def save_session(self, record: SessionRecord, ttl: float | None) -> None:
-        expires = None if ttl is None else self._clock() + ttl
+        now = self._clock()
+        self._purge_expired(now)
+        expires = None if ttl is None else now + ttl
         self._sessions[record.token] = (record, expires)
+        if expires is not None:
+            heapq.heappush(self._expiries, (expires, record.token))
+
+    def _purge_expired(self, now: float) -> None:
+        """Drop sessions past their TTL, so unclaimed ones do not pile up."""
+        while self._expiries and self._expiries[0][0] <= now:
+            _, token = heapq.heappop(self._expiries)
+            found = self._sessions.get(token)
+            if found is not None and found[1] is not None and found[1] <= now:
+                del self._sessions[token]
+                self._dedupe.pop(found[0].id, None)
 
     async def load_session(self, token: str) -> SessionRecord | None:
         found = self._sessions.get(token)
