@@ -25,6 +25,7 @@ from .errors import (
     ProtocolError,
     RemoteError,
     RTChatError,
+    SessionReplaced,
     Unauthorized,
     UnknownEvent,
     UnknownNamespace,
@@ -34,6 +35,7 @@ from .events import Event
 from .outbox import Outbox, OverflowPolicy
 from .protocol import PROTOCOL_VERSION
 from .session import GapReported
+from .sqlite_outbox import OutboxFileError, OutboxInUse, OutboxStorageError, SqliteOutbox
 from .sync import SyncClient
 
 __version__ = "0.1.0"
@@ -60,11 +62,16 @@ __all__ = [
     "MessageTooLarge",
     "NamespaceClient",
     "Outbox",
+    "OutboxFileError",
+    "OutboxInUse",
+    "OutboxStorageError",
     "OverflowPolicy",
     "ProtocolError",
     "RTChatError",
     "ReconnectPolicy",
     "RemoteError",
+    "SessionReplaced",
+    "SqliteOutbox",
     "SyncClient",
     "Unauthorized",
     "UnknownEvent",
