@@ -29,12 +29,12 @@ from .errors import (
     ClientClosed,
     ConnectionFailed,
     ConnectionLost,
-    FatalConnectionError,
     GaveUp,
     IncompatibleProtocol,
     MessageDropped,
     MessageExpired,
     RTChatError,
+    SessionReplaced,
     Unauthorized,
     ValidationFailed,
     remote_error,
@@ -82,6 +82,7 @@ GapCallback = Callable[[GapReported], Any]
 _FATAL_CLOSE = {
     p.CloseCode.UNAUTHORIZED: Unauthorized,
     p.CloseCode.UNSUPPORTED_PROTOCOL: IncompatibleProtocol,
+    p.CloseCode.SESSION_REPLACED: SessionReplaced,
 }
 
 
@@ -202,6 +203,7 @@ class Client(NamespaceClient):
         connect_timeout: float = 10.0,
         max_in_flight: int = 1_000,
         max_frame_bytes: int = 1024 * 1024,
+        max_pending_deliveries: int = 10_000,
         retry_first_connect: bool = False,
         name: str = "rtchat-python",
         clock: Callable[[], float] = time.monotonic,
@@ -214,6 +216,11 @@ class Client(NamespaceClient):
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self.max_frame_bytes = max_frame_bytes
+        if max_pending_deliveries < 1:
+            raise ValueError("max_pending_deliveries must be at least 1")
+        self.max_pending_deliveries = max_pending_deliveries
+        self._reading_paused = False
+        self._handlers_caught_up = asyncio.Event()
         self.retry_first_connect = retry_first_connect
         self._clock = clock
         self._session = ClientSession(
@@ -461,7 +468,9 @@ class Client(NamespaceClient):
                 index += 1  # this URL failed: try the next one
             delay = next(delays)
             if self._retry_after is not None:
-                delay = max(delay, self._retry_after)
+                # The server asked for a pause: wait it out, then add our jitter so
+                # everyone it sent away does not come back in the same instant.
+                delay += self._retry_after
                 self._retry_after = None
             log.info(
                 "reconnecting to %s in %.2fs (%s)", self.urls[index % len(self.urls)], delay, error
@@ -491,6 +500,8 @@ class Client(NamespaceClient):
             async for text in ws:
                 self._session.receive_text(text, self._clock())
                 self._after_io()
+                if self._deliveries.qsize() >= self.max_pending_deliveries:
+                    await self._wait_for_handlers()
         except ConnectionClosed:
             pass
         finally:
@@ -535,7 +546,10 @@ class Client(NamespaceClient):
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_when = None
-        self._session.handle_timer(self._clock())
+        now = self._clock()
+        if self._reading_paused:
+            self._session.keepalive(now)  # our handlers are slow, the link is not dead
+        self._session.handle_timer(now)
         self._after_io()
 
     def _on_event(self, event: SessionEvent) -> None:
@@ -555,7 +569,13 @@ class Client(NamespaceClient):
                 if kind == "request":
                     self._fail(message_id, AckTimeout(f"no reply to request {message_id} in time"))
                 else:
-                    self._fail(message_id, MessageExpired(f"{kind} {message_id} expired unsent"))
+                    self._fail(
+                        message_id,
+                        MessageExpired(
+                            f"{kind} {message_id} expired before the server acknowledged it "
+                            "(if it was sent, it may have been processed)"
+                        ),
+                    )
                 self._space_freed.set()
             case Welcomed():
                 self._welcomed_here = True
@@ -567,10 +587,7 @@ class Client(NamespaceClient):
                     cls = Unauthorized if code == p.ErrorCode.UNAUTHORIZED else IncompatibleProtocol
                     self._fatal = cls(code, message)
                 else:
-                    self._fatal = (
-                        FatalConnectionError(code, message) if retry_after is None else None
-                    )
-                    self._retry_after = retry_after
+                    self._retry_after = retry_after  # e.g. overloaded: come back later
             case ServerNotice(code=code, message=message, retry_after=retry_after):
                 if retry_after is not None:
                     self._retry_after = retry_after
@@ -611,8 +628,20 @@ class Client(NamespaceClient):
             except Exception:
                 log.exception("error callback raised")
 
+    async def _wait_for_handlers(self) -> None:
+        """Stop reading until handlers catch up: TCP backpressure reaches the server,
+        which cuts us off as a slow consumer if it lasts; we then resume without loss."""
+        self._reading_paused = True
+        self._handlers_caught_up.clear()
+        try:
+            await self._handlers_caught_up.wait()
+        finally:
+            self._reading_paused = False
+
     async def _dispatch_loop(self) -> None:
         while True:
+            if self._deliveries.qsize() <= self.max_pending_deliveries // 2:
+                self._handlers_caught_up.set()
             frame = await self._deliveries.get()
             if frame is None:
                 return

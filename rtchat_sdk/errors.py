@@ -7,7 +7,8 @@
     ├── ConnectionFailed         could not connect (refused, bad URL, handshake)
     │   ├── FatalConnectionError the server refused us for good: no retry helps
     │   │   ├── Unauthorized
-    │   │   └── IncompatibleProtocol
+    │   │   ├── IncompatibleProtocol
+    │   │   └── SessionReplaced  another connection resumed this session
     │   └── GaveUp               reconnection stopped after its limits
     ├── ConnectionLost           the link is down and the operation needs it now
     ├── ClientClosed             the client was closed; the operation cannot run
@@ -48,6 +49,7 @@ __all__ = [
     "ProtocolError",
     "RTChatError",
     "RemoteError",
+    "SessionReplaced",
     "Unauthorized",
     "UnknownEvent",
     "UnknownNamespace",
@@ -83,6 +85,10 @@ class Unauthorized(FatalConnectionError):
 
 class IncompatibleProtocol(FatalConnectionError):
     """Client and server share no protocol version."""
+
+
+class SessionReplaced(FatalConnectionError):
+    """Another connection resumed this session (two clients sharing one token)."""
 
 
 class ConnectionLost(RTChatError):

@@ -208,6 +208,7 @@ class _Heartbeat:
 
 
 _FATAL_CODES = frozenset({p.ErrorCode.UNAUTHORIZED, p.ErrorCode.UNSUPPORTED_PROTOCOL})
+"""Handshake refusals no retry can fix; any other refusal is retried."""
 
 
 class ClientSession:
@@ -321,6 +322,12 @@ class ClientSession:
         self._to_send.clear()
         self._next_ping = None
         self._dead_at = None
+
+    def keepalive(self, now: float) -> None:
+        """Count the server as alive now: the driver has paused reading on purpose."""
+        self._last_received = now
+        if self._heartbeat is not None and self.state is SessionState.OPEN:
+            self._dead_at = now + self._heartbeat.interval + self._heartbeat.timeout
 
     def ping(self, now: float) -> None:
         """Send a heartbeat now (its pong yields a RoundTrip event)."""
