@@ -343,8 +343,21 @@ class Client(NamespaceClient):
             await self.close()
             raise
 
+    async def flush(self, timeout: float | None = None) -> None:
+        """Wait until the outbox is empty: everything sent has been answered."""
+        async with asyncio.timeout(timeout):
+            while len(self._session.outbox) and not self._closing:
+                self._space_freed.clear()
+                await self._space_freed.wait()
+
     async def close(self) -> None:
-        """Close for good: the server ends the session; waiting calls get ClientClosed."""
+        """Close for good; waiting calls get ClientClosed.
+
+        With an empty outbox the server ends the session. With messages still
+        unanswered (kept by a persistent outbox for the next run) the session
+        is left resumable for the server's ``session_ttl``, so the next run
+        resumes it and the server's dedupe still applies.
+        """
         if self._closing:
             if self._runner is not None:
                 await asyncio.gather(self._runner, return_exceptions=True)
@@ -352,8 +365,12 @@ class Client(NamespaceClient):
         self._closing = True
         ws = self._ws
         if ws is not None:
+            if len(self._session.outbox):
+                code, reason = p.CloseCode.GOING_AWAY, "client closed with unanswered messages"
+            else:
+                code, reason = p.CloseCode.NORMAL, "client closed"
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(p.CloseCode.NORMAL, "client closed"), 5.0)
+                await asyncio.wait_for(ws.close(code, reason), 5.0)
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
@@ -562,6 +579,8 @@ class Client(NamespaceClient):
             case Delivered(frame=frame):
                 if self._handlers.has_handlers(frame):
                     self._deliveries.put_nowait(frame)
+                else:
+                    self._session.delivery_handled(frame)
             case Failed(id=message_id, code=code, message=message, details=details):
                 self._fail(message_id, remote_error(code, message, details))
                 self._space_freed.set()
@@ -646,6 +665,7 @@ class Client(NamespaceClient):
             if frame is None:
                 return
             await self._handlers.dispatch(frame, self._report)
+            self._session.delivery_handled(frame)
 
 
 def _event_and_data(event: str | Event, data: Any) -> tuple[str, Any]:

@@ -258,6 +258,9 @@ class ClientSession:
             self.rooms = dict(saved.rooms)
             self._next_id = max(self._next_id, saved.next_id)
             self._unsent = deque(self.outbox.ids())
+            for entry in self.outbox:
+                if entry.expires_at is not None:
+                    heapq.heappush(self._deadlines, (entry.expires_at, entry.id))
 
     # ------------------------------------------------------------------
     # Output
@@ -585,7 +588,6 @@ class ClientSession:
                 self.counters.duplicates_dropped += 1
                 return
             known.offset = frame.offset
-            self.outbox.save_stream(frame.stream, known)
         else:
             if known is not None:
                 # New epoch without a gap frame: the server lost history. Be loud.
@@ -600,10 +602,24 @@ class ClientSession:
                         "epoch_changed",
                     )
                 )
-            self._set_stream(
-                frame.stream, StreamPosition(frame.epoch, frame.offset, frame.ns, frame.room)
+            self.streams[frame.stream] = StreamPosition(
+                frame.epoch, frame.offset, frame.ns, frame.room
             )
         self._events.append(Delivered(frame))
+
+    def delivery_handled(self, frame: p.MessageFrame) -> None:
+        """The app's handlers are done with ``frame``: its position may be persisted.
+
+        Positions are persisted after handling, not on receipt, so a process
+        killed in between is replayed the message again (at least once across
+        a kill; exactly once within a process).
+        """
+        current = self.streams.get(frame.stream)
+        if current is None or current.epoch != frame.epoch or current.offset < frame.offset:
+            return  # left, or moved on by a gap: the newer position is already saved
+        self.outbox.save_stream(
+            frame.stream, StreamPosition(frame.epoch, frame.offset, frame.ns, frame.room)
+        )
 
     def _on_gap(self, frame: p.GapFrame) -> None:
         self.counters.gaps += 1

@@ -6,6 +6,7 @@ import pytest
 
 from rtchat_sdk import BufferFull, Outbox, OverflowPolicy
 from rtchat_sdk import protocol as p
+from rtchat_sdk.outbox import OutboxEntry, SavedState, StreamPosition
 from rtchat_sdk.session import (
     ClientSession,
     Delivered,
@@ -335,3 +336,45 @@ def test_last_reply_is_below_the_oldest_unanswered() -> None:
     s.receive_text(reply(2), 0)
     s.receive_text(reply(4), 0)
     assert s.last_reply == 4
+
+
+class RecordingOutbox(Outbox):
+    """An outbox that remembers what the session asked it to persist."""
+
+    def __init__(self, saved: SavedState | None = None) -> None:
+        super().__init__()
+        self.saved = saved
+        self.positions: list[tuple[str, int | None]] = []
+
+    def load_state(self) -> SavedState | None:
+        return self.saved
+
+    def save_stream(self, stream: str, position: StreamPosition | None) -> None:
+        self.positions.append((stream, None if position is None else position.offset))
+
+
+def test_positions_are_persisted_after_handling_not_on_receipt() -> None:
+    box = RecordingOutbox()
+    s = ClientSession(outbox=box)
+    open_session(s)
+    box.positions.clear()
+    s.receive_text(message("room:/:r", 1), 0)
+    s.receive_text(message("room:/:r", 2), 0)
+    delivered = [e.frame for e in events(s) if isinstance(e, Delivered)]
+    assert box.positions == []  # received, not yet handled
+    s.delivery_handled(delivered[0])
+    assert box.positions == [("room:/:r", 1)]
+    s.delivery_handled(delivered[1])
+    assert box.positions == [("room:/:r", 1), ("room:/:r", 2)]
+
+
+def test_restored_entries_keep_their_expiry() -> None:
+    box = RecordingOutbox(SavedState("s1", "tok", 8, {}, {}))
+    box.add(OutboxEntry(7, "emit", '{"type":"emit","id":7,"event":"e"}', expires_at=50.0))
+    s = ClientSession(outbox=box)
+    assert s.get_timer() == 50.0
+    s.handle_timer(50.0)
+    assert events(s) == [TimedOut(7, "emit")]
+    s.connection_made(51)
+    s.receive_text(welcome(resumed=True), 51)
+    assert [f["type"] for f in frames(s)] == ["hello"]  # the expired entry is not sent

@@ -10,6 +10,7 @@ import pytest
 
 from rtchat_sdk import (
     Client,
+    ClientClosed,
     ConnectionState,
     GapReported,
     GaveUp,
@@ -333,3 +334,24 @@ async def test_gives_up_after_max_attempts() -> None:
         with pytest.raises(GaveUp, match="3 attempt"):
             await client.connect()
         assert dead.stats.refused == 3
+
+
+async def test_close_keeps_the_session_resumable_only_while_messages_are_unanswered(
+    server: Server, proxy: FaultProxy
+) -> None:
+    async with Client(server.url) as done:
+        finished = done.session_id
+    assert finished not in server.session_ids()  # said goodbye with nothing pending
+
+    client = Client(proxy.url, reconnect=FAST)
+    await client.connect()
+    pending_id = client.session_id
+    proxy.blackhole(True)  # the emit below will get no answer
+    pending = asyncio.ensure_future(client.emit("echo", 1))
+    await asyncio.sleep(0)
+    assert client.outbox_size == 1
+    proxy.blackhole(False)
+    await client.close()
+    with pytest.raises(ClientClosed):
+        await pending
+    assert pending_id in server.session_ids()  # kept for a persistent outbox's next run
