@@ -58,7 +58,14 @@ from .session import (
     Welcomed,
 )
 
-__all__ = ["Client", "ConnectionState", "GapCallback", "NamespaceClient", "StateCallback"]
+__all__ = [
+    "AttemptCallback",
+    "Client",
+    "ConnectionState",
+    "GapCallback",
+    "NamespaceClient",
+    "StateCallback",
+]
 
 log = logging.getLogger("rtchat_sdk")
 
@@ -78,6 +85,7 @@ class ConnectionState(StrEnum):
 
 StateCallback = Callable[[ConnectionState], Any]
 GapCallback = Callable[[GapReported], Any]
+AttemptCallback = Callable[[int, str], Any]
 
 _FATAL_CLOSE = {
     p.CloseCode.UNAUTHORIZED: Unauthorized,
@@ -235,6 +243,7 @@ class Client(NamespaceClient):
         self._state_callbacks: list[StateCallback] = []
         self._error_callbacks: list[ErrorCallback] = []
         self._gap_callbacks: list[GapCallback] = []
+        self._attempt_callbacks: list[AttemptCallback] = []
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._rtt_waiters: list[asyncio.Future[float]] = []
         self._deliveries: asyncio.Queue[p.MessageFrame | None] = asyncio.Queue()
@@ -311,6 +320,16 @@ class Client(NamespaceClient):
     def on_gap(self, callback: GapCallback) -> GapCallback:
         """Called when the server says part of a stream cannot be replayed."""
         self._gap_callbacks.append(callback)
+        return callback
+
+    def on_attempt(self, callback: AttemptCallback) -> AttemptCallback:
+        """Called as each connection attempt starts, with ``(attempt, url)``.
+
+        ``attempt`` is 1 for the first try since the client started or since
+        its last connection ended, 2 for the retry after one backoff wait, and
+        so on: a way to watch (and measure) how reconnections are spread.
+        """
+        self._attempt_callbacks.append(callback)
         return callback
 
     def namespace(self, path: str) -> NamespaceClient:
@@ -448,18 +467,26 @@ class Client(NamespaceClient):
         failures = 0
         failing_since: float | None = None
         index = 0
+        attempt = 0
         ever_welcomed = False
         while not self._closing:
             url = self.urls[index % len(self.urls)]
             self._set_state(
                 ConnectionState.RECONNECTING if ever_welcomed else ConnectionState.CONNECTING
             )
+            attempt += 1
+            for callback in list(self._attempt_callbacks):
+                try:
+                    callback(attempt, url)
+                except Exception:
+                    log.exception("attempt callback raised")
             started = self._clock()
             error = await self._connect_once(url)
             if self._closing:
                 return
             if self._welcomed_here:
                 ever_welcomed = True
+                attempt = 0
                 if self._clock() - started >= policy.stable_after:
                     delays, failures, failing_since = policy.delays(), 0, None
             if self._fatal is not None or not policy.classify(error):
