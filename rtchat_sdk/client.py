@@ -246,7 +246,9 @@ class Client(NamespaceClient):
         self._attempt_callbacks: list[AttemptCallback] = []
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._rtt_waiters: list[asyncio.Future[float]] = []
-        self._deliveries: asyncio.Queue[p.MessageFrame | None] = asyncio.Queue()
+        # Deliveries and gap notices, in stream order, for the dispatcher.
+        self._deliveries: asyncio.Queue[p.MessageFrame | GapReported | None] = asyncio.Queue()
+        self._undispatched = 0
         self._ws: ClientConnection | None = None
         self._wakeup = asyncio.Event()
         self._space_freed = asyncio.Event()
@@ -605,7 +607,9 @@ class Client(NamespaceClient):
                 self._space_freed.set()
             case Delivered(frame=frame):
                 if self._handlers.has_handlers(frame):
-                    self._deliveries.put_nowait(frame)
+                    self._dispatch_later(frame)
+                elif self._undispatched:
+                    self._dispatch_later(frame)  # keep positions persisted in order
                 else:
                     self._session.delivery_handled(frame)
             case Failed(id=message_id, code=code, message=message, details=details):
@@ -640,17 +644,13 @@ class Client(NamespaceClient):
                 self._report(remote_error(code, message))
             case GapReported():
                 log.warning(
-                    "gap in %s (%s): now at %s:%d",
+                    "gap in %s (%s): carrying on after %s:%d",
                     event.stream,
                     event.reason,
                     event.epoch,
                     event.offset,
                 )
-                for callback in list(self._gap_callbacks):
-                    try:
-                        callback(event)
-                    except Exception:
-                        log.exception("gap callback raised")
+                self._dispatch_later(event)
             case LinkDead(reason=reason):
                 log.warning("connection declared dead: %s", reason)
                 if self._ws is not None and self._ws.transport is not None:
@@ -684,15 +684,29 @@ class Client(NamespaceClient):
         finally:
             self._reading_paused = False
 
+    def _dispatch_later(self, item: p.MessageFrame | GapReported) -> None:
+        self._undispatched += 1
+        self._deliveries.put_nowait(item)
+
     async def _dispatch_loop(self) -> None:
+        """Hand deliveries and gap notices to the app one by one, in stream order."""
         while True:
             if self._deliveries.qsize() <= self.max_pending_deliveries // 2:
                 self._handlers_caught_up.set()
-            frame = await self._deliveries.get()
-            if frame is None:
+            item = await self._deliveries.get()
+            if item is None:
                 return
-            await self._handlers.dispatch(frame, self._report)
-            self._session.delivery_handled(frame)
+            if isinstance(item, GapReported):
+                for callback in list(self._gap_callbacks):
+                    try:
+                        callback(item)
+                    except Exception:
+                        log.exception("gap callback raised")
+                self._session.gap_handled(item)
+            else:
+                await self._handlers.dispatch(item, self._report)
+                self._session.delivery_handled(item)
+            self._undispatched -= 1
 
 
 def _event_and_data(event: str | Event, data: Any) -> tuple[str, Any]:

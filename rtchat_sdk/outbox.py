@@ -54,7 +54,8 @@ class OutboxEntry:
 
     @property
     def size(self) -> int:
-        return len(self.text)
+        """Bytes on the wire (UTF-8), as the outbox's byte limit counts them."""
+        return len(self.text) if self.text.isascii() else len(self.text.encode())
 
 
 @dataclass(slots=True)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 __all__ = [
     "CLIENT_FRAME_TYPES",
     "DEFAULT_NAMESPACE",
+    "MAX_RESUME_STREAMS",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "ClientFrame",
@@ -53,6 +54,7 @@ __all__ = [
     "decode_client_frame",
     "decode_server_frame",
     "encode",
+    "wire_size",
     "inbox_stream",
     "json_schema",
     "room_stream",
@@ -66,6 +68,9 @@ SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 """Every version a peer built from this module accepts."""
 
 DEFAULT_NAMESPACE = "/"
+
+MAX_RESUME_STREAMS = 10_000
+"""At most this many stream positions travel in one ``hello.resume``."""
 
 MessageId = Annotated[int, Field(ge=1, description="Client message id, >= 1, increasing.")]
 Namespace = Annotated[
@@ -156,6 +161,12 @@ class ResumeInfo(_Frame):
     """What a reconnecting client presents to pick up its old session."""
 
     token: str = Field(min_length=1, max_length=256, description="Secret from `welcome.token`.")
+    session: str | None = Field(
+        default=None,
+        max_length=64,
+        description="The session id the token belonged to; if the server has lost the "
+        "session, it still leaves out this client's own earlier publishes when replaying.",
+    )
     last_reply: int = Field(
         default=0,
         ge=0,
@@ -163,7 +174,9 @@ class ResumeInfo(_Frame):
         "unanswered id minus one. The server may forget replies up to it.",
     )
     streams: list[StreamPosition] = Field(
-        default_factory=list, max_length=10_000, description="Positions in followed streams."
+        default_factory=list,
+        max_length=MAX_RESUME_STREAMS,
+        description="Positions in followed streams.",
     )
 
 
@@ -367,6 +380,11 @@ def decode_client_frame(text: str | bytes) -> ClientFrame:
 def decode_server_frame(text: str | bytes) -> ServerFrame:
     """Parse one server frame; raises pydantic ``ValidationError`` if it is not one."""
     return server_frame_adapter.validate_json(text)
+
+
+def wire_size(text: str) -> int:
+    """Bytes the text takes on the wire (UTF-8), which is what size limits count."""
+    return len(text) if text.isascii() else len(text.encode())
 
 
 def encode(frame: _Frame) -> str:

@@ -251,6 +251,7 @@ class ClientSession:
         self._next_ping: float | None = None
         self._dead_at: float | None = None
         self._ever_sent: set[int] = set()
+        self._unlisted_rooms: list[str] = []
         saved = self.outbox.load_state()
         if saved is not None:
             self.session_id, self.token = saved.session_id, saved.token
@@ -287,9 +288,15 @@ class ClientSession:
         self._dead_at = now + self.handshake_timeout
         self._next_ping = None
         resume = None
+        self._unlisted_rooms = []
         if self.token is not None:
+            # Rooms first: past the cap, a stream cannot be resumed (and is reported).
+            ordered = sorted(self.streams.items(), key=lambda item: item[1].room is None)
+            listed, unlisted = ordered[: p.MAX_RESUME_STREAMS], ordered[p.MAX_RESUME_STREAMS :]
+            self._unlisted_rooms = [name for name, s in unlisted if s.room is not None]
             resume = p.ResumeInfo(
                 token=self.token,
+                session=self.session_id,
                 last_reply=self.last_reply,
                 streams=[
                     p.StreamPosition(
@@ -299,7 +306,7 @@ class ClientSession:
                         ns=s.ns if s.room is not None else None,
                         room=s.room,
                     )
-                    for name, s in self.streams.items()
+                    for name, s in listed
                 ],
             )
         hello = p.HelloFrame(
@@ -411,10 +418,10 @@ class ClientSession:
             text = frame.model_dump_json()
         except (ValidationError, PydanticSerializationError) as exc:
             raise ValidationFailed(f"cannot encode {kind}: {exc}") from exc
-        if len(text) > self.max_frame_bytes:
+        size = p.wire_size(text)
+        if size > self.max_frame_bytes:
             raise MessageTooLarge(
-                f"{kind} is {len(text)} bytes encoded; the server accepts at most "
-                f"{self.max_frame_bytes}"
+                f"{kind} is {size} bytes encoded; the server accepts at most {self.max_frame_bytes}"
             )
         expires_at = None if expires_in is None else now + expires_in
         dropped = self.outbox.add(OutboxEntry(message_id, kind, text, expires_at))
@@ -506,6 +513,8 @@ class ClientSession:
                     )
                 )
                 self._set_stream(old_inbox, None)
+            for stream in self._unlisted_rooms:
+                self._drop_room(stream, "not_rejoined")
         self.max_frame_bytes = frame.limits.max_frame_bytes
         for entry in self.outbox:
             if entry.size > self.max_frame_bytes:
@@ -607,6 +616,33 @@ class ClientSession:
             )
         self._events.append(Delivered(frame))
 
+    def _on_gap(self, frame: p.GapFrame) -> None:
+        if frame.reason == "not_rejoined":
+            self._drop_room(frame.stream, frame.reason, frame.epoch, frame.offset)
+            return
+        self.counters.gaps += 1
+        # In memory now; persisted by gap_handled(), in order with the deliveries.
+        self.streams[frame.stream] = StreamPosition(frame.epoch, frame.offset, frame.ns, frame.room)
+        self._events.append(
+            GapReported(frame.stream, frame.ns, frame.room, frame.epoch, frame.offset, frame.reason)
+        )
+
+    def _drop_room(self, stream: str, reason: str, epoch: str = "", offset: int = 0) -> None:
+        """The server did not put the session back in a room: forget it, loudly."""
+        position = self.streams.get(stream)
+        ns = position.ns if position is not None else p.DEFAULT_NAMESPACE
+        room = position.room if position is not None else None
+        for key, name in list(self.rooms.items()):
+            if name == stream:
+                del self.rooms[key]
+                ns, room = key
+        self.outbox.save_session(self.session_id, self.token, self.rooms)
+        self._set_stream(stream, None)
+        self.counters.gaps += 1
+        if position is not None and not epoch:
+            epoch, offset = position.epoch, position.offset
+        self._events.append(GapReported(stream, ns, room, epoch, offset, reason))
+
     def delivery_handled(self, frame: p.MessageFrame) -> None:
         """The app's handlers are done with ``frame``: its position may be persisted.
 
@@ -614,34 +650,17 @@ class ClientSession:
         killed in between is replayed the message again (at least once across
         a kill; exactly once within a process).
         """
-        current = self.streams.get(frame.stream)
-        if current is None or current.epoch != frame.epoch or current.offset < frame.offset:
-            return  # left, or moved on by a gap: the newer position is already saved
-        self.outbox.save_stream(
-            frame.stream, StreamPosition(frame.epoch, frame.offset, frame.ns, frame.room)
-        )
+        self._persist(frame.stream, frame.epoch, frame.offset, frame.ns, frame.room)
 
-    def _on_gap(self, frame: p.GapFrame) -> None:
-        self.counters.gaps += 1
-        if frame.reason == "not_rejoined":
-            # The server would not put the new session back in this room.
-            for key, stream in list(self.rooms.items()):
-                if stream == frame.stream:
-                    del self.rooms[key]
-            self.outbox.save_session(self.session_id, self.token, self.rooms)
-            self._set_stream(frame.stream, None)
-            self._events.append(
-                GapReported(
-                    frame.stream, frame.ns, frame.room, frame.epoch, frame.offset, frame.reason
-                )
-            )
-            return
-        self._set_stream(
-            frame.stream, StreamPosition(frame.epoch, frame.offset, frame.ns, frame.room)
-        )
-        self._events.append(
-            GapReported(frame.stream, frame.ns, frame.room, frame.epoch, frame.offset, frame.reason)
-        )
+    def gap_handled(self, gap: GapReported) -> None:
+        """The app has been told of ``gap``: the position after it may be persisted."""
+        self._persist(gap.stream, gap.epoch, gap.offset, gap.ns, gap.room)
+
+    def _persist(self, stream: str, epoch: str, offset: int, ns: str, room: str | None) -> None:
+        current = self.streams.get(stream)
+        if current is None or current.epoch != epoch or current.offset < offset:
+            return  # left, or replaced meanwhile: nothing older may overwrite it
+        self.outbox.save_stream(stream, StreamPosition(epoch, offset, ns, room))
 
     def _set_stream(self, name: str, position: StreamPosition | None) -> None:
         """Record (or forget) a stream position, in memory and in the outbox."""

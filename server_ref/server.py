@@ -313,9 +313,10 @@ class Server:
                     sender=sender,
                 )
             )
-            if len(text) > self.config.max_frame_bytes:
+            size = p.wire_size(text)
+            if size > self.config.max_frame_bytes:
                 raise FrameTooLarge(
-                    f"the delivery would be {len(text)} bytes; "
+                    f"the delivery would be {size} bytes; "
                     f"the limit is {self.config.max_frame_bytes}"
                 )
             return text
@@ -542,12 +543,20 @@ class Server:
             if (
                 ns is None
                 or position.stream != p.room_stream(position.ns, position.room)
-                or not await ns.may_join(ctx, position.room)
+                or not await self._may_join(ns, ctx, position.room)
             ):
                 refused.append(position)
                 continue
             record.rooms[(position.ns, position.room)] = (position.epoch, position.offset)
         return refused
+
+    async def _may_join(self, ns: Namespace, ctx: Context, room: str) -> bool:
+        """A join check that raises refuses the join instead of failing the handshake."""
+        try:
+            return await ns.may_join(ctx, room)
+        except Exception:
+            log.exception("join check for %r in %r raised", room, ns.path)
+            return False
 
     def _local_session(self, record: SessionRecord) -> _Session:
         """This node's live session for a record, made (with memberships) if new here."""
@@ -653,6 +662,9 @@ class Server:
         Returns, per stream, the offset the replay reached.
         """
         covered: dict[str, int] = {}
+        own = {session.id}  # our own publishes come back only with echo
+        if resume.session is not None:
+            own.add(resume.session)
         given = {s.stream: s for s in resume.streams}
         wanted: dict[str, tuple[str, str | None, str, int]] = {}
         for (room_ns, room_name), (room_epoch, room_offset) in session.record.rooms.items():
@@ -684,7 +696,7 @@ class Server:
                     )
                 )
             for entry in replay.entries:
-                if entry.sender != session.id or entry.echo:
+                if entry.echo or entry.sender not in own:
                     conn.core.send(entry.text)
             covered[stream] = replay.offset
         return covered

@@ -378,3 +378,50 @@ def test_restored_entries_keep_their_expiry() -> None:
     s.connection_made(51)
     s.receive_text(welcome(resumed=True), 51)
     assert [f["type"] for f in frames(s)] == ["hello"]  # the expired entry is not sent
+
+
+def test_gap_positions_are_persisted_when_handled_in_order() -> None:
+    box = RecordingOutbox()
+    s = ClientSession(outbox=box)
+    open_session(s)
+    box.positions.clear()
+    s.receive_text(message("room:/:r", 1), 0)
+    s.receive_text(
+        p.encode(p.GapFrame(stream="room:/:r", room="r", epoch="e1", offset=9, reason="trimmed")),
+        0,
+    )
+    delivered, gap = events(s)
+    assert box.positions == []
+    assert isinstance(delivered, Delivered)
+    assert isinstance(gap, GapReported)
+    s.delivery_handled(delivered.frame)
+    s.gap_handled(gap)
+    assert box.positions == [("room:/:r", 1), ("room:/:r", 9)]
+
+
+def test_non_ascii_payloads_are_measured_in_bytes() -> None:
+    from rtchat_sdk import MessageTooLarge
+
+    s = ClientSession()
+    open_session(s)
+    with pytest.raises(MessageTooLarge):
+        s.emit("/", "e", "é" * 600_000, now=0)  # 600,000 characters, 1.2 MB
+
+
+def test_resume_names_the_previous_session_and_caps_the_stream_list() -> None:
+    s = ClientSession()
+    open_session(s)
+    for i in range(p.MAX_RESUME_STREAMS + 1):
+        s.streams[f"room:/:r{i}"] = StreamPosition("e", 0, "/", f"r{i}")
+        s.rooms[("/", f"r{i}")] = f"room:/:r{i}"
+    s.connection_lost(1)
+    s.connection_made(1)
+    resume = frames(s)[0]["resume"]
+    assert resume["session"] == "s1"
+    assert len(resume["streams"]) == p.MAX_RESUME_STREAMS
+    assert all(x["room"] is not None for x in resume["streams"])  # rooms before the inbox
+    events(s)
+    s.receive_text(welcome(session="s2", resumed=False), 1)
+    reasons = sorted(e.reason for e in events(s) if isinstance(e, GapReported))
+    assert reasons == ["not_rejoined", "session_unknown"]  # one room past the cap; old inbox
+    assert len(s.rooms) == p.MAX_RESUME_STREAMS

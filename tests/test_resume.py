@@ -243,6 +243,7 @@ async def test_expired_session_rejoins_rooms_and_replays_from_history() -> None:
             inbox = Inbox(receiver)
             await sender.join("r")
             await receiver.join("r")
+            await receiver.publish("r", "m", "mine")  # must not come back to it
             old_session = receiver.session_id
             proxy.refuse(True)
             proxy.drop()
@@ -355,3 +356,48 @@ async def test_close_keeps_the_session_resumable_only_while_messages_are_unanswe
     with pytest.raises(ClientClosed):
         await pending
     assert pending_id in server.session_ids()  # kept for a persistent outbox's next run
+
+
+async def test_join_check_that_raises_during_a_restore_refuses_only_that_room() -> None:
+    clock = FakeClock()
+    srv = Server(broker=MemoryBroker(clock=clock))
+    broken = {"on": False}
+
+    @srv.namespace("/").authorize_join
+    def check(ctx: Context, room: str) -> bool:
+        if broken["on"] and room == "bad":
+            raise RuntimeError("join check bug")
+        return True
+
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with FaultProxy(srv.port) as proxy, Client(proxy.url, reconnect=FAST) as client:
+            gaps: list[GapReported] = []
+            client.on_gap(gaps.append)
+            await client.join("bad")
+            await client.join("good")
+            proxy.refuse(True)
+            proxy.drop()
+            await wait_state(client, ConnectionState.RECONNECTING)
+            broken["on"] = True
+            clock.now += srv.config.session_ttl
+            proxy.refuse(False)
+            await wait_reconnected(client)
+            await client.publish("good", "m", 1)
+            assert [(g.room, g.reason) for g in gaps if g.room] == [("bad", "not_rejoined")]
+    finally:
+        await srv.close()
+
+
+async def test_delivery_larger_than_the_frame_limit_is_refused_as_too_large() -> None:
+    srv = make_server(ServerConfig(max_frame_bytes=1000))
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with Client(srv.url) as client:
+            await client.join("r")
+            with pytest.raises(RemoteError) as info:
+                await client.publish("r", "m", "x" * 880)  # the frame fits, its delivery not
+            assert info.value.code == "too_large"
+            assert await client.publish("r", "m", "small") == 1  # nothing was numbered
+    finally:
+        await srv.close()
