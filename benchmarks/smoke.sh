@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Smoke run of the benchmark command for CI: every scenario, every implementation,
+# tiny counts, implementations side by side (about 20 s). It checks that the
+# harness still works; its numbers mean nothing and nothing here asserts a speed.
+# Exit status: 0 when every run finished, 1 when any failed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+if ! "$PY" -c "import socketio, aiohttp" 2>/dev/null; then
+    "$PY" -m pip install --quiet -e ".[bench]"
+fi
+exec "$PY" -m benchmarks.run --quick --json "${BENCH_JSON:-benchmarks/results/smoke.json}" "$@"
