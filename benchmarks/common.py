@@ -9,6 +9,8 @@ measured window (``Meter``).
 from __future__ import annotations
 
 import asyncio
+import atexit
+import gc
 import json
 import math
 import os
@@ -21,10 +23,12 @@ from typing import Any
 
 __all__ = [
     "CPU_ENV",
+    "GC_LOG_ENV",
     "PAYLOAD",
     "Meter",
     "cpu_seconds",
     "emit",
+    "gc_monitor_from_env",
     "pin_from_env",
     "percentile",
     "raise_nofile",
@@ -35,6 +39,9 @@ __all__ = [
 
 CPU_ENV = "RTCHAT_BENCH_CPU"
 """Environment variable naming the CPU a benchmark process pins itself to."""
+
+GC_LOG_ENV = "RTCHAT_BENCH_GC_LOG"
+"""Environment variable: a file where a server writes its garbage-collector pauses at exit."""
 
 PAYLOAD: dict[str, Any] = {
     "user": "bench-user-0042",
@@ -55,6 +62,42 @@ def pin_from_env() -> int | None:
     except OSError:
         return None
     return cpu
+
+
+def gc_monitor_from_env() -> None:
+    """Time every cyclic-GC pass, per generation; write the totals at exit.
+
+    Only when ``RTCHAT_BENCH_GC_LOG`` names a file. A full (generation 2)
+    collection walks every live container object, so with thousands of
+    connections it is a stop-the-world pause worth knowing about.
+    """
+    path = os.environ.get(GC_LOG_ENV)
+    if not path:
+        return
+    stats = {gen: {"count": 0, "total_ms": 0.0, "max_ms": 0.0} for gen in range(3)}
+    pauses: list[tuple[float, int, float]] = []  # (monotonic start, generation, ms), >= 1 ms
+    started: list[float] = [0.0, 0.0]
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            started[1] = time.monotonic()
+            return
+        ms = (time.perf_counter() - started[0]) * 1e3
+        generation = info["generation"]
+        entry = stats[generation]
+        entry["count"] += 1
+        entry["total_ms"] += ms
+        entry["max_ms"] = max(entry["max_ms"], ms)
+        if ms >= 1.0 and len(pauses) < 100_000:
+            pauses.append((started[1], generation, ms))
+
+    def write() -> None:
+        with open(path, "w") as f:
+            json.dump({"generations": {str(g): e for g, e in stats.items()}, "pauses": pauses}, f)
+
+    gc.callbacks.append(callback)
+    atexit.register(write)
 
 
 def raise_nofile() -> int:

@@ -136,6 +136,7 @@ class ServerProcess:
     impl: Impl
     extra_args: list[str] = field(default_factory=list)
     port: int = 0
+    env: dict[str, str] = field(default_factory=dict)
     url: str = ""
     proc: asyncio.subprocess.Process | None = None
     log: IO[bytes] | None = None
@@ -164,7 +165,7 @@ class ServerProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=self.log,
-            env=_env(server_cpu()),
+            env={**_env(server_cpu()), **self.env},
             cwd=ROOT,
         )
         assert self.proc.stdout is not None
@@ -223,8 +224,10 @@ class Deployment:
 class SingleNode(Deployment):
     """One server process with its in-memory state."""
 
-    def __init__(self, impl: Impl, extra_args: list[str] | None = None) -> None:
-        self.server = ServerProcess(impl, list(extra_args or []))
+    def __init__(
+        self, impl: Impl, extra_args: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        self.server = ServerProcess(impl, list(extra_args or []), env=dict(env or {}))
 
     @property
     def urls(self) -> list[str]:
@@ -243,7 +246,8 @@ class SingleNode(Deployment):
     async def restart(self) -> tuple[float, float]:
         t_down = time.monotonic()
         await self.server.stop(timeout=15.0)
-        self.server = ServerProcess(self.server.impl, self.server.extra_args, self.server.port)
+        old = self.server
+        self.server = ServerProcess(old.impl, old.extra_args, old.port, old.env)
         await self.server.start()
         return t_down, time.monotonic()
 

@@ -25,11 +25,11 @@ from typing import Any
 
 from benchmarks.common import raise_nofile
 from benchmarks.procs import IMPLS, ROOT, ClientProcess, SingleNode
-from benchmarks.scenarios import SCENARIOS
+from benchmarks.scenarios import SCENARIOS, _idle
 
 __all__ = ["main", "summarize"]
 
-PROFILABLE = ("seq", "pipelined", "fanout", "publish")
+PROFILABLE = ("seq", "pipelined", "fanout", "publish", "idle10k")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::\d+)?\)$")
 
 
@@ -104,7 +104,36 @@ async def _spy(pid: int, seconds: float, rate: int, output: Path) -> asyncio.sub
     )
 
 
+async def profile_idle(args: argparse.Namespace) -> int:
+    """The server while it holds the idle connections and answers the probe."""
+    impl = IMPLS[args.impl]
+    params = SCENARIOS["idle10k"].params(quick=False)
+    params["hold_seconds"] = args.seconds
+    params["baseline_seconds"] = 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"idle10k-{args.impl}-server.txt"
+
+    async def observe(pid: int, seconds: float) -> None:
+        spy = await _spy(pid, seconds, args.rate, out)
+        try:
+            await spy.communicate()
+        finally:
+            if spy.returncode is None:
+                spy.kill()
+                await spy.wait()
+
+    result = await _idle(impl, params, observe)
+    if out.exists():
+        _print(f"{args.impl} idle10k, server", summarize(out.read_text(), args.top))
+    probe = result.get("probe", {}).get("latency_ms", {})
+    gc_hold = {k: v for k, v in result.items() if k.startswith("gc_hold")}
+    print(f"\nprobe latency during the profile (ms): {probe}\nGC during it: {gc_hold}")
+    return 0
+
+
 async def profile(args: argparse.Namespace) -> int:
+    if args.scenario == "idle10k":
+        return await profile_idle(args)
     impl = IMPLS[args.impl]
     scenario = SCENARIOS[args.scenario]
     params = scenario.params(quick=False)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks.common import cpu_seconds, rss_bytes
+from benchmarks.common import GC_LOG_ENV, cpu_seconds, rss_bytes
 from benchmarks.procs import ClientProcess, Deployment, Impl, SingleNode
 
 __all__ = ["SCENARIOS", "Metric", "Scenario"]
@@ -50,8 +52,10 @@ class Scenario:
         return dict(self.quick if quick else self.full)
 
 
-def _deployment(impl: Impl, heartbeat: float | None = None) -> Deployment:
-    return SingleNode(impl, impl.heartbeat_args(heartbeat))
+def _deployment(
+    impl: Impl, heartbeat: float | None = None, env: dict[str, str] | None = None
+) -> Deployment:
+    return SingleNode(impl, impl.heartbeat_args(heartbeat), env)
 
 
 async def _one_client(impl: Impl, scenario: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -87,92 +91,144 @@ async def _send_all(holders: list[ClientProcess], command: dict[str, Any]) -> No
     await asyncio.gather(*(h.send(command) for h in holders))
 
 
-async def _idle(impl: Impl, params: dict[str, Any]) -> dict[str, Any]:
+HoldObserver = Callable[[int, float], Awaitable[None]]
+"""Called with the server PID and the hold's length when the idle hold begins."""
+
+
+async def _probe(impl: Impl, url: str, pid: int, seconds: float, rate: float) -> dict[str, Any]:
+    """Requests at ``rate`` per second for ``seconds`` from a client process of their own."""
+    params = {"rate": rate, "seconds": seconds, "count": int(seconds * rate) + 1, "timeout": 5.0}
+    probe = ClientProcess(impl, "probe", url, pid, params)
+    try:
+        await probe.start()
+        result = await probe.event(seconds + 60, "result")
+        return {k: result[k] for k in ("requests", "errors", "latency_ms")}
+    finally:
+        await probe.stop(10)
+
+
+def _read_gc(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as f:
+            stats: dict[str, Any] = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return stats
+
+
+def _gc_summary(log: dict[str, Any], window: list[float] | None) -> dict[str, Any]:
+    """The server's GC totals, and its pauses during the hold (when there was one)."""
+    if not log:
+        return {}
+    out: dict[str, Any] = {"gc": log["generations"]}
+    if window is not None:
+        t0, t1 = window
+        during = [(gen, ms) for t, gen, ms in log["pauses"] if t0 <= t <= t1]
+        out["gc_hold_max_pause_ms"] = max((ms for _, ms in during), default=0.0)
+        out["gc_hold_full_collections"] = sum(1 for gen, _ in during if gen == 2)
+        out["gc_hold_pause_ms_total"] = sum(ms for _, ms in during)
+    return out
+
+
+async def _idle(
+    impl: Impl, params: dict[str, Any], observe: HoldObserver | None = None
+) -> dict[str, Any]:
     """Open ``conns`` idle connections from several processes; measure the server.
 
     Server memory per connection is (RSS with them - RSS before them), the
     baseline taken after a warm-up batch was opened and closed. With
     ``hold_seconds``, they then stay idle (heartbeats running) while a probe
-    client sends ``probe_rate`` requests per second and records latency.
+    client sends ``probe_rate`` requests per second and records latency; the
+    same probe first runs for ``baseline_seconds`` against the server with no
+    connections, as a control for the machine's own noise. The server's
+    garbage-collector pauses are recorded throughout.
     """
     conns = int(params["conns"])
     per_process = int(params["per_process"])
     heartbeat = params.get("heartbeat")
-    deployment = _deployment(impl, heartbeat)
-    holders: list[ClientProcess] = []
-    probe: ClientProcess | None = None
-    try:
-        await deployment.start()
-        url, pid = deployment.urls[0], deployment.pids[0]
-        remaining = conns
-        while remaining > 0:
-            n = min(per_process, remaining)
-            remaining -= n
-            hold = {
-                "conns": n,
-                "warmup_conns": int(params["warmup_conns"]) if not holders else 0,
-                "concurrency": int(params["concurrency"]),
-                "open_seconds": float(params["open_seconds"]),
-                "heartbeat": heartbeat,
+    rate = float(params.get("probe_rate", 50))
+    with tempfile.NamedTemporaryFile(prefix="rtchat-bench-gc-", suffix=".json") as gc_log:
+        deployment = _deployment(impl, heartbeat, {GC_LOG_ENV: gc_log.name})
+        holders: list[ClientProcess] = []
+        try:
+            await deployment.start()
+            url, pid = deployment.urls[0], deployment.pids[0]
+            remaining = conns
+            while remaining > 0:
+                n = min(per_process, remaining)
+                remaining -= n
+                hold = {
+                    "conns": n,
+                    "warmup_conns": int(params["warmup_conns"]) if not holders else 0,
+                    "concurrency": int(params["concurrency"]),
+                    "open_seconds": float(params["open_seconds"]),
+                    "heartbeat": heartbeat,
+                }
+                holders.append(ClientProcess(impl, "hold", url, pid, hold))
+            for holder in holders:
+                await holder.start()
+            await _all(holders, 120, "warm")
+            result: dict[str, Any] = {"conns": conns}
+            baseline_seconds = float(params.get("baseline_seconds", 0))
+            if baseline_seconds > 0:
+                result["baseline_probe"] = await _probe(impl, url, pid, baseline_seconds, rate)
+            await asyncio.sleep(0.5)
+            rss_base = rss_bytes(pid)
+            t0 = time.monotonic()
+            await _send_all(holders, {"cmd": "go"})
+            ready = await _all(holders, float(params["open_seconds"]) + 30, "ready")
+            open_s = time.monotonic() - t0
+            connected = sum(int(r["connected"]) for r in ready)
+            await asyncio.sleep(float(params["settle"]))
+            rss = rss_bytes(pid)
+            result |= {
+                "connected": connected,
+                "failed": sum(int(r["failed"]) for r in ready),
+                "open_s": open_s,
+                "opened_per_s": connected / open_s if open_s > 0 else math.nan,
+                "rss_base_mb": rss_base / 2**20,
+                "rss_mb": rss / 2**20,
+                "kb_per_conn": (rss - rss_base) / 1024 / connected if connected else math.nan,
             }
-            holders.append(ClientProcess(impl, "hold", url, pid, hold))
-        for holder in holders:
-            await holder.start()
-        await _all(holders, 120, "warm")
-        await asyncio.sleep(0.5)
-        rss_base = rss_bytes(pid)
-        t0 = time.monotonic()
-        await _send_all(holders, {"cmd": "go"})
-        ready = await _all(holders, float(params["open_seconds"]) + 30, "ready")
-        open_s = time.monotonic() - t0
-        connected = sum(int(r["connected"]) for r in ready)
-        await asyncio.sleep(float(params["settle"]))
-        rss = rss_bytes(pid)
-        result: dict[str, Any] = {
-            "conns": conns,
-            "connected": connected,
-            "failed": sum(int(r["failed"]) for r in ready),
-            "open_s": open_s,
-            "opened_per_s": connected / open_s if open_s > 0 else math.nan,
-            "rss_base_mb": rss_base / 2**20,
-            "rss_mb": rss / 2**20,
-            "kb_per_conn": (rss - rss_base) / 1024 / connected if connected else math.nan,
-        }
-        hold_seconds = float(params.get("hold_seconds", 0))
-        if hold_seconds > 0:
-            cpu0 = cpu_seconds(pid)
-            probe_params = {
-                "rate": float(params["probe_rate"]),
-                "seconds": hold_seconds,
-                "count": int(hold_seconds * float(params["probe_rate"])) + 1,
-                "timeout": 5.0,
-            }
-            probe = ClientProcess(impl, "probe", url, pid, probe_params)
-            t_hold = time.monotonic()
-            await probe.start()
-            probed = await probe.event(hold_seconds + 60, "result")
-            held = time.monotonic() - t_hold
-            result["idle_server_cpu_util"] = (cpu_seconds(pid) - cpu0) / held
-            result["probe"] = {k: probed[k] for k in ("requests", "errors", "latency_ms")}
-            result["rss_end_mb"] = rss_bytes(pid) / 2**20
-        await _send_all(holders, {"cmd": "report"})
-        reports = await _all(holders, 30, "report")
-        result["connected_at_end"] = sum(int(r["connected"]) for r in reports)
-        result["lost"] = sum(int(r["lost"]) for r in reports)
-        result["healthy"] = (
-            result["connected_at_end"] == conns
-            and result["lost"] == 0
-            and (probe is None or result["probe"]["errors"] == 0)
-        )
-        return result
-    finally:
-        if probe is not None:
-            await probe.stop(10)
-        for holder in holders:
-            with contextlib.suppress(Exception):
-                await holder.send({"cmd": "quit"})
-        await asyncio.gather(*(h.stop(40) for h in holders), return_exceptions=True)
-        await deployment.stop()
+            hold_seconds = float(params.get("hold_seconds", 0))
+            if hold_seconds > 0:
+                cpu0 = cpu_seconds(pid)
+                t_hold = time.monotonic()
+                watching = asyncio.ensure_future(
+                    observe(pid, hold_seconds) if observe is not None else asyncio.sleep(0)
+                )
+                try:
+                    result["probe"] = await _probe(impl, url, pid, hold_seconds, rate)
+                finally:
+                    await watching
+                t_end = time.monotonic()
+                held = t_end - t_hold
+                result["hold_window"] = [t_hold, t_end]
+                result["idle_server_cpu_util"] = (cpu_seconds(pid) - cpu0) / held
+                result["rss_end_mb"] = rss_bytes(pid) / 2**20
+            await _send_all(holders, {"cmd": "report"})
+            reports = await _all(holders, 30, "report")
+            result["connected_at_end"] = sum(int(r["connected"]) for r in reports)
+            result["lost"] = sum(int(r["lost"]) for r in reports)
+            result["healthy"] = (
+                result["connected_at_end"] == conns
+                and result["lost"] == 0
+                and ("probe" not in result or result["probe"]["errors"] == 0)
+            )
+            await _quit(holders)
+            await deployment.stop()
+            result |= _gc_summary(_read_gc(gc_log.name), result.pop("hold_window", None))
+            return result
+        finally:
+            await _quit(holders)
+            await deployment.stop()
+
+
+async def _quit(holders: list[ClientProcess]) -> None:
+    for holder in holders:
+        with contextlib.suppress(Exception):
+            await holder.send({"cmd": "quit"})
+    await asyncio.gather(*(h.stop(40) for h in holders), return_exceptions=True)
 
 
 async def _storm(impl: Impl, params: dict[str, Any]) -> dict[str, Any]:
@@ -304,8 +360,8 @@ SCENARIOS: dict[str, Scenario] = {
                 "settle": 1.0,
             },
             quick={
-                "conns": 60,
-                "per_process": 60,
+                "conns": 40,
+                "per_process": 40,
                 "warmup_conns": 5,
                 "concurrency": 20,
                 "open_seconds": 20,
@@ -319,6 +375,24 @@ SCENARIOS: dict[str, Scenario] = {
             (
                 Metric("probe.latency_ms.p99", "probe p99 latency, ms", "{:,.2f}", False),
                 Metric("probe.latency_ms.max", "probe max latency, ms", "{:,.1f}", False),
+                Metric(
+                    "baseline_probe.latency_ms.p99",
+                    "control: probe p99 with no connections, ms",
+                    "{:,.2f}",
+                    False,
+                ),
+                Metric(
+                    "gc_hold_max_pause_ms",
+                    "server's longest GC pause in the hold, ms",
+                    "{:,.1f}",
+                    False,
+                ),
+                Metric(
+                    "gc_hold_full_collections",
+                    "server's full GC passes in the hold",
+                    "{:,.0f}",
+                    False,
+                ),
                 Metric("connected_at_end", "connections up at the end"),
                 Metric("lost", "connections lost", higher_is_better=False),
                 Metric("healthy", "healthy (1: all up, none lost, no probe error)"),
@@ -335,17 +409,19 @@ SCENARIOS: dict[str, Scenario] = {
                 "settle": 1.0,
                 "heartbeat": 5.0,
                 "hold_seconds": 20.0,
+                "baseline_seconds": 5.0,
                 "probe_rate": 50,
             },
             quick={
-                "conns": 80,
-                "per_process": 40,
+                "conns": 40,
+                "per_process": 20,
                 "warmup_conns": 5,
                 "concurrency": 20,
                 "open_seconds": 20,
                 "settle": 0.2,
                 "heartbeat": 0.5,
-                "hold_seconds": 1.0,
+                "hold_seconds": 0.5,
+                "baseline_seconds": 0.2,
                 "probe_rate": 50,
             },
             run=_idle,
@@ -369,7 +445,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "storm_timeout": 90,
             },
             quick={
-                "conns": 30,
+                "conns": 20,
                 "concurrency": 20,
                 "open_seconds": 20,
                 "settle": 0.2,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.common import pin_from_env, raise_nofile
+from benchmarks.common import gc_monitor_from_env, pin_from_env, raise_nofile
 
 __all__ = ["main"]
 
@@ -21,6 +21,7 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     pin_from_env()
     raise_nofile()
+    gc_monitor_from_env()
     from server_ref.__main__ import main as server_main
 
     return server_main(argv)

@@ -21,7 +21,7 @@ from typing import Any
 import socketio  # type: ignore[import-untyped]
 from aiohttp import web
 
-from benchmarks.common import pin_from_env, raise_nofile
+from benchmarks.common import gc_monitor_from_env, pin_from_env, raise_nofile
 
 __all__ = ["main"]
 
@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pin_from_env()
     raise_nofile()
+    gc_monitor_from_env()
     return asyncio.run(_serve(args))
 
 

@@ -24,7 +24,7 @@ from typing import Literal
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 
-from benchmarks.common import pin_from_env, raise_nofile
+from benchmarks.common import gc_monitor_from_env, pin_from_env, raise_nofile
 
 __all__ = ["main"]
 
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     pin_from_env()
     raise_nofile()
+    gc_monitor_from_env()
     return asyncio.run(_serve(args))
 
 
