@@ -7,7 +7,13 @@ the server, and a test can break the link the ways real networks do.
 * ``delay(s)``: hold every chunk ``s`` seconds before forwarding (order kept);
 * ``cut_mid_frame()``: forward half of the next server->client chunk, then
   drop the connection, so the client sees a truncated WebSocket frame;
-* ``refuse(True)``: accept new connections and close them at once.
+* ``refuse(True)``: accept new connections and close them at once;
+* ``end_blackhole()``: stop discarding, and drop the links that lost bytes to
+  the blackhole and are still up (see its docstring).
+
+``FaultProxy(port, read_buffer=n)`` makes the proxy's connections to the
+server read through a receive buffer of about ``n`` bytes (kernel and proxy
+both), like a narrow link, instead of loopback's megabytes.
 
 It listens on 127.0.0.1 only. Every task it starts is tracked and stopped by
 ``close()``.
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +38,7 @@ class ProxyStats:
     drops: int = 0
     cuts: int = 0
     blackholes: int = 0
+    holed_drops: int = 0
     delays: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
@@ -47,6 +55,7 @@ class _Link:
         self.server_reader, self.server_writer = server
         self.tasks: list[asyncio.Task[None]] = []
         self.cut_next = False
+        self.discarded = 0
 
     def abort(self) -> None:
         for writer in (self.client_writer, self.server_writer):
@@ -58,9 +67,12 @@ class _Link:
 class FaultProxy:
     """TCP proxy 127.0.0.1:<port> -> target, with faults on demand."""
 
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target_port: int, target_host: str = "127.0.0.1", *, read_buffer: int | None = None
+    ) -> None:
         self.target_host = target_host
         self.target_port = target_port
+        self.read_buffer = read_buffer
         self.stats = ProxyStats()
         self._server: asyncio.Server | None = None
         self._links: set[_Link] = set()
@@ -130,6 +142,23 @@ class FaultProxy:
             self.stats.faults.append("blackhole")
         self._blackholed = on
 
+    def end_blackhole(self) -> int:
+        """Stop discarding traffic; returns how many links were dropped doing so.
+
+        Discarding bytes and then forwarding again would leave a hole in the
+        middle of a live TCP stream, which no real network produces (TCP
+        retransmits what a middlebox lost). A real blackhole either heals
+        before anyone notices (that is the ``delay`` fault) or the link dies.
+        So a link that lost bytes and is still up (its peers have not yet
+        noticed) is dropped here, as its heartbeats would have dropped it.
+        """
+        holed = [link for link in self._links if link.discarded]
+        for link in holed:
+            link.abort()
+        self.stats.holed_drops += len(holed)
+        self._blackholed = False
+        return len(holed)
+
     def delay(self, seconds: float) -> None:
         """Hold each forwarded chunk this long (0 to stop)."""
         if seconds > 0:
@@ -150,6 +179,21 @@ class FaultProxy:
 
     # ------------------------------------------------------------------
 
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.read_buffer is None:
+            return await asyncio.open_connection(self.target_host, self.target_port)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            # Before connecting, so that the window offered to the server is small.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.read_buffer)
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(sock, (self.target_host, self.target_port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=self.read_buffer)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
@@ -162,7 +206,7 @@ class FaultProxy:
             writer.transport.abort()
             return
         try:
-            upstream = await asyncio.open_connection(self.target_host, self.target_port)
+            upstream = await self._connect_upstream()
         except OSError:
             self.stats.refused += 1
             writer.transport.abort()
@@ -195,6 +239,7 @@ class FaultProxy:
                 if self._delay:
                     await asyncio.sleep(self._delay)
                 if self._blackholed:
+                    link.discarded += len(chunk)
                     continue
                 if not upward and link.cut_next and len(chunk) > 1:
                     writer.write(chunk[: len(chunk) // 2])
