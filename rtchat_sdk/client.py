@@ -29,6 +29,7 @@ from .errors import (
     ClientClosed,
     ConnectionFailed,
     ConnectionLost,
+    FatalConnectionError,
     GaveUp,
     IncompatibleProtocol,
     MessageDropped,
@@ -558,6 +559,14 @@ class Client(NamespaceClient):
                 self._session.connection_lost(self._clock())
                 self._after_io()
         code = ws.close_code
+        sent = ws.protocol.close_sent
+        if sent is not None and sent.code == p.CloseCode.MESSAGE_TOO_BIG and self._fatal is None:
+            # We refused a frame over our own limit: resuming would replay it forever.
+            self._fatal = FatalConnectionError(
+                "message_too_big",
+                f"the server sent a frame over max_frame_bytes={self.max_frame_bytes}; "
+                "use at least the server's limit",
+            )
         if code in _FATAL_CLOSE and self._fatal is None:
             self._fatal = _FATAL_CLOSE[p.CloseCode(code)](
                 "refused", ws.close_reason or f"closed with code {code}"

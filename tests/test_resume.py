@@ -12,6 +12,7 @@ from rtchat_sdk import (
     Client,
     ClientClosed,
     ConnectionState,
+    FatalConnectionError,
     GapReported,
     GaveUp,
     ReconnectPolicy,
@@ -399,5 +400,25 @@ async def test_delivery_larger_than_the_frame_limit_is_refused_as_too_large() ->
                 await client.publish("r", "m", "x" * 880)  # the frame fits, its delivery not
             assert info.value.code == "too_large"
             assert await client.publish("r", "m", "small") == 1  # nothing was numbered
+    finally:
+        await srv.close()
+
+
+async def test_a_frame_over_the_clients_own_limit_is_fatal_not_a_loop() -> None:
+    srv = make_server()
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with Client(srv.url) as sender:
+            small = Client(srv.url, max_frame_bytes=2000, reconnect=FAST)
+            await small.connect()
+            closed = asyncio.Event()
+            small.on_state_change(lambda s: closed.set() if s is ConnectionState.CLOSED else None)
+            await small.join("r")
+            await sender.join("r")
+            await sender.publish("r", "m", "x" * 5000)
+            await asyncio.wait_for(closed.wait(), 10)
+            assert isinstance(small.closed_reason, FatalConnectionError)
+            assert small.closed_reason.code == "message_too_big"
+            assert small.counters["reconnects"] == 0
     finally:
         await srv.close()
