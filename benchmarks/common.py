@@ -15,7 +15,9 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ __all__ = [
     "Meter",
     "cpu_seconds",
     "emit",
+    "exit_with_parent",
     "gc_monitor_from_env",
     "pin_from_env",
     "percentile",
@@ -98,6 +101,24 @@ def gc_monitor_from_env() -> None:
 
     gc.callbacks.append(callback)
     atexit.register(write)
+
+
+def exit_with_parent() -> None:
+    """SIGTERM this process when stdin closes: a server never outlives its orchestrator.
+
+    The orchestrator keeps the server's stdin open; if it dies (even by
+    SIGKILL), the pipe closes and the server shuts down gracefully.
+    """
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def raise_nofile() -> int:

@@ -162,7 +162,7 @@ class ServerProcess:
         ]
         self.proc = await asyncio.create_subprocess_exec(
             *argv,
-            stdin=asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE,  # kept open: the server exits when it closes
             stdout=asyncio.subprocess.PIPE,
             stderr=self.log,
             env={**_env(server_cpu()), **self.env},

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import math
 import sys
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import raise_nofile
-from benchmarks.procs import IMPLS, ProcessFailed
+from benchmarks.procs import IMPLS
 from benchmarks.report import aggregate, evaluate_targets, load_average, machine_info, render
 from benchmarks.scenarios import SCENARIOS, Scenario
 
@@ -98,7 +99,7 @@ async def _run_one(
     t0 = time.monotonic()
     try:
         result = await scenario.run(IMPLS[impl], entry["params"])
-    except (ProcessFailed, OSError, TimeoutError) as exc:
+    except Exception as exc:  # one broken run must not lose the others
         result = {"error": f"{type(exc).__name__}: {exc}"}
         entry["errors"].append(result["error"])
         if verbose:
@@ -155,7 +156,15 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if "sio" in args.impls and not all(
+        importlib.util.find_spec(m) is not None for m in ("socketio", "aiohttp")
+    ):
+        parser.error(
+            "python-socketio and aiohttp are missing: pip install -e '.[bench]' "
+            "(or leave sio out with --impls)"
+        )
     raise_nofile()
     report = asyncio.run(run_all(args))
     print(render(report))

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks.common import gc_monitor_from_env, pin_from_env, raise_nofile
+from benchmarks.common import (
+    exit_with_parent,
+    gc_monitor_from_env,
+    pin_from_env,
+    raise_nofile,
+)
 
 __all__ = ["main"]
 
@@ -22,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     pin_from_env()
     raise_nofile()
     gc_monitor_from_env()
+    exit_with_parent()
     from server_ref.__main__ import main as server_main
 
     return server_main(argv)

@@ -21,7 +21,12 @@ from typing import Any
 import socketio  # type: ignore[import-untyped]
 from aiohttp import web
 
-from benchmarks.common import gc_monitor_from_env, pin_from_env, raise_nofile
+from benchmarks.common import (
+    exit_with_parent,
+    gc_monitor_from_env,
+    pin_from_env,
+    raise_nofile,
+)
 
 __all__ = ["main"]
 
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     pin_from_env()
     raise_nofile()
     gc_monitor_from_env()
+    exit_with_parent()
     return asyncio.run(_serve(args))
 
 

@@ -24,7 +24,12 @@ from typing import Literal
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 
-from benchmarks.common import gc_monitor_from_env, pin_from_env, raise_nofile
+from benchmarks.common import (
+    exit_with_parent,
+    gc_monitor_from_env,
+    pin_from_env,
+    raise_nofile,
+)
 
 __all__ = ["main"]
 
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     pin_from_env()
     raise_nofile()
     gc_monitor_from_env()
+    exit_with_parent()
     return asyncio.run(_serve(args))
 
 
