@@ -309,6 +309,13 @@ def render(report: dict[str, Any]) -> str:
         f"took {report['elapsed_s']:.0f} s",
         "",
     ]
+    busy = max([*report["load_before"][:1], *report["load_after"][:1]], default=0.0)
+    if busy > 0.5:
+        lines[-1:-1] = [
+            f"WARNING: the machine was busy (1-minute load average up to {busy:.2f}): "
+            "other work shared the CPUs, so rates are low and noisy; CPU time per operation "
+            "and memory are the steadier numbers.",
+        ]
     impls = report["impls"]
     header = "| scenario | metric | " + " | ".join(IMPLS[i].label for i in impls) + " |"
     lines += [header, "|" + "---|" * (len(impls) + 2)]
