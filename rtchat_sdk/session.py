@@ -19,6 +19,8 @@ Rules:
 2. Frames other than ``hello`` are written only after ``welcome``. Then the
    outbox is written in id order, at most ``max_in_flight`` unanswered, before
    anything newer. After a reconnect everything unanswered is written again.
+   A message past its deadline is never written, even if the driver's timer
+   has not fired yet: whichever call first sees the time expires it.
 3. A delivery whose offset is not above the stream's last handled offset is a
    duplicate: counted and dropped. A new epoch or a ``gap`` frame is reported.
 4. Heartbeats: a ``ping`` every ``interval`` while connected; no frame at all
@@ -252,6 +254,7 @@ class ClientSession:
         self._dead_at: float | None = None
         self._ever_sent: set[int] = set()
         self._unlisted_rooms: list[str] = []
+        self._now = float("-inf")  # the latest time any call told us
         saved = self.outbox.load_state()
         if saved is not None:
             self.session_id, self.token = saved.session_id, saved.token
@@ -283,6 +286,7 @@ class ClientSession:
         """A transport is up: say hello (with resume info when we have a session)."""
         if self.state is SessionState.CLOSED:
             raise ProtocolError("session is closed")
+        self._now = now
         self.state = SessionState.HANDSHAKING
         self._last_received = now
         self._dead_at = now + self.handshake_timeout
@@ -412,6 +416,7 @@ class ClientSession:
     ) -> tuple[int, list[Dropped]]:
         if self.state is SessionState.CLOSED:
             raise ProtocolError("session is closed")
+        self._now = max(self._now, now)
         message_id = self._next_id
         try:
             frame: BaseModel = build(message_id)
@@ -448,6 +453,9 @@ class ClientSession:
             entry = self.outbox.get(message_id)
             if entry is None:
                 continue
+            if entry.expires_at is not None and entry.expires_at <= self._now:
+                self._expire(entry)  # overdue, though the driver's timer has not fired yet
+                continue
             self._in_flight.add(message_id)
             self._to_send.append(entry.text)
             if message_id in self._ever_sent:
@@ -455,6 +463,11 @@ class ClientSession:
             else:
                 self._ever_sent.add(message_id)
                 self.counters.sent += 1
+
+    def _expire(self, entry: OutboxEntry) -> None:
+        self._settle(entry.id)
+        self.counters.timed_out += 1
+        self._events.append(TimedOut(entry.id, entry.kind))
 
     def _forget(self, message_id: int) -> None:
         self._in_flight.discard(message_id)
@@ -470,6 +483,7 @@ class ClientSession:
 
     def receive_text(self, text: str | bytes, now: float) -> None:
         """Handle one frame from the server."""
+        self._now = now
         self._last_received = now
         if self._heartbeat is not None and self.state is SessionState.OPEN:
             self._dead_at = now + self._heartbeat.interval + self._heartbeat.timeout
@@ -684,12 +698,12 @@ class ClientSession:
 
     def handle_timer(self, now: float) -> None:
         """Expire messages, send a heartbeat, or declare the link dead."""
+        self._now = now
         while self._deadlines and self._deadlines[0][0] <= now:
             _, message_id = heapq.heappop(self._deadlines)
-            entry = self._settle(message_id)
+            entry = self.outbox.get(message_id)
             if entry is not None:
-                self.counters.timed_out += 1
-                self._events.append(TimedOut(message_id, entry.kind))
+                self._expire(entry)
         if self._dead_at is not None and now >= self._dead_at:
             self._dead_at = None
             self._next_ping = None

@@ -425,3 +425,15 @@ def test_resume_names_the_previous_session_and_caps_the_stream_list() -> None:
     reasons = sorted(e.reason for e in events(s) if isinstance(e, GapReported))
     assert reasons == ["not_rejoined", "session_unknown"]  # one room past the cap; old inbox
     assert len(s.rooms) == p.MAX_RESUME_STREAMS
+
+
+def test_overdue_message_is_not_written_even_before_the_timer_fires() -> None:
+    s = ClientSession()
+    s.connection_made(0)
+    frames(s)
+    s.emit("/", "e", 1, now=0, expires_in=1.0)
+    # The driver's timer is late: the welcome is handled at the deadline first.
+    s.receive_text(welcome(), 1.0)
+    assert frames(s) == []
+    assert TimedOut(1, "emit") in events(s)
+    assert len(s.outbox) == 0
