@@ -422,3 +422,31 @@ async def test_a_frame_over_the_clients_own_limit_is_fatal_not_a_loop() -> None:
             assert small.counters["reconnects"] == 0
     finally:
         await srv.close()
+
+
+async def test_overloaded_server_sends_clients_away_for_retry_after() -> None:
+    srv = make_server(ServerConfig(max_connections=1, overload_retry_after=0.3))
+    await srv.start("127.0.0.1", 0)
+    try:
+        first = Client(srv.url)
+        await first.connect()
+        loop = asyncio.get_running_loop()
+        attempts: list[float] = []
+        retried = asyncio.Event()
+
+        def on_attempt(attempt: int, url: str) -> None:
+            attempts.append(loop.time())
+            if len(attempts) == 2:  # refused once, retried after the hint
+                retried.set()
+
+        second = Client(srv.url, reconnect=FAST, retry_first_connect=True)
+        second.on_attempt(on_attempt)
+        connecting = asyncio.ensure_future(second.connect())
+        await asyncio.wait_for(retried.wait(), 10)
+        assert attempts[1] - attempts[0] >= 0.3
+        await first.close()
+        await asyncio.wait_for(connecting, 10)
+        assert await second.request("echo", "in") == "in"
+        await second.close()
+    finally:
+        await srv.close()
