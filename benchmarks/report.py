@@ -309,10 +309,11 @@ def render(report: dict[str, Any]) -> str:
         f"took {report['elapsed_s']:.0f} s",
         "",
     ]
-    busy = max([*report["load_before"][:1], *report["load_after"][:1]], default=0.0)
+    # Before, not after: during the run our own two busy processes make a load of ~2.
+    busy = report["load_before"][0] if report["load_before"] else 0.0
     if busy > 0.5:
         lines[-1:-1] = [
-            f"WARNING: the machine was busy (1-minute load average up to {busy:.2f}): "
+            f"WARNING: the machine was busy (1-minute load average {busy:.2f} before the run): "
             "other work shared the CPUs, so rates are low and noisy; CPU time per operation "
             "and memory are the steadier numbers.",
         ]

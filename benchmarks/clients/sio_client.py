@@ -12,7 +12,7 @@ import contextlib
 import time
 from typing import Any
 
-import socketio  # type: ignore[import-untyped]
+import socketio  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from benchmarks.clients.harness import (
     FanoutTracker,

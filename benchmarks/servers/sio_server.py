@@ -18,8 +18,8 @@ import signal
 import sys
 from typing import Any
 
-import socketio  # type: ignore[import-untyped]
-from aiohttp import web
+import socketio  # type: ignore[import-untyped,import-not-found,unused-ignore]
+from aiohttp import web  # type: ignore[import-not-found,unused-ignore]
 
 from benchmarks.common import (
     exit_with_parent,
