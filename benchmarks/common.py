@@ -26,6 +26,7 @@ from typing import Any
 __all__ = [
     "CPU_ENV",
     "GC_LOG_ENV",
+    "WATCH_STDIN_ENV",
     "PAYLOAD",
     "Meter",
     "cpu_seconds",
@@ -42,6 +43,9 @@ __all__ = [
 
 CPU_ENV = "RTCHAT_BENCH_CPU"
 """Environment variable naming the CPU a benchmark process pins itself to."""
+
+WATCH_STDIN_ENV = "RTCHAT_BENCH_WATCH_STDIN"
+"""Environment variable: "1" makes a server exit when its stdin closes."""
 
 GC_LOG_ENV = "RTCHAT_BENCH_GC_LOG"
 """Environment variable: a file where a server writes its garbage-collector pauses at exit."""
@@ -106,9 +110,13 @@ def gc_monitor_from_env() -> None:
 def exit_with_parent() -> None:
     """SIGTERM this process when stdin closes: a server never outlives its orchestrator.
 
-    The orchestrator keeps the server's stdin open; if it dies (even by
-    SIGKILL), the pipe closes and the server shuts down gracefully.
+    Only under the orchestrator (``RTCHAT_BENCH_WATCH_STDIN=1``), which keeps
+    the server's stdin open; if it dies (even by SIGKILL), the pipe closes
+    and the server shuts down gracefully. Started by hand, a server ignores
+    its stdin.
     """
+    if os.environ.get(WATCH_STDIN_ENV) != "1":
+        return
 
     def watch() -> None:
         try:

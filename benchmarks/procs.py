@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from benchmarks.common import CPU_ENV
+from benchmarks.common import CPU_ENV, WATCH_STDIN_ENV
 
 __all__ = [
     "IMPLS",
@@ -165,7 +165,7 @@ class ServerProcess:
             stdin=asyncio.subprocess.PIPE,  # kept open: the server exits when it closes
             stdout=asyncio.subprocess.PIPE,
             stderr=self.log,
-            env={**_env(server_cpu()), **self.env},
+            env={**_env(server_cpu()), WATCH_STDIN_ENV: "1", **self.env},
             cwd=ROOT,
         )
         assert self.proc.stdout is not None
