@@ -35,11 +35,19 @@ class _Stream:
 
 
 class _Dedupe:
-    __slots__ = ("highest", "replies")
+    """One session's processed ids: the highest, and the newest replies.
+
+    ``order`` holds the ids of ``replies`` oldest first, so evicting the oldest
+    is a ``popleft`` (deleting a dict's first key instead costs time in
+    proportion to the deleted slots at its front).
+    """
+
+    __slots__ = ("highest", "order", "replies")
 
     def __init__(self) -> None:
         self.highest = 0
         self.replies: dict[int, str] = {}
+        self.order: deque[int] = deque()
 
 
 class MemoryBroker(Broker):
@@ -159,15 +167,18 @@ class MemoryBroker(Broker):
         dedupe = self._dedupe.get(session_id)
         if dedupe is None:
             dedupe = self._dedupe[session_id] = _Dedupe()
-        dedupe.highest = max(dedupe.highest, message_id)
+        if message_id > dedupe.highest:
+            dedupe.highest = message_id
         replies = dedupe.replies
+        if message_id not in replies:
+            dedupe.order.append(message_id)
         replies[message_id] = reply
         if len(replies) > self.dedupe_size:
-            del replies[next(iter(replies))]
+            del replies[dedupe.order.popleft()]
 
     async def forget_replies(self, session_id: str, upto: int) -> None:
         dedupe = self._dedupe.get(session_id)
         if dedupe is None:
             return
-        for message_id in [i for i in dedupe.replies if i <= upto]:
-            del dedupe.replies[message_id]
+        dedupe.replies = {i: r for i, r in dedupe.replies.items() if i > upto}
+        dedupe.order = deque(dedupe.replies)
