@@ -30,7 +30,7 @@ from rtchat_sdk.session import _jsonable
 
 from .app import Context, HandlerFailure, Namespace
 from .broker import Broker, MemoryBroker, SessionRecord, StreamEntry
-from .session import ConnectionCore, error_frame
+from .session import ConnectionCore, error_frame, reply_frame
 
 __all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig"]
 
@@ -773,7 +773,7 @@ class Server:
                     echo=frame.echo,
                 )
                 data = {"stream": stream, "epoch": entry.epoch, "offset": entry.offset}
-            return p.encode(p.ReplyFrame(id=frame.id, data=data))
+            return reply_frame(frame.id, data)
         except HandlerFailure as exc:
             return error_frame(exc.code, exc.message, frame.id, details=exc.details)
         except FrameTooLarge as exc:

@@ -26,16 +26,52 @@ from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import to_json
 
 from rtchat_sdk import protocol as p
 
-__all__ = ["ConnectionCore", "ConnectionPhase", "classify_decode_error", "error_frame"]
+__all__ = [
+    "ConnectionCore",
+    "ConnectionPhase",
+    "classify_decode_error",
+    "error_frame",
+    "ping_frame",
+    "pong_frame",
+    "reply_frame",
+]
 
 
 class ConnectionPhase(StrEnum):
     AWAITING_HELLO = "awaiting_hello"
     OPEN = "open"
     CLOSED = "closed"
+
+
+# Encoders of the frames the server writes most. Each gives exactly the text
+# ``p.encode(Model(...))`` gives (the same serializer: pydantic-core's, with the
+# models' settings), without building and validating a model per frame: the
+# fields are the models' own, in their order, and the values the server's own.
+# tests/test_server_fast_paths.py holds them to that.
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    # by_alias=False and inf/nan as null: what model_dump_json() does by default.
+    return to_json(obj, by_alias=False, inf_nan_mode="null").decode()
+
+
+def reply_frame(message_id: int, data: Any = None) -> str:
+    """Encode ``ReplyFrame(id=message_id, data=data)``."""
+    return _dump({"type": "reply", "id": message_id, "data": data})
+
+
+def ping_frame(ts: float) -> str:
+    """Encode ``PingFrame(ts=ts)``."""
+    return _dump({"type": "ping", "ts": float(ts)})
+
+
+def pong_frame(ts: float) -> str:
+    """Encode ``PongFrame(ts=ts)``."""
+    return _dump({"type": "pong", "ts": float(ts)})
 
 
 def error_frame(
@@ -46,11 +82,23 @@ def error_frame(
     details: Any = None,
     retry_after: float | None = None,
 ) -> str:
-    """Encode one error frame."""
-    return p.encode(
-        p.ErrorFrame(
-            id=message_id, code=code, message=message, details=details, retry_after=retry_after
+    """Encode one error frame: ``ErrorFrame(...)``."""
+    if not (isinstance(code, str) and isinstance(message, str)):
+        # Not what the model takes: let it say so, as it always did.
+        return p.encode(
+            p.ErrorFrame(
+                id=message_id, code=code, message=message, details=details, retry_after=retry_after
+            )
         )
+    return _dump(
+        {
+            "type": "error",
+            "id": message_id,
+            "code": code,
+            "message": message,
+            "details": details,
+            "retry_after": None if retry_after is None else float(retry_after),
+        }
     )
 
 
@@ -175,7 +223,7 @@ class ConnectionCore:
                 return None
             return frame
         if isinstance(frame, p.PingFrame):
-            self._to_send.append(p.encode(p.PongFrame(ts=frame.ts)))
+            self._to_send.append(pong_frame(frame.ts))
             return None
         if isinstance(frame, p.PongFrame):
             return None
@@ -218,5 +266,5 @@ class ConnectionCore:
                 self.close(p.CloseCode.HEARTBEAT_TIMEOUT, f"silent for {silent:.1f}s")
             return
         if self._next_ping is not None and now >= self._next_ping:
-            self._to_send.append(p.encode(p.PingFrame(ts=now)))
+            self._to_send.append(ping_frame(now))
             self._next_ping = now + self.heartbeat.interval

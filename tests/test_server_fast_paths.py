@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-import pytest
+import datetime
+import decimal
+import math
+import uuid
+from typing import Any
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import PydanticSerializationError
+
+from rtchat_sdk import protocol as p
 from server_ref.broker import MemoryBroker
+from server_ref.session import error_frame, ping_frame, pong_frame, reply_frame
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -37,3 +49,124 @@ async def test_dedupe_eviction_keeps_the_newest_replies_across_forgets_and_rewri
         processed, reply = await broker.recall_reply("s", i)
         assert processed == (i <= 13)
         assert reply == model.get(i)
+
+
+# --------------------------------------------------------------------------
+# Frame encoders
+
+
+class _Aliased(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    full_name: str = Field(alias="fullName")
+    when: datetime.datetime
+
+
+_REPRESENTATIVE: list[Any] = [
+    None,
+    0,
+    -1,
+    2**70,
+    1.5,
+    1e-7,
+    1e20,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+    True,
+    "",
+    "plain",
+    "héllo wörld ✓ 你好 🙂",
+    'quotes " and \\ backslashes \n\t and \x00 controls',
+    [],
+    {},
+    {"nested": {"list": [1, "two", 3.0, None, {"deep": ["é", {"x": []}]}]}},
+    [[[[[]]]]],
+    (1, "tuple"),
+    {"datetime": datetime.datetime(2024, 5, 6, 7, 8, 9, 123456)},
+    {"uuid": uuid.UUID(int=7), "decimal": decimal.Decimal("1.25"), "bytes": b"raw"},
+    {
+        "enum": p.ErrorCode.BAD_JSON,
+        "model": _Aliased.model_validate(
+            {"fullName": "Zoë", "when": datetime.datetime(2020, 1, 1)}
+        ),
+    },
+]
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@pytest.mark.parametrize("data", _REPRESENTATIVE)
+def test_reply_frame_is_exactly_the_model_encoding(data: Any) -> None:
+    for message_id in (1, 42, 2**53 + 1):
+        text = reply_frame(message_id, data)
+        assert text == p.encode(p.ReplyFrame(id=message_id, data=data))
+        assert isinstance(p.decode_server_frame(text), p.ReplyFrame)
+
+
+@pytest.mark.parametrize("data", _REPRESENTATIVE)
+def test_error_frame_is_exactly_the_model_encoding(data: Any) -> None:
+    cases: list[tuple[str, str, int | None, float | None]] = [
+        (p.ErrorCode.HANDLER_ERROR, 'ValueError: ünïcödé 🙂 "quoted"', 7, None),
+        ("custom_code", "", None, 1.0),
+        (p.ErrorCode.OVERLOADED, "busy", None, 5),  # an int the model makes a float
+        (p.ErrorCode.SHUTTING_DOWN, "bye", None, 0.25),
+    ]
+    for code, message, message_id, retry_after in cases:
+        text = error_frame(code, message, message_id, details=data, retry_after=retry_after)
+        model = p.ErrorFrame(
+            id=message_id, code=code, message=message, details=data, retry_after=retry_after
+        )
+        assert text == p.encode(model)
+        assert isinstance(p.decode_server_frame(text), p.ErrorFrame)
+
+
+def test_error_frame_still_refuses_what_the_model_refuses() -> None:
+    with pytest.raises(ValidationError):
+        error_frame(123, "a code must be a string")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "ts", [0, 1, 0.0, 1.5, 1e-7, 1e20, 123456.789, 5e-324, float("nan"), float("inf")]
+)
+def test_ping_and_pong_frames_are_exactly_the_model_encoding(ts: float) -> None:
+    assert ping_frame(ts) == p.encode(p.PingFrame(ts=ts))
+    assert pong_frame(ts) == p.encode(p.PongFrame(ts=ts))
+    if math.isfinite(ts):  # the models write nan and inf as null, which they do not read back
+        assert isinstance(p.decode_server_frame(ping_frame(ts)), p.PingFrame)
+        assert isinstance(p.decode_server_frame(pong_frame(ts)), p.PongFrame)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=_JSON,
+    message_id=st.integers(min_value=1, max_value=2**63),
+    message=st.text(),
+    ts=st.floats(allow_nan=True, allow_infinity=True),
+)
+def test_encoders_match_the_models_on_any_json_data(
+    data: Any, message_id: int, message: str, ts: float
+) -> None:
+    assert reply_frame(message_id, data) == p.encode(p.ReplyFrame(id=message_id, data=data))
+    assert error_frame("code", message, message_id, details=data) == p.encode(
+        p.ErrorFrame(id=message_id, code="code", message=message, details=data)
+    )
+    assert ping_frame(ts) == p.encode(p.PingFrame(ts=ts))
+    assert pong_frame(ts) == p.encode(p.PongFrame(ts=ts))
+
+
+def test_an_unserializable_reply_fails_like_the_model() -> None:
+    with pytest.raises(PydanticSerializationError):
+        p.encode(p.ReplyFrame(id=1, data=object()))
+    with pytest.raises(PydanticSerializationError):
+        reply_frame(1, object())
