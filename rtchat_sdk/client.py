@@ -20,6 +20,7 @@ from typing import Any, TypeVar, overload
 from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.protocol import State
 
 from . import protocol as p
 from .backoff import ReconnectPolicy
@@ -251,7 +252,9 @@ class Client(NamespaceClient):
         self._deliveries: asyncio.Queue[p.MessageFrame | GapReported | None] = asyncio.Queue()
         self._undispatched = 0
         self._ws: ClientConnection | None = None
-        self._wakeup = asyncio.Event()
+        self._wakeup = asyncio.Event()  # set when the transport pushes back
+        self._write_blocked = False
+        self._flush_handle: asyncio.Handle | None = None
         self._space_freed = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when: float | None = None
@@ -540,6 +543,9 @@ class Client(NamespaceClient):
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
             return ConnectionFailed(f"cannot connect to {url}: {exc}")
         self._ws = ws
+        self._write_blocked = False
+        self._wakeup.clear()
+        self._cancel_flush()
         self._session.connection_made(self._clock())
         writer = asyncio.create_task(self._write_loop(ws), name="rtchat-writer")
         self._after_io()
@@ -555,6 +561,7 @@ class Client(NamespaceClient):
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
             self._ws = None
+            self._cancel_flush()
             if not self._closing:
                 self._session.connection_lost(self._clock())
                 self._after_io()
@@ -573,18 +580,71 @@ class Client(NamespaceClient):
             )
         return ConnectionFailed(f"connection to {url} closed (code {code}: {ws.close_reason})")
 
+    def _flush(self) -> None:
+        """Write every frame the session produced, in order: the one write path.
+
+        Frames are framed with ``ws.protocol.send_text`` and handed to the
+        transport in one ``write`` (one system call), as websockets'
+        ``broadcast()`` does. The first frames of an event-loop pass are
+        written at once (a lone request costs no hop through another task);
+        whatever the same pass produces after them is written together by one
+        callback at the start of the next pass, so a burst of requests (or of
+        pongs) shares a system call. While the transport's buffer is above its
+        high-water mark nothing is written: frames stay queued in the session,
+        in order, until the writer task has waited for the transport to drain.
+        A connection that is closing takes no frames: whatever was unanswered
+        is written again on the next connection.
+        """
+        ws = self._ws
+        if (
+            ws is None
+            or self._flush_handle is not None
+            or self._write_blocked
+            or not self._session.has_data_to_send()
+        ):
+            return
+        frames = self._session.data_to_send()
+        transport = ws.transport
+        if ws.protocol.state is not State.OPEN or transport.is_closing():
+            return
+        protocol = ws.protocol
+        for text in frames:
+            protocol.send_text(text.encode())
+        chunks = protocol.data_to_send()
+        if all(chunks):
+            transport.write(b"".join(chunks))
+        else:  # an end-of-stream marker among them (never after send_text): websockets' way
+            protocol.writes[:0] = chunks
+            ws.send_data()
+        if ws.paused:
+            self._write_blocked = True
+            self._wakeup.set()
+        else:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_next_pass)
+
+    def _flush_next_pass(self) -> None:
+        self._flush_handle = None
+        self._flush()
+
+    def _cancel_flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+
     async def _write_loop(self, ws: ClientConnection) -> None:
+        """Wait out the transport's back-pressure, then write what queued meanwhile."""
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            for text in self._session.data_to_send():
-                await ws.send(text)
+            await ws.drain()
+            self._write_blocked = False
+            self._flush()
 
     def _after_io(self) -> None:
-        """Act on the session's events, wake the writer, re-arm the timer."""
+        """Act on the session's events, write what is due, re-arm the timer."""
         for event in self._session.events_received():
             self._on_event(event)
-        self._wakeup.set()
+        self._flush()
         if self._closing:
             return
         when = self._session.get_timer()

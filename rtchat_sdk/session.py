@@ -6,7 +6,8 @@ happened and the time it happened at, and collects what to do:
 * ``connection_made(now)`` / ``connection_lost(now)``: the transport's life;
 * ``receive_text(text, now)``: one frame from the server;
 * ``emit`` / ``request`` / ``publish`` / ``join`` / ``leave``: the app sends;
-* ``data_to_send()``: frames for the driver to write, in order;
+* ``data_to_send()``: frames for the driver to write, in order
+  (``has_data_to_send()`` says whether there are any);
 * ``events_received()``: what the app must hear about (replies, deliveries...);
 * ``get_timer()`` / ``handle_timer(now)``: the next deadline and its handling.
 
@@ -273,6 +274,10 @@ class ClientSession:
         """Frames to write, in order; the list is handed over and cleared."""
         out, self._to_send = self._to_send, []
         return out
+
+    def has_data_to_send(self) -> bool:
+        """Whether ``data_to_send()`` would return any frame (a cheap check)."""
+        return bool(self._to_send)
 
     def events_received(self) -> list[SessionEvent]:
         """Events for the app, in order; the list is handed over and cleared."""
