@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar, overload
 
@@ -249,7 +250,9 @@ class Client(NamespaceClient):
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._rtt_waiters: list[asyncio.Future[float]] = []
         # Deliveries and gap notices, in stream order, for the dispatcher.
-        self._deliveries: asyncio.Queue[p.MessageFrame | GapReported | None] = asyncio.Queue()
+        self._deliveries: asyncio.Queue[p.MessageFrame | GapReported | _Unfinished | None] = (
+            asyncio.Queue()
+        )
         self._undispatched = 0
         self._ws: ClientConnection | None = None
         self._wakeup = asyncio.Event()  # set when the transport pushes back
@@ -675,10 +678,11 @@ class Client(NamespaceClient):
                     future.set_result(data)
                 self._space_freed.set()
             case Delivered(frame=frame):
-                if self._handlers.has_handlers(frame):
+                if self._undispatched:
+                    # Behind what is queued: handled, and its position persisted, in order.
                     self._dispatch_later(frame)
-                elif self._undispatched:
-                    self._dispatch_later(frame)  # keep positions persisted in order
+                elif self._handlers.has_handlers(frame):
+                    self._handle_now(frame)
                 else:
                     self._session.delivery_handled(frame)
             case Failed(id=message_id, code=code, message=message, details=details):
@@ -753,29 +757,59 @@ class Client(NamespaceClient):
         finally:
             self._reading_paused = False
 
-    def _dispatch_later(self, item: p.MessageFrame | GapReported) -> None:
+    def _handle_now(self, frame: p.MessageFrame) -> None:
+        """Nothing is queued ahead: call the handlers from here, without a task switch.
+
+        Synchronous handlers finish here; from the first one that returns an
+        awaitable on, the rest is queued for the dispatcher, and everything
+        after it queues behind.
+        """
+        rest = self._handlers.call(frame, self._report)
+        if rest is None:
+            self._session.delivery_handled(frame)
+        else:
+            self._dispatch_later(_Unfinished(frame, rest))
+
+    def _dispatch_later(self, item: p.MessageFrame | GapReported | _Unfinished) -> None:
         self._undispatched += 1
         self._deliveries.put_nowait(item)
 
     async def _dispatch_loop(self) -> None:
         """Hand deliveries and gap notices to the app one by one, in stream order."""
-        while True:
-            if self._deliveries.qsize() <= self.max_pending_deliveries // 2:
-                self._handlers_caught_up.set()
-            item = await self._deliveries.get()
-            if item is None:
-                return
-            if isinstance(item, GapReported):
-                for callback in list(self._gap_callbacks):
-                    try:
-                        callback(item)
-                    except Exception:
-                        log.exception("gap callback raised")
-                self._session.gap_handled(item)
-            else:
-                await self._handlers.dispatch(item, self._report)
-                self._session.delivery_handled(item)
-            self._undispatched -= 1
+        try:
+            while True:
+                if self._deliveries.qsize() <= self.max_pending_deliveries // 2:
+                    self._handlers_caught_up.set()
+                item = await self._deliveries.get()
+                if item is None:
+                    return
+                if isinstance(item, GapReported):
+                    for callback in list(self._gap_callbacks):
+                        try:
+                            callback(item)
+                        except Exception:
+                            log.exception("gap callback raised")
+                    self._session.gap_handled(item)
+                elif isinstance(item, _Unfinished):
+                    await item.rest
+                    self._session.delivery_handled(item.frame)
+                else:
+                    await self._handlers.dispatch(item, self._report)
+                    self._session.delivery_handled(item)
+                self._undispatched -= 1
+        finally:
+            while not self._deliveries.empty():  # never run now: close their coroutines
+                left = self._deliveries.get_nowait()
+                if isinstance(left, _Unfinished):
+                    left.rest.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Unfinished:
+    """A delivery whose handlers started inline; ``rest`` awaits what they left."""
+
+    frame: p.MessageFrame
+    rest: Coroutine[Any, Any, None]
 
 
 def _event_and_data(event: str | Event, data: Any) -> tuple[str, Any]:
