@@ -6,6 +6,13 @@ client's messages are processed in the order it sent them. Sessions outlive
 connections for ``session_ttl`` seconds so a client can resume; streams live
 behind the ``Broker``. A broadcast is encoded once and written to every
 member's socket with ``websockets.broadcast``.
+
+Everything else a connection is sent takes one path, ``_send``: the frames
+go into the connection's protocol buffer at once, and reach the socket once
+per event-loop pass (``_write``), so the replies to messages that arrived
+together leave in one ``send()`` system call instead of one each. The reader
+waits for the socket to drain when the transport says its buffer is full,
+as ``ws.send()`` did for each frame.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from rtchat_sdk import protocol as p
 from rtchat_sdk.events import Event, event_name
@@ -88,8 +96,12 @@ class _Session:
         self.held: list[StreamEntry] = []
 
 
+_WRITE_NOW_BYTES = 64 * 1024
+"""Unwritten bytes past which ``_send`` writes at once instead of at the end of the pass."""
+
+
 class _Connection:
-    __slots__ = ("busy", "core", "session", "timer", "ws")
+    __slots__ = ("busy", "core", "session", "timer", "unwritten", "ws")
 
     def __init__(self, ws: ServerConnection, core: ConnectionCore) -> None:
         self.ws = ws
@@ -97,6 +109,8 @@ class _Connection:
         self.session: _Session | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.busy = False
+        self.unwritten = 0
+        """Bytes framed into ``ws.protocol`` and not yet handed to the transport."""
 
 
 class Server:
@@ -129,6 +143,7 @@ class Server:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ws_server: WsServer | None = None
         self._port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         self._heartbeat = p.HeartbeatInfo(
             interval=self.config.heartbeat_interval, timeout=self.config.heartbeat_timeout
@@ -171,6 +186,7 @@ class Server:
 
     async def start(self, host: str = "127.0.0.1", port: int = 8765) -> None:
         """Start listening; returns once the socket is bound."""
+        self._loop = asyncio.get_running_loop()
         await self.broker.start()
         self._ws_server = await serve(
             self._handle,
@@ -434,8 +450,64 @@ class Server:
             await self._detach(conn)
 
     async def _flush(self, conn: _Connection) -> None:
-        for text in conn.core.data_to_send():
-            await conn.ws.send(text)
+        """Send what the core produced; wait while the peer's buffer is full."""
+        frames = conn.core.data_to_send()
+        if frames:
+            self._send(conn, frames)
+            ws = conn.ws
+            if ws.paused:  # the transport is above its high-water mark: back-pressure
+                self._write(conn)
+                try:
+                    await ws.drain()
+                except Exception:  # the connection was lost: the reader sees it next
+                    log.debug("connection lost while draining", exc_info=True)
+
+    def _send(self, conn: _Connection, frames: list[str]) -> None:
+        """Frame text messages for the connection; they reach the socket this loop pass.
+
+        The one way frames other than broadcasts are written. A connection
+        that is no longer open gets nothing (``ws.send()`` refused too).
+        """
+        protocol = conn.ws.protocol
+        if protocol.state is not State.OPEN:
+            return
+        pending = conn.unwritten
+        for text in frames:
+            data = text.encode()
+            protocol.send_text(data)
+            pending += len(data)
+        if conn.unwritten == 0:  # the first frames since the last write: schedule one
+            assert self._loop is not None  # set by start(), before any connection
+            self._loop.call_soon(self._write, conn)
+        conn.unwritten = pending
+        if pending >= _WRITE_NOW_BYTES:
+            self._write(conn)
+
+    def _write(self, conn: _Connection) -> None:
+        """Hand everything framed for the connection to its transport, in one write."""
+        if conn.unwritten == 0:
+            return  # written already (a large batch, or back-pressure)
+        conn.unwritten = 0
+        ws = conn.ws
+        transport = ws.transport
+        # One frame per item; ws.send_data() would make one write (one send()
+        # system call) of each. An empty item asks for a half-close after the
+        # data (websockets writes its own at once, so it is hardly ever here).
+        chunks = ws.protocol.data_to_send()
+        try:
+            if all(chunks):
+                transport.write(b"".join(chunks))
+                return
+            for chunk in chunks:
+                if chunk:
+                    transport.write(chunk)
+                elif transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+        except Exception:  # as websockets does: a connection we cannot write to is dead
+            log.debug("write failed", exc_info=True)
+            transport.abort()
 
     def _arm_timer(self, conn: _Connection) -> None:
         when = conn.core.get_timer()
@@ -453,8 +525,7 @@ class Server:
         conn.core.handle_timer(now)
         pending = conn.core.data_to_send()
         if pending:
-            for text in pending:
-                broadcast([conn.ws], text)
+            self._send(conn, pending)
         if conn.core.close_code is not None:
             self._spawn(self._close_connection(conn))
             return
@@ -646,7 +717,8 @@ class Server:
                 for entry in held:
                     if entry.offset > covered.get(entry.stream, 0):
                         covered[entry.stream] = entry.offset
-                        await conn.ws.send(entry.text)
+                        conn.core.send(entry.text)
+                        await self._flush(conn)
         finally:
             session.replaying = False
             session.held = []

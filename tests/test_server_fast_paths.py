@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import decimal
+import json
 import math
 import uuid
 from typing import Any
@@ -13,10 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticSerializationError
+from websockets.asyncio.client import ClientConnection, connect
 
 from rtchat_sdk import protocol as p
 from server_ref.broker import MemoryBroker
 from server_ref.session import error_frame, ping_frame, pong_frame, reply_frame
+from tests.conftest import make_server
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -170,3 +175,68 @@ def test_an_unserializable_reply_fails_like_the_model() -> None:
         p.encode(p.ReplyFrame(id=1, data=object()))
     with pytest.raises(PydanticSerializationError):
         reply_frame(1, object())
+
+
+# --------------------------------------------------------------------------
+# The write path
+
+
+async def _raw_hello(url: str, **kwargs: Any) -> ClientConnection:
+    ws = await connect(url, proxy=None, compression=None, **kwargs)
+    await ws.send(json.dumps({"type": "hello", "protocol": 1}))
+    assert json.loads(await ws.recv())["type"] == "welcome"
+    return ws
+
+
+async def test_requests_arriving_together_are_answered_in_order() -> None:
+    srv = make_server()
+    await srv.start("127.0.0.1", 0)
+    try:
+        ws = await _raw_hello(srv.url)
+        try:
+            # 300 frames framed by the client and handed to its socket in one write.
+            for i in range(1, 301):
+                frame = {"type": "request", "id": i, "event": "echo", "data": {"i": i, "s": "é"}}
+                ws.protocol.send_text(json.dumps(frame).encode())
+            ws.send_data()
+            async with asyncio.timeout(10):
+                replies = [json.loads(await ws.recv()) for _ in range(300)]
+            assert [r["id"] for r in replies] == list(range(1, 301))
+            assert all(
+                r == {"type": "reply", "id": r["id"], "data": {"i": r["id"], "s": "é"}}
+                for r in replies
+            )
+        finally:
+            await ws.close()
+    finally:
+        await srv.close()
+
+
+async def test_a_client_that_does_not_read_its_replies_stops_the_server_reading() -> None:
+    srv = make_server()
+    await srv.start("127.0.0.1", 0)
+    try:
+        # max_queue=1: the client stops reading its socket once a reply waits unread.
+        ws = await _raw_hello(srv.url, max_queue=1, max_size=None)
+        blob = "x" * 64 * 1024
+
+        async def flood() -> None:
+            for i in range(1, 1001):  # 64 MB of replies asked for
+                await ws.send(
+                    json.dumps({"type": "request", "id": i, "event": "echo", "data": blob})
+                )
+
+        sender = asyncio.create_task(flood())
+        try:
+            await asyncio.sleep(1.0)  # long enough for every buffer on the way to fill
+            assert not sender.done()  # the server stopped reading: the client's sends wait
+            (conn,) = srv._connections
+            held = conn.ws.transport.get_write_buffer_size() + conn.unwritten
+            assert held < 4 * 1024 * 1024, held  # a few replies past the high-water mark
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sender
+            ws.transport.abort()
+    finally:
+        await srv.close(timeout=1)
