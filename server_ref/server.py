@@ -4,15 +4,16 @@ Per connection, one reader loop feeds frames to the sans-I/O
 ``ConnectionCore`` and acts on what it returns, one frame at a time, so a
 client's messages are processed in the order it sent them. Sessions outlive
 connections for ``session_ttl`` seconds so a client can resume; streams live
-behind the ``Broker``. A broadcast is encoded once and written to every
-member's socket with ``websockets.broadcast``.
+behind the ``Broker``. A delivery is encoded once for all members of a room.
 
-Everything else a connection is sent takes one path, ``_send``: the frames
-go into the connection's protocol buffer at once, and reach the socket once
-per event-loop pass (``_write``), so the replies to messages that arrived
-together leave in one ``send()`` system call instead of one each. The reader
-waits for the socket to drain when the transport says its buffer is full,
-as ``ws.send()`` did for each frame.
+Everything a connection is sent takes one path, ``_frame``: the frame goes
+into the connection's protocol buffer at once, and reaches the socket at the
+end of the event-loop pass (``_write_pending``), so what one pass produced
+for a connection (the replies to messages that arrived together, the
+deliveries of a batch of publishes) leaves in one ``send()`` system call
+instead of one each. The reader waits for the socket to drain when the
+transport says its buffer is full, as ``ws.send()`` did for each frame; a
+room member whose unsent data passes ``max_pending_bytes`` is disconnected.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from websockets.asyncio.server import Server as WsServer
-from websockets.asyncio.server import ServerConnection, broadcast, serve
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
@@ -97,7 +98,7 @@ class _Session:
 
 
 _WRITE_NOW_BYTES = 64 * 1024
-"""Unwritten bytes past which ``_send`` writes at once instead of at the end of the pass."""
+"""Unwritten bytes past which ``_frame`` writes at once instead of at the end of the pass."""
 
 
 class _Connection:
@@ -144,6 +145,7 @@ class Server:
         self._ws_server: WsServer | None = None
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._unwritten: list[_Connection] = []  # connections with frames not yet written
         self._closing = False
         self._heartbeat = p.HeartbeatInfo(
             interval=self.config.heartbeat_interval, timeout=self.config.heartbeat_timeout
@@ -225,7 +227,8 @@ class Server:
             retry_after=self.config.shutdown_retry_after,
         )
         conns = list(self._connections)
-        broadcast([c.ws for c in conns], notice)
+        for c in conns:
+            self._send(c, [notice])
         closing = asyncio.gather(
             *(c.ws.close(p.CloseCode.GOING_AWAY, "server shutting down") for c in conns),
             return_exceptions=True,
@@ -363,7 +366,7 @@ class Server:
         members = self._members.get(entry.stream)
         if not members:
             return
-        targets: list[ServerConnection] = []
+        data = entry.text.encode()
         for session in members:
             if entry.sender == session.id and not entry.echo:
                 continue
@@ -375,15 +378,17 @@ class Server:
                 continue  # detached: it will replay from history on resume
             if self._too_slow(conn):
                 continue
-            targets.append(conn.ws)
-        broadcast(targets, entry.text)
+            self._frame(conn, data)
 
     def _too_slow(self, conn: _Connection) -> bool:
         """Disconnect a consumer whose unsent data passed the limit."""
         if conn.core.close_code is not None:
             return True  # already cut off: nothing more may reach it before it resumes
         transport = conn.ws.transport
-        if transport is None or transport.get_write_buffer_size() <= self.config.max_pending_bytes:
+        if (
+            transport is None
+            or transport.get_write_buffer_size() + conn.unwritten <= self.config.max_pending_bytes
+        ):
             return False
         conn.core.close(p.CloseCode.SLOW_CONSUMER, "too much unsent data; resume to catch up")
         self._spawn(self._close_connection(conn))
@@ -463,24 +468,32 @@ class Server:
                     log.debug("connection lost while draining", exc_info=True)
 
     def _send(self, conn: _Connection, frames: list[str]) -> None:
-        """Frame text messages for the connection; they reach the socket this loop pass.
+        for text in frames:
+            self._frame(conn, text.encode())
 
-        The one way frames other than broadcasts are written. A connection
-        that is no longer open gets nothing (``ws.send()`` refused too).
+    def _frame(self, conn: _Connection, data: bytes) -> None:
+        """Frame one text message for the connection; it reaches the socket this loop pass.
+
+        The one way anything is written. A connection that is no longer open
+        gets nothing (``ws.send()`` refused too).
         """
         protocol = conn.ws.protocol
         if protocol.state is not State.OPEN:
             return
-        pending = conn.unwritten
-        for text in frames:
-            data = text.encode()
-            protocol.send_text(data)
-            pending += len(data)
-        if conn.unwritten == 0:  # the first frames since the last write: schedule one
-            assert self._loop is not None  # set by start(), before any connection
-            self._loop.call_soon(self._write, conn)
-        conn.unwritten = pending
-        if pending >= _WRITE_NOW_BYTES:
+        protocol.send_text(data)
+        if not conn.unwritten:  # the first frame since the last write: one is due
+            if not self._unwritten:
+                assert self._loop is not None  # set by start(), before any connection
+                self._loop.call_soon(self._write_pending)
+            self._unwritten.append(conn)
+        conn.unwritten += len(data)
+        if conn.unwritten >= _WRITE_NOW_BYTES:
+            self._write(conn)
+
+    def _write_pending(self) -> None:
+        """End of the loop pass: write out every connection's frames."""
+        conns, self._unwritten = self._unwritten, []
+        for conn in conns:
             self._write(conn)
 
     def _write(self, conn: _Connection) -> None:
