@@ -9,7 +9,7 @@ server's dedupe makes that safe.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
@@ -51,11 +51,12 @@ class OutboxEntry:
     kind: str
     text: str
     expires_at: float | None = None
+    size: int = field(init=False, repr=False, compare=False)
+    """Bytes on the wire (UTF-8), as the outbox's byte limit counts them."""
 
-    @property
-    def size(self) -> int:
-        """Bytes on the wire (UTF-8), as the outbox's byte limit counts them."""
-        return len(self.text) if self.text.isascii() else len(self.text.encode())
+    def __post_init__(self) -> None:
+        text = self.text
+        self.size = len(text) if text.isascii() else len(text.encode())
 
 
 @dataclass(slots=True)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from . import protocol as p
@@ -369,22 +369,12 @@ class ClientSession:
     def emit(
         self, ns: str, event: str, data: Any, *, now: float, expires_in: float | None = None
     ) -> tuple[int, list[Dropped]]:
-        return self._queue(
-            "emit",
-            lambda i: p.EmitFrame(id=i, ns=ns, event=event, data=_jsonable(data)),
-            now,
-            expires_in,
-        )
+        return self._queue("emit", ns, event, None, data, False, now, expires_in)
 
     def request(
         self, ns: str, event: str, data: Any, *, now: float, timeout: float | None = None
     ) -> tuple[int, list[Dropped]]:
-        return self._queue(
-            "request",
-            lambda i: p.RequestFrame(id=i, ns=ns, event=event, data=_jsonable(data)),
-            now,
-            timeout,
-        )
+        return self._queue("request", ns, event, None, data, False, now, timeout)
 
     def publish(
         self,
@@ -397,25 +387,22 @@ class ClientSession:
         echo: bool = False,
         expires_in: float | None = None,
     ) -> tuple[int, list[Dropped]]:
-        return self._queue(
-            "publish",
-            lambda i: p.PublishFrame(
-                id=i, ns=ns, room=room, event=event, data=_jsonable(data), echo=echo
-            ),
-            now,
-            expires_in,
-        )
+        return self._queue("publish", ns, event, room, data, echo, now, expires_in)
 
     def join(self, ns: str, room: str, *, now: float) -> tuple[int, list[Dropped]]:
-        return self._queue("join", lambda i: p.JoinFrame(id=i, ns=ns, room=room), now, None)
+        return self._queue("join", ns, None, room, None, False, now, None)
 
     def leave(self, ns: str, room: str, *, now: float) -> tuple[int, list[Dropped]]:
-        return self._queue("leave", lambda i: p.LeaveFrame(id=i, ns=ns, room=room), now, None)
+        return self._queue("leave", ns, None, room, None, False, now, None)
 
     def _queue(
         self,
         kind: str,
-        build: Any,
+        ns: str,
+        event: str | None,
+        room: str | None,
+        data: Any,
+        echo: bool,
         now: float,
         expires_in: float | None,
     ) -> tuple[int, list[Dropped]]:
@@ -423,11 +410,7 @@ class ClientSession:
             raise ProtocolError("session is closed")
         self._now = max(self._now, now)
         message_id = self._next_id
-        try:
-            frame: BaseModel = build(message_id)
-            text = frame.model_dump_json()
-        except (ValidationError, PydanticSerializationError) as exc:
-            raise ValidationFailed(f"cannot encode {kind}: {exc}") from exc
+        text = encode_message(kind, message_id, ns, event, room, data, echo)
         size = p.wire_size(text)
         if size > self.max_frame_bytes:
             raise MessageTooLarge(
@@ -438,7 +421,7 @@ class ClientSession:
         self._next_id += 1
         evicted = [Dropped(e.id, e.kind) for e in dropped]
         for e in dropped:
-            self._give_up(e.id)
+            self._forget(e.id)
         self.counters.dropped += len(evicted)
         if expires_at is not None:
             heapq.heappush(self._deadlines, (expires_at, message_id))
@@ -470,22 +453,12 @@ class ClientSession:
                 self.counters.sent += 1
 
     def _expire(self, entry: OutboxEntry) -> None:
-        self._give_up(entry.id)
+        self._settle(entry.id)
         self.counters.timed_out += 1
         self._events.append(TimedOut(entry.id, entry.kind))
 
     def _forget(self, message_id: int) -> None:
         self._in_flight.discard(message_id)
-        self._ever_sent.discard(message_id)
-
-    def _give_up(self, message_id: int) -> None:
-        """The app stops waiting (expired, dropped): never written again.
-
-        If it is on the wire it keeps its in-flight slot until the server
-        answers or the link drops: the server will still run it, and the window
-        must count it, or the server's dedupe could lose an older reply.
-        """
-        self.outbox.remove(message_id)
         self._ever_sent.discard(message_id)
 
     def _settle(self, message_id: int) -> OutboxEntry | None:
@@ -575,8 +548,7 @@ class ClientSession:
     def _on_reply(self, frame: p.ReplyFrame) -> None:
         entry = self._settle(frame.id)
         if entry is None:
-            self._pump()  # answer to a message we gave up on: its slot is free now
-            return
+            return  # a reply to a resend of something already answered
         if entry.kind == "join":
             self._on_joined(entry, frame.data)
         elif entry.kind == "leave":
@@ -616,7 +588,6 @@ class ClientSession:
             return
         entry = self._settle(frame.id)
         if entry is None:
-            self._pump()
             return
         self._events.append(Failed(frame.id, entry.kind, frame.code, frame.message, frame.details))
         self._pump()
@@ -738,3 +709,126 @@ def _jsonable(data: Any) -> Any:
     if isinstance(data, BaseModel):
         return data.model_dump(mode="json")
     return data
+
+
+# --------------------------------------------------------------------------
+# Encoding app messages
+#
+# Every frame the app sends has a fixed shape: an envelope (type, ns, event,
+# room, echo) around an id and a payload. Building and validating a pydantic
+# model per message costs more than the rest of sending it, so the envelope
+# of each (kind, ns, event, room, echo) is validated once, by the model, and
+# kept as text; later messages with it only serialise their payload, with the
+# same pydantic-core serializer the model's ``data: Any`` field uses. The
+# envelope is kept only if it reproduces, byte for byte, the model's own
+# encoding of the message that validated it; any surprise (an id below 1, a
+# name that is a str subclass, a payload that fails to serialise) takes the
+# model's way, which gives the same text or raises the same error as before.
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "emit": p.EmitFrame,
+    "request": p.RequestFrame,
+    "publish": p.PublishFrame,
+    "join": p.JoinFrame,
+    "leave": p.LeaveFrame,
+}
+_WITH_DATA = frozenset({"emit", "request", "publish"})
+_to_json = TypeAdapter(Any).serializer.to_json
+"""The serializer of a ``data: Any`` field, and of any JSON value."""
+
+_ENVELOPES: dict[tuple[str, str, str | None, str | None, bool], tuple[str, str, str]] = {}
+_MAX_ENVELOPES = 1024
+
+
+def encode_message(
+    kind: str,
+    message_id: int,
+    ns: str,
+    event: str | None,
+    room: str | None,
+    data: Any,
+    echo: bool,
+) -> str:
+    """The wire text of an app message, exactly as ``protocol.encode(Frame(...))`` gives it.
+
+    Raises ``ValidationFailed`` for an invalid frame (a bad namespace, an
+    empty event name...) or a payload that cannot be serialised.
+    """
+    key = (kind, ns, event, room, echo)
+    envelope = _ENVELOPES.get(key) if message_id >= 1 and _plain(key) else None
+    if envelope is not None:
+        head, middle, tail = envelope
+        try:
+            body = _to_json(_jsonable(data)).decode() if kind in _WITH_DATA else ""
+        except Exception:
+            pass  # the model's way below raises the error it always raised
+        else:
+            return f"{head}{message_id}{middle}{body}{tail}"
+    text = _encode_with_model(kind, message_id, ns, event, room, data, echo)
+    if message_id >= 1 and _plain(key):
+        _learn_envelope(key, message_id, data, text)
+    return text
+
+
+def _encode_with_model(
+    kind: str,
+    message_id: int,
+    ns: str,
+    event: str | None,
+    room: str | None,
+    data: Any,
+    echo: bool,
+) -> str:
+    fields: dict[str, Any] = {"id": message_id, "ns": ns}
+    if kind in _WITH_DATA:
+        fields["event"] = event
+        fields["data"] = data
+    if kind in ("publish", "join", "leave"):
+        fields["room"] = room
+    if kind == "publish":
+        fields["echo"] = echo
+    try:
+        if "data" in fields:
+            fields["data"] = _jsonable(data)
+        return _MODELS[kind](**fields).model_dump_json()
+    except (ValidationError, PydanticSerializationError) as exc:
+        raise ValidationFailed(f"cannot encode {kind}: {exc}") from exc
+
+
+def _plain(key: tuple[str, str, str | None, str | None, bool]) -> bool:
+    _, ns, event, room, echo = key
+    return (
+        type(ns) is str
+        and (event is None or type(event) is str)
+        and (room is None or type(room) is str)
+        and type(echo) is bool
+    )
+
+
+def _learn_envelope(
+    key: tuple[str, str, str | None, str | None, bool], message_id: int, data: Any, text: str
+) -> None:
+    kind, ns, event, room, echo = key
+
+    def string(value: str | None) -> str:
+        return _to_json(value).decode()
+
+    head = f'{{"type":"{kind}","id":'
+    if kind == "publish":
+        middle = f',"ns":{string(ns)},"room":{string(room)},"event":{string(event)},"data":'
+        tail = ',"echo":true}' if echo else ',"echo":false}'
+    elif kind in _WITH_DATA:
+        middle = f',"ns":{string(ns)},"event":{string(event)},"data":'
+        tail = "}"
+    else:
+        middle = f',"ns":{string(ns)},"room":{string(room)}}}'
+        tail = ""
+    try:
+        body = _to_json(_jsonable(data)).decode() if kind in _WITH_DATA else ""
+    except Exception:
+        return
+    if f"{head}{message_id}{middle}{body}{tail}" != text:
+        return  # not the model's encoding: keep using the model for this envelope
+    if len(_ENVELOPES) >= _MAX_ENVELOPES:
+        _ENVELOPES.clear()
+    _ENVELOPES[key] = (head, middle, tail)
