@@ -246,7 +246,9 @@ class ClientSession:
         self._in_flight: set[int] = set()
         self._to_send: list[str] = []
         self._events: list[SessionEvent] = []
-        self._deadlines: list[tuple[float, int]] = []
+        self._deadlines: list[tuple[float, int]] = []  # a heap; entries may be settled
+        self._timer: float | None = None  # what get_timer() returns, unless _timer_stale
+        self._timer_stale = True
         self._heartbeat: _Heartbeat | None = None
         self._server_max_in_flight: int | None = None
         self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
@@ -296,6 +298,7 @@ class ClientSession:
         self._last_received = now
         self._dead_at = now + self.handshake_timeout
         self._next_ping = None
+        self._timer_stale = True
         resume = None
         self._unlisted_rooms = []
         if self.token is not None:
@@ -333,6 +336,7 @@ class ClientSession:
         self._unsent = deque(self.outbox.ids())
         self._next_ping = None
         self._dead_at = None
+        self._timer_stale = True
         self.handle_timer(now)
 
     def close(self) -> None:
@@ -341,12 +345,14 @@ class ClientSession:
         self._to_send.clear()
         self._next_ping = None
         self._dead_at = None
+        self._timer_stale = True
 
     def keepalive(self, now: float) -> None:
         """Count the server as alive now: the driver has paused reading on purpose."""
         self._last_received = now
         if self._heartbeat is not None and self.state is SessionState.OPEN:
             self._dead_at = now + self._heartbeat.interval + self._heartbeat.timeout
+            self._timer_stale = True
 
     def ping(self, now: float) -> None:
         """Send a heartbeat now (its pong yields a RoundTrip event)."""
@@ -422,9 +428,10 @@ class ClientSession:
         evicted = [Dropped(e.id, e.kind) for e in dropped]
         for e in dropped:
             self._forget(e.id)
+            self._deadline_gone(e)
         self.counters.dropped += len(evicted)
         if expires_at is not None:
-            heapq.heappush(self._deadlines, (expires_at, message_id))
+            self._add_deadline(expires_at, message_id)
         self._unsent.append(message_id)
         self._pump()
         return message_id, evicted
@@ -464,7 +471,26 @@ class ClientSession:
     def _settle(self, message_id: int) -> OutboxEntry | None:
         entry = self.outbox.remove(message_id)
         self._forget(message_id)
+        if entry is not None:
+            self._deadline_gone(entry)
         return entry
+
+    def _add_deadline(self, expires_at: float, message_id: int) -> None:
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * len(self.outbox) + 64:
+            # Mostly answered messages: drop them now rather than when they reach the top.
+            deadlines[:] = [d for d in deadlines if d[1] in self.outbox]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, (expires_at, message_id))
+        if self._timer is None or expires_at < self._timer:
+            self._timer_stale = True
+
+    def _deadline_gone(self, entry: OutboxEntry) -> None:
+        """``entry`` left the outbox: the next deadline moves if it was this one."""
+        if entry.expires_at is not None and (
+            self._timer is None or entry.expires_at <= self._timer
+        ):
+            self._timer_stale = True
 
     # ------------------------------------------------------------------
     # Receiving
@@ -474,7 +500,11 @@ class ClientSession:
         self._now = now
         self._last_received = now
         if self._heartbeat is not None and self.state is SessionState.OPEN:
-            self._dead_at = now + self._heartbeat.interval + self._heartbeat.timeout
+            dead_at = now + self._heartbeat.interval + self._heartbeat.timeout
+            timer, old = self._timer, self._dead_at
+            if timer is None or old is None or old <= timer or dead_at < timer:
+                self._timer_stale = True  # else it was not, and is not, the next deadline
+            self._dead_at = dead_at
         try:
             frame = p.decode_server_frame(text)
         except ValidationError as exc:
@@ -542,6 +572,7 @@ class ClientSession:
         self._server_max_in_flight = frame.limits.max_in_flight
         self._next_ping = now + frame.heartbeat.interval
         self._dead_at = now + frame.heartbeat.interval + frame.heartbeat.timeout
+        self._timer_stale = True
         self._events.append(Welcomed(frame.session, frame.resumed))
         self._pump()
 
@@ -676,17 +707,27 @@ class ClientSession:
     # Time
 
     def get_timer(self) -> float | None:
-        """The next moment ``handle_timer`` has work to do, or None."""
+        """The next moment ``handle_timer`` has work to do, or None.
+
+        Worked out again only after something moved a deadline (most frames
+        and sends do not: a delivery pushes the dead-link deadline further
+        out, which is not the next one while a ping is due before it).
+        """
+        if not self._timer_stale:
+            return self._timer
         candidates = [t for t in (self._next_ping, self._dead_at) if t is not None]
         while self._deadlines and self._deadlines[0][1] not in self.outbox:
             heapq.heappop(self._deadlines)
         if self._deadlines:
             candidates.append(self._deadlines[0][0])
-        return min(candidates) if candidates else None
+        self._timer = min(candidates) if candidates else None
+        self._timer_stale = False
+        return self._timer
 
     def handle_timer(self, now: float) -> None:
         """Expire messages, send a heartbeat, or declare the link dead."""
         self._now = now
+        self._timer_stale = True
         while self._deadlines and self._deadlines[0][0] <= now:
             _, message_id = heapq.heappop(self._deadlines)
             entry = self.outbox.get(message_id)
