@@ -594,6 +594,8 @@ class Server:
             refused: list[p.StreamPosition] = []
             if hello.resume is not None:
                 refused = await self._restore_rooms(record, hello.resume)
+                if hello.resume.session is not None:
+                    record.previous.append(hello.resume.session)
             await self.broker.save_session(record, None)
             session = self._local_session(record)
             await self._attach(
@@ -747,7 +749,9 @@ class Server:
         Returns, per stream, the offset the replay reached.
         """
         covered: dict[str, int] = {}
-        own = {session.id}  # our own publishes come back only with echo
+        # Our own publishes come back only with echo, including those of the
+        # lost sessions this one replaced (the client presents that id too).
+        own = {session.id, *session.record.previous}
         if resume.session is not None:
             own.add(resume.session)
         given = {s.stream: s for s in resume.streams}

@@ -450,3 +450,32 @@ async def test_overloaded_server_sends_clients_away_for_retry_after() -> None:
         await second.close()
     finally:
         await srv.close()
+
+
+async def test_own_publishes_of_a_lost_session_never_come_back_on_later_resumes() -> None:
+    clock = FakeClock()
+    srv = Server(broker=MemoryBroker(clock=clock))
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with (
+            FaultProxy(srv.port) as proxy,
+            Client(srv.url) as sender,
+            Client(proxy.url, reconnect=FAST) as receiver,
+        ):
+            inbox = Inbox(receiver)
+            await sender.join("r")
+            await receiver.join("r")
+            await receiver.publish("r", "m", "mine")
+            for expire in (True, False):  # a lost session, then an ordinary resume
+                proxy.refuse(True)
+                proxy.drop()
+                await wait_state(receiver, ConnectionState.RECONNECTING)
+                if expire:
+                    clock.now += srv.config.session_ttl
+                proxy.refuse(False)
+                await wait_reconnected(receiver)
+            await sender.publish("r", "m", "theirs")
+            # A replayed "mine" would arrive before the live "theirs".
+            assert await inbox.wait_for(1) == ["theirs"]
+    finally:
+        await srv.close()

@@ -57,6 +57,8 @@ class SessionRecord:
     user: str | None
     rooms: dict[tuple[str, str], tuple[str, int]] = field(default_factory=dict)
     """(namespace, room) -> the room stream's (epoch, offset) when joined."""
+    previous: list[str] = field(default_factory=list)
+    """Ids of lost sessions this one replaced: their publishes are this client's own."""
 
 
 FrameBuilder = Callable[[str, int], str]
