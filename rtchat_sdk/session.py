@@ -427,8 +427,7 @@ class ClientSession:
         self._next_id += 1
         evicted = [Dropped(e.id, e.kind) for e in dropped]
         for e in dropped:
-            self._forget(e.id)
-            self._deadline_gone(e)
+            self._give_up(e)
         self.counters.dropped += len(evicted)
         if expires_at is not None:
             self._add_deadline(expires_at, message_id)
@@ -460,13 +459,24 @@ class ClientSession:
                 self.counters.sent += 1
 
     def _expire(self, entry: OutboxEntry) -> None:
-        self._settle(entry.id)
+        self._give_up(entry)
         self.counters.timed_out += 1
         self._events.append(TimedOut(entry.id, entry.kind))
 
     def _forget(self, message_id: int) -> None:
         self._in_flight.discard(message_id)
         self._ever_sent.discard(message_id)
+
+    def _give_up(self, entry: OutboxEntry) -> None:
+        """The app stops waiting (expired, dropped): never written again.
+
+        If it is on the wire it keeps its in-flight slot until the server
+        answers or the link drops: the server will still run it, and the window
+        must count it, or the server's dedupe could lose an older reply.
+        """
+        self.outbox.remove(entry.id)
+        self._ever_sent.discard(entry.id)
+        self._deadline_gone(entry)
 
     def _settle(self, message_id: int) -> OutboxEntry | None:
         entry = self.outbox.remove(message_id)
@@ -579,7 +589,8 @@ class ClientSession:
     def _on_reply(self, frame: p.ReplyFrame) -> None:
         entry = self._settle(frame.id)
         if entry is None:
-            return  # a reply to a resend of something already answered
+            self._pump()  # answer to a message we gave up on: its slot is free now
+            return
         if entry.kind == "join":
             self._on_joined(entry, frame.data)
         elif entry.kind == "leave":
@@ -619,6 +630,7 @@ class ClientSession:
             return
         entry = self._settle(frame.id)
         if entry is None:
+            self._pump()
             return
         self._events.append(Failed(frame.id, entry.kind, frame.code, frame.message, frame.details))
         self._pump()
