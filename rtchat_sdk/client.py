@@ -681,10 +681,8 @@ class Client(NamespaceClient):
                 if self._undispatched:
                     # Behind what is queued: handled, and its position persisted, in order.
                     self._dispatch_later(frame)
-                elif self._handlers.has_handlers(frame):
-                    self._handle_now(frame)
                 else:
-                    self._session.delivery_handled(frame)
+                    self._handle_now(frame)
             case Failed(id=message_id, code=code, message=message, details=details):
                 self._fail(message_id, remote_error(code, message, details))
                 self._space_freed.set()

@@ -702,6 +702,8 @@ class ClientSession:
         self._persist(gap.stream, gap.epoch, gap.offset, gap.ns, gap.room)
 
     def _persist(self, stream: str, epoch: str, offset: int, ns: str, room: str | None) -> None:
+        if type(self.outbox).save_stream is Outbox.save_stream:
+            return  # an outbox that keeps nothing (the in-memory one)
         current = self.streams.get(stream)
         if current is None or current.epoch != epoch or current.offset < offset:
             return  # left, or replaced meanwhile: nothing older may overwrite it
