@@ -117,9 +117,6 @@ class Namespace:
         self._join_check = check
         return check
 
-    def handles(self, event: str) -> bool:
-        return event in self._handlers
-
     async def may_join(self, ctx: Context, room: str) -> bool:
         if self._join_check is None:
             return True

@@ -62,6 +62,13 @@ async def wait_state(client: Client, state: ConnectionState) -> None:
         await asyncio.wait_for(reached.wait(), 10)
 
 
+async def take_offline(client: Client, proxy: FaultProxy) -> None:
+    """Cut the client's link and keep it out until ``proxy.refuse(False)``."""
+    proxy.refuse(True)
+    proxy.drop()
+    await wait_state(client, ConnectionState.RECONNECTING)
+
+
 async def wait_reconnected(client: Client) -> None:
     """Wait until the client has lost its connection and got a new one."""
     before = client.counters["connections"]
@@ -84,9 +91,7 @@ async def test_dropped_link_resumes_and_replays_what_was_missed(
         await receiver.join("r")
         await sender.publish("r", "m", 0)
         await inbox.wait_for(1)
-        proxy.refuse(True)
-        proxy.drop()
-        await wait_state(receiver, ConnectionState.RECONNECTING)
+        await take_offline(receiver, proxy)
         for i in range(1, 6):
             await sender.publish("r", "m", i)  # the receiver is away
         proxy.refuse(False)
@@ -104,9 +109,7 @@ async def test_messages_sent_while_down_wait_in_the_outbox_and_go_in_order(
         inbox = Inbox(watcher)
         await watcher.join("r")
         await sender.join("r")
-        proxy.refuse(True)
-        proxy.drop()
-        await wait_state(sender, ConnectionState.RECONNECTING)
+        await take_offline(sender, proxy)
         sends = [asyncio.ensure_future(sender.publish("r", "m", i)) for i in range(20)]
         await asyncio.sleep(0)  # let them queue
         assert sender.outbox_size == 20
@@ -175,9 +178,7 @@ async def test_trimmed_history_is_reported_as_a_gap() -> None:
             receiver.on_gap(gaps.append)
             await sender.join("r")
             await receiver.join("r")
-            proxy.refuse(True)
-            proxy.drop()
-            await wait_state(receiver, ConnectionState.RECONNECTING)
+            await take_offline(receiver, proxy)
             for i in range(10):
                 await sender.publish("r", "m", i)
             proxy.refuse(False)
@@ -246,9 +247,7 @@ async def test_expired_session_rejoins_rooms_and_replays_from_history() -> None:
             await receiver.join("r")
             await receiver.publish("r", "m", "mine")  # must not come back to it
             old_session = receiver.session_id
-            proxy.refuse(True)
-            proxy.drop()
-            await wait_state(receiver, ConnectionState.RECONNECTING)
+            await take_offline(receiver, proxy)
             await sender.publish("r", "m", 1)
             clock.now += srv.config.session_ttl  # the session expires in the broker
             proxy.refuse(False)
@@ -276,9 +275,7 @@ async def test_room_refused_on_rejoin_is_reported() -> None:
             gaps: list[GapReported] = []
             client.on_gap(gaps.append)
             await client.join("r")
-            proxy.refuse(True)
-            proxy.drop()
-            await wait_state(client, ConnectionState.RECONNECTING)
+            await take_offline(client, proxy)
             allowed["r"] = False
             clock.now += srv.config.session_ttl
             proxy.refuse(False)
@@ -377,9 +374,7 @@ async def test_join_check_that_raises_during_a_restore_refuses_only_that_room() 
             client.on_gap(gaps.append)
             await client.join("bad")
             await client.join("good")
-            proxy.refuse(True)
-            proxy.drop()
-            await wait_state(client, ConnectionState.RECONNECTING)
+            await take_offline(client, proxy)
             broken["on"] = True
             clock.now += srv.config.session_ttl
             proxy.refuse(False)
@@ -467,9 +462,7 @@ async def test_own_publishes_of_a_lost_session_never_come_back_on_later_resumes(
             await receiver.join("r")
             await receiver.publish("r", "m", "mine")
             for expire in (True, False):  # a lost session, then an ordinary resume
-                proxy.refuse(True)
-                proxy.drop()
-                await wait_state(receiver, ConnectionState.RECONNECTING)
+                await take_offline(receiver, proxy)
                 if expire:
                     clock.now += srv.config.session_ttl
                 proxy.refuse(False)
