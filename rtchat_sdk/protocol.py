@@ -53,7 +53,9 @@ __all__ = [
     "client_frame_adapter",
     "decode_client_frame",
     "decode_server_frame",
+    "decode_server_message",
     "encode",
+    "encode_batch",
     "wire_size",
     "inbox_stream",
     "json_schema",
@@ -227,6 +229,10 @@ class HelloFrame(_Frame):
     auth: dict[str, Any] | None = Field(default=None, description="Credentials, app-defined.")
     resume: ResumeInfo | None = None
     client: str | None = Field(default=None, max_length=128, description="Client name/version.")
+    batch: bool = Field(
+        default=False,
+        description="The client accepts batches: a message holding a JSON array of server frames.",
+    )
 
 
 class EmitFrame(_Frame):
@@ -370,6 +376,7 @@ CLIENT_FRAME_TYPES = frozenset(
 
 client_frame_adapter: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)
 server_frame_adapter: TypeAdapter[ServerFrame] = TypeAdapter(ServerFrame)
+server_batch_adapter: TypeAdapter[list[ServerFrame]] = TypeAdapter(list[ServerFrame])
 
 
 def decode_client_frame(text: str | bytes) -> ClientFrame:
@@ -380,6 +387,24 @@ def decode_client_frame(text: str | bytes) -> ClientFrame:
 def decode_server_frame(text: str | bytes) -> ServerFrame:
     """Parse one server frame; raises pydantic ``ValidationError`` if it is not one."""
     return server_frame_adapter.validate_json(text)
+
+
+def decode_server_message(text: str | bytes) -> list[ServerFrame]:
+    """Parse one WebSocket message from the server: one frame, or a batch of them.
+
+    A batch is a JSON array of frames, sent only to a client whose ``hello``
+    set ``batch``; one array costs one decode instead of one per frame.
+    Raises pydantic ``ValidationError`` if it is neither.
+    """
+    first = text.lstrip()[:1]
+    if first == ("[" if isinstance(text, str) else b"["):
+        return server_batch_adapter.validate_json(text)
+    return [server_frame_adapter.validate_json(text)]
+
+
+def encode_batch(frames: list[bytes]) -> bytes:
+    """Join encoded frames into one batch message (a JSON array)."""
+    return b"[" + b",".join(frames) + b"]"
 
 
 def wire_size(text: str) -> int:
@@ -410,7 +435,17 @@ def json_schema() -> dict[str, Any]:
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": f"rtchat wire protocol v{PROTOCOL_VERSION}",
-        "$defs": {**defs, "ClientFrame": client, "ServerFrame": server},
+        "$defs": {
+            **defs,
+            "ClientFrame": client,
+            "ServerFrame": server,
+            "ServerBatch": {
+                "description": "Several server frames in one message, for a client whose "
+                "`hello` set `batch`; handled in order.",
+                "type": "array",
+                "items": {"$ref": "#/$defs/ServerFrame"},
+            },
+        },
         # anyOf, not oneOf: ping and pong belong to both directions.
         "anyOf": [{"$ref": "#/$defs/ClientFrame"}, {"$ref": "#/$defs/ServerFrame"}],
     }

@@ -322,7 +322,11 @@ class ClientSession:
                 ],
             )
         hello = p.HelloFrame(
-            protocol=p.PROTOCOL_VERSION, auth=self.auth, resume=resume, client=self.client_name
+            protocol=p.PROTOCOL_VERSION,
+            auth=self.auth,
+            resume=resume,
+            client=self.client_name,
+            batch=True,
         )
         self._to_send.append(p.encode(hello))
 
@@ -506,7 +510,7 @@ class ClientSession:
     # Receiving
 
     def receive_text(self, text: str | bytes, now: float) -> None:
-        """Handle one frame from the server."""
+        """Handle one message from the server: a frame, or a batch of frames in order."""
         self._now = now
         self._last_received = now
         if self._heartbeat is not None and self.state is SessionState.OPEN:
@@ -516,10 +520,14 @@ class ClientSession:
                 self._timer_stale = True  # else it was not, and is not, the next deadline
             self._dead_at = dead_at
         try:
-            frame = p.decode_server_frame(text)
+            frames = p.decode_server_message(text)
         except ValidationError as exc:
             self._events.append(ProtocolViolation(f"undecodable server frame: {exc}"))
             return
+        for frame in frames:
+            self._on_frame(frame, now)
+
+    def _on_frame(self, frame: p.ServerFrame, now: float) -> None:
         match frame:
             case p.MessageFrame():
                 self._on_message(frame)

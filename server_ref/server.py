@@ -6,14 +6,15 @@ client's messages are processed in the order it sent them. Sessions outlive
 connections for ``session_ttl`` seconds so a client can resume; streams live
 behind the ``Broker``. A delivery is encoded once for all members of a room.
 
-Everything a connection is sent takes one path, ``_frame``: the frame goes
-into the connection's protocol buffer at once, and reaches the socket at the
-end of the event-loop pass (``_write_pending``), so what one pass produced
-for a connection (the replies to messages that arrived together, the
-deliveries of a batch of publishes) leaves in one ``send()`` system call
-instead of one each. The reader waits for the socket to drain when the
-transport says its buffer is full, as ``ws.send()`` did for each frame; a
-room member whose unsent data passes ``max_pending_bytes`` is disconnected.
+Everything a connection is sent takes one path, ``_frame``: the frame is
+queued for the connection and reaches the socket at the end of the
+event-loop pass (``_write_pending``), so what one pass produced for a
+connection (the replies to messages that arrived together, the deliveries of
+a batch of publishes) leaves in one ``send()`` system call instead of one
+each, and, for a client that accepts batches, in one WebSocket message. The
+reader waits for the socket to drain when the transport says its buffer is
+full, as ``ws.send()`` did for each frame; a room member whose unsent data
+passes ``max_pending_bytes`` is disconnected.
 """
 
 from __future__ import annotations
@@ -102,7 +103,17 @@ _WRITE_NOW_BYTES = 64 * 1024
 
 
 class _Connection:
-    __slots__ = ("busy", "core", "session", "timer", "unwritten", "ws")
+    __slots__ = (
+        "batch",
+        "batch_bytes",
+        "batching",
+        "busy",
+        "core",
+        "session",
+        "timer",
+        "unwritten",
+        "ws",
+    )
 
     def __init__(self, ws: ServerConnection, core: ConnectionCore) -> None:
         self.ws = ws
@@ -111,7 +122,12 @@ class _Connection:
         self.timer: asyncio.TimerHandle | None = None
         self.busy = False
         self.unwritten = 0
-        """Bytes framed into ``ws.protocol`` and not yet handed to the transport."""
+        """Bytes framed (or batched) and not yet handed to the transport."""
+        self.batching = False
+        """The client's ``hello`` said it accepts batches (a JSON array of frames)."""
+        self.batch: list[bytes] = []
+        """Encoded frames waiting to go out as one message, when batching."""
+        self.batch_bytes = 0
 
 
 class Server:
@@ -229,6 +245,7 @@ class Server:
         conns = list(self._connections)
         for c in conns:
             self._send(c, [notice])
+            self._seal(c)
         closing = asyncio.gather(
             *(c.ws.close(p.CloseCode.GOING_AWAY, "server shutting down") for c in conns),
             return_exceptions=True,
@@ -403,6 +420,7 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _close_connection(self, conn: _Connection) -> None:
+        self._seal(conn)  # what was queued goes before the close frame
         code = conn.core.close_code or p.CloseCode.NORMAL
         await conn.ws.close(code, conn.core.close_reason)
 
@@ -472,15 +490,23 @@ class Server:
             self._frame(conn, text.encode())
 
     def _frame(self, conn: _Connection, data: bytes) -> None:
-        """Frame one text message for the connection; it reaches the socket this loop pass.
+        """Queue one encoded frame for the connection; it reaches the socket this loop pass.
 
         The one way anything is written. A connection that is no longer open
-        gets nothing (``ws.send()`` refused too).
+        gets nothing (``ws.send()`` refused too). For a client that accepts
+        batches, the frames of one pass go out as one message (a JSON array,
+        at most ``max_frame_bytes``), which the client decodes in one call.
         """
         protocol = conn.ws.protocol
         if protocol.state is not State.OPEN:
             return
-        protocol.send_text(data)
+        if conn.batching:
+            if conn.batch and conn.batch_bytes + len(data) + 2 > self.config.max_frame_bytes:
+                self._seal(conn)
+            conn.batch.append(data)
+            conn.batch_bytes += len(data) + 1
+        else:
+            protocol.send_text(data)
         if not conn.unwritten:  # the first frame since the last write: one is due
             if not self._unwritten:
                 assert self._loop is not None  # set by start(), before any connection
@@ -489,6 +515,17 @@ class Server:
         conn.unwritten += len(data)
         if conn.unwritten >= _WRITE_NOW_BYTES:
             self._write(conn)
+
+    def _seal(self, conn: _Connection) -> None:
+        """Frame the batched frames as one WebSocket message (a lone frame as itself)."""
+        batch = conn.batch
+        if not batch:
+            return
+        conn.batch = []
+        conn.batch_bytes = 0
+        protocol = conn.ws.protocol
+        if protocol.state is State.OPEN:
+            protocol.send_text(batch[0] if len(batch) == 1 else p.encode_batch(batch))
 
     def _write_pending(self) -> None:
         """End of the loop pass: write out every connection's frames."""
@@ -501,6 +538,7 @@ class Server:
         if conn.unwritten == 0:
             return  # written already (a large batch, or back-pressure)
         conn.unwritten = 0
+        self._seal(conn)
         ws = conn.ws
         transport = ws.transport
         # One frame per item; ws.send_data() would make one write (one send()
@@ -580,6 +618,7 @@ class Server:
         self._remove_member(session.inbox, session)
 
     async def _hello(self, conn: _Connection, hello: p.HelloFrame) -> None:
+        conn.batching = hello.batch
         user = await self._identify(conn, hello)
         if conn.core.close_code is not None:
             return
