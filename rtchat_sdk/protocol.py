@@ -26,6 +26,7 @@ __all__ = [
     "CLIENT_FRAME_TYPES",
     "DEFAULT_NAMESPACE",
     "MAX_RESUME_STREAMS",
+    "PING_SPREAD",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
     "ClientFrame",
@@ -70,6 +71,15 @@ SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
 """Every version a peer built from this module accepts."""
 
 DEFAULT_NAMESPACE = "/"
+
+PING_SPREAD = 0.1
+"""Each heartbeat ping is sent ``interval * (1 - PING_SPREAD * U[0, 1))`` after the last one.
+
+Pings come at most ``interval`` apart, as the protocol promises, but at
+random points of the last tenth of it: connections opened in a burst (a
+reconnect storm, a pause on the server) do not keep pinging in step, which
+would stall a server with thousands of them at the same instant each interval.
+"""
 
 MAX_RESUME_STREAMS = 10_000
 """At most this many stream positions travel in one ``hello.resume``."""

@@ -24,7 +24,8 @@ Rules:
    has not fired yet: whichever call first sees the time expires it.
 3. A delivery whose offset is not above the stream's last handled offset is a
    duplicate: counted and dropped. A new epoch or a ``gap`` frame is reported.
-4. Heartbeats: a ``ping`` every ``interval`` while connected; no frame at all
+4. Heartbeats: a ``ping`` at most ``interval`` apart (spread at random over its
+   last tenth, ``ping_spread``) while connected; no frame at all
    for ``interval + timeout`` means the link is dead (``LinkDead``).
 5. A resume that the server cannot honour (``welcome.resumed`` false) keeps
    the rooms: the server rejoins them from the positions in the hello and
@@ -35,7 +36,9 @@ Rules:
 from __future__ import annotations
 
 import heapq
+import random
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -226,6 +229,8 @@ class ClientSession:
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
         first_id: int = 1,
+        ping_spread: float = p.PING_SPREAD,
+        random: Callable[[], float] = random.random,
     ) -> None:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
@@ -234,6 +239,8 @@ class ClientSession:
         self.client_name = client_name
         self.max_in_flight = max_in_flight
         self.handshake_timeout = handshake_timeout
+        self.ping_spread = ping_spread
+        self._random = random
         self.state = SessionState.DISCONNECTED
         self.session_id: str | None = None
         self.token: str | None = None
@@ -259,6 +266,8 @@ class ClientSession:
         self._unlisted_rooms: list[str] = []
         self._now = float("-inf")  # the latest time any call told us
         saved = self.outbox.load_state()
+        self._oldest_id = min(self.outbox.ids(), default=first_id)
+        """No message below this id is still unanswered (see ``_lowest_unanswered``)."""
         if saved is not None:
             self.session_id, self.token = saved.session_id, saved.token
             self.streams = dict(saved.streams)
@@ -366,8 +375,19 @@ class ClientSession:
     @property
     def last_reply(self) -> int:
         """Every message id up to this one has been answered (or given up)."""
-        ids = self.outbox.ids()
-        return (ids[0] if ids else self._next_id) - 1
+        return self._lowest_unanswered() - 1
+
+    def _lowest_unanswered(self) -> int:
+        """The lowest id still in the outbox (or the next id): amortised O(1).
+
+        Ids are consecutive and only ever leave the outbox, so a pointer that
+        moves forward past the ones that left finds it.
+        """
+        oldest, outbox, end = self._oldest_id, self.outbox, self._next_id
+        while oldest < end and oldest not in outbox:
+            oldest += 1
+        self._oldest_id = oldest
+        return oldest
 
     @property
     def in_flight(self) -> int:
@@ -440,14 +460,27 @@ class ClientSession:
         return message_id, evicted
 
     def _pump(self) -> None:
-        """Write queued messages, in order, while the in-flight window allows."""
+        """Write queued messages, in order, while the in-flight window allows.
+
+        The window is counted two ways: at most ``limit`` messages written and
+        not answered, and no message ``limit`` or more ids past the oldest one
+        still unanswered. The second keeps every id the client may resend
+        within the newest ``limit`` the server has processed, so its dedupe
+        (which keeps at least that many replies) still holds the answer, even
+        after messages given up on were run and their replies lost.
+        """
         if self.state is not SessionState.OPEN:
             return
         limit = self.max_in_flight
         if self._server_max_in_flight is not None:
             limit = min(limit, self._server_max_in_flight)
         while self._unsent and len(self._in_flight) < limit:
-            message_id = self._unsent.popleft()
+            message_id = self._unsent[0]
+            if message_id >= self._oldest_id + limit and (
+                message_id >= self._lowest_unanswered() + limit
+            ):
+                break  # waits for the oldest to be answered
+            self._unsent.popleft()
             entry = self.outbox.get(message_id)
             if entry is None:
                 continue
@@ -588,7 +621,7 @@ class ClientSession:
             )
         self._heartbeat = _Heartbeat(frame.heartbeat.interval, frame.heartbeat.timeout)
         self._server_max_in_flight = frame.limits.max_in_flight
-        self._next_ping = now + frame.heartbeat.interval
+        self._next_ping = now + self._ping_delay()
         self._dead_at = now + frame.heartbeat.interval + frame.heartbeat.timeout
         self._timer_stale = True
         self._events.append(Welcomed(frame.session, frame.resumed))
@@ -746,6 +779,11 @@ class ClientSession:
         self._timer_stale = False
         return self._timer
 
+    def _ping_delay(self) -> float:
+        """At most one interval, spread at random so many clients do not ping in step."""
+        assert self._heartbeat is not None
+        return self._heartbeat.interval * (1.0 - self.ping_spread * self._random())
+
     def handle_timer(self, now: float) -> None:
         """Expire messages, send a heartbeat, or declare the link dead."""
         self._now = now
@@ -763,7 +801,7 @@ class ClientSession:
             return
         if self._next_ping is not None and now >= self._next_ping and self._heartbeat:
             self._to_send.append(p.encode(p.PingFrame(ts=now)))
-            self._next_ping = now + self._heartbeat.interval
+            self._next_ping = now + self._ping_delay()
         self._pump()
 
 

@@ -13,7 +13,9 @@ Rules:
 2. A frame that cannot be parsed gets an error frame naming the problem, with
    the message id when one can be read, so the sender's request fails fast.
    The connection carries on until ``max_bad_frames`` such frames.
-3. ``ping`` is answered here with ``pong``; every frame counts as life.
+3. ``ping`` is answered here with ``pong``; every frame counts as life. The
+   server pings a peer only after ``interval`` without a frame from it: a
+   client that pings (as clients must) is not pinged back.
    Silence for ``interval + timeout`` closes with HEARTBEAT_TIMEOUT; no
    ``hello`` within ``handshake_timeout`` closes with HANDSHAKE_TIMEOUT.
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -139,6 +143,8 @@ class ConnectionCore:
     __slots__ = (
         "_dead_at",
         "_next_ping",
+        "_ping_spread",
+        "_random",
         "_to_send",
         "bad_frames",
         "close_code",
@@ -157,8 +163,12 @@ class ConnectionCore:
         heartbeat: p.HeartbeatInfo,
         handshake_timeout: float = 10.0,
         max_bad_frames: int = 100,
+        ping_spread: float = p.PING_SPREAD,
+        random: Callable[[], float] = random.random,
     ) -> None:
         self.heartbeat = heartbeat
+        self._ping_spread = ping_spread
+        self._random = random
         self.handshake_timeout = handshake_timeout
         self.max_bad_frames = max_bad_frames
         self.phase = ConnectionPhase.AWAITING_HELLO
@@ -236,8 +246,12 @@ class ConnectionCore:
         """The driver accepted the hello: send welcome and start heartbeats."""
         self.phase = ConnectionPhase.OPEN
         self._to_send.append(p.encode(welcome))
-        self._next_ping = now + self.heartbeat.interval
+        self._next_ping = now + self._ping_delay()
         self._dead_at = now + self.heartbeat.interval + self.heartbeat.timeout
+
+    def _ping_delay(self) -> float:
+        """At most one interval, spread at random so pings of many connections fall apart."""
+        return self.heartbeat.interval * (1.0 - self._ping_spread * self._random())
 
     def _bad_frame(self, code: str, message: str, message_id: int | None) -> None:
         self.bad_frames += 1
@@ -266,5 +280,10 @@ class ConnectionCore:
                 self.close(p.CloseCode.HEARTBEAT_TIMEOUT, f"silent for {silent:.1f}s")
             return
         if self._next_ping is not None and now >= self._next_ping:
-            self._to_send.append(ping_frame(now))
-            self._next_ping = now + self.heartbeat.interval
+            if now - self.last_received < self.heartbeat.interval:
+                # Heard from the peer within an interval (its own pings, at least):
+                # the link works both ways, and a ping would only double the work.
+                self._next_ping = self.last_received + self.heartbeat.interval
+            else:
+                self._to_send.append(ping_frame(now))
+                self._next_ping = now + self._ping_delay()

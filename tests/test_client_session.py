@@ -91,9 +91,47 @@ def test_in_flight_window_holds_the_rest_back() -> None:
     for i in range(5):
         s.emit("/", "e", i, now=0)
     assert [f["id"] for f in frames(s)] == [1, 2]
-    s.receive_text(reply(2), 0)
+    s.receive_text(reply(1), 0)
     assert [f["id"] for f in frames(s)] == [3]
     assert s.in_flight == 2
+
+
+def test_the_window_slides_from_the_oldest_unanswered_id() -> None:
+    # Answered out of order: 3 would be two ids past 1, which is still unanswered.
+    # The server keeps the newest max_in_flight replies, so 1's could be lost.
+    s = ClientSession(max_in_flight=2)
+    open_session(s)
+    for i in range(5):
+        s.emit("/", "e", i, now=0)
+    assert [f["id"] for f in frames(s)] == [1, 2]
+    s.receive_text(reply(2), 0)
+    assert frames(s) == []
+    assert s.in_flight == 1
+    s.receive_text(reply(1), 0)
+    assert [f["id"] for f in frames(s)] == [3, 4]
+
+
+def test_a_message_given_up_on_holds_the_window_across_a_reconnect() -> None:
+    # Request 2 timed out on the wire; the server may have run it. After a
+    # reconnect, 1 is resent and 3 must wait: the server may hold replies to
+    # 1 and 2 and must not evict 1's to make room for 3's.
+    s = ClientSession(max_in_flight=2)
+    open_session(s)
+    s.emit("/", "e", 1, now=0)
+    s.request("/", "slow", None, now=0, timeout=1)
+    s.emit("/", "e", 3, now=0)
+    assert [f["id"] for f in frames(s)] == [1, 2]
+    s.handle_timer(1)
+    assert frames(s) == []  # 2 gave up, but is on the wire: 3 waits
+    s.connection_lost(2)
+    s.connection_made(2)
+    s.receive_text(welcome(resumed=True), 2)
+    sent = frames(s)
+    assert [f["type"] for f in sent] == ["hello", "emit"]
+    assert sent[0]["resume"]["last_reply"] == 0
+    assert sent[1]["id"] == 1
+    s.receive_text(reply(1), 2)
+    assert [f["id"] for f in frames(s)] == [3]
 
 
 def test_server_window_caps_the_client_window() -> None:
@@ -239,7 +277,7 @@ def test_queued_message_over_a_smaller_announced_limit_fails_at_welcome() -> Non
 
 
 def test_heartbeat_pings_then_declares_the_link_dead() -> None:
-    s = ClientSession()
+    s = ClientSession(ping_spread=0.0)
     open_session(s, interval=2, timeout=1)
     assert s.get_timer() == 2
     s.handle_timer(2)
@@ -255,6 +293,17 @@ def test_heartbeat_pings_then_declares_the_link_dead() -> None:
     assert events(s) == []
     s.handle_timer(5.25)
     assert isinstance(events(s)[0], LinkDead)
+
+
+def test_pings_are_spread_over_the_last_tenth_of_the_interval() -> None:
+    draws = iter([0.5, 0.999])
+    s = ClientSession(random=lambda: next(draws))
+    open_session(s, interval=10, timeout=5)
+    assert s.get_timer() == pytest.approx(9.5)
+    s.handle_timer(9.5)
+    assert frames(s) == [{"type": "ping", "ts": 9.5}]
+    s.receive_text(p.encode(p.PongFrame(ts=9.5)), 9.5)
+    assert s.get_timer() == pytest.approx(9.5 + 10 * (1 - 0.0999))
 
 
 def test_server_ping_is_answered() -> None:

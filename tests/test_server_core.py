@@ -16,7 +16,9 @@ HEARTBEAT = p.HeartbeatInfo(interval=5, timeout=2)
 
 
 def core(now: float = 0.0, **kw: Any) -> ConnectionCore:
-    return ConnectionCore(now, heartbeat=HEARTBEAT, **kw)
+    kw.setdefault("ping_spread", 0.0)  # pings exactly one interval apart, unless a test says
+    kw.setdefault("heartbeat", HEARTBEAT)
+    return ConnectionCore(now, **kw)
 
 
 def sent(c: ConnectionCore) -> list[dict[str, Any]]:
@@ -114,12 +116,50 @@ def test_heartbeat_pings_and_closes_a_silent_peer() -> None:
     assert c.close_code == p.CloseCode.HEARTBEAT_TIMEOUT
 
 
+def test_pings_are_spread_over_the_last_tenth_of_the_interval() -> None:
+    draws = iter([0.0, 0.5, 0.999])
+    patient = p.HeartbeatInfo(interval=5, timeout=100)  # a silent peer, not yet dead
+    c = welcomed(0, heartbeat=patient, ping_spread=p.PING_SPREAD, random=lambda: next(draws))
+    assert c.get_timer() == 5  # draw 0.0: a full interval
+    c.handle_timer(5)
+    assert [f["type"] for f in sent(c)] == ["ping"]
+    assert c.get_timer() == pytest.approx(5 + 5 * 0.95)
+    c.handle_timer(9.75)
+    assert [f["type"] for f in sent(c)] == ["ping"]
+    assert c.get_timer() == pytest.approx(9.75 + 5 * (1 - 0.0999))
+
+
+def test_a_peer_that_pings_is_not_pinged() -> None:
+    c = welcomed(0)
+    assert c.receive_text('{"type":"ping","ts":4.8}', 4.8) is None
+    assert [f["type"] for f in sent(c)] == ["pong"]
+    c.handle_timer(5)
+    assert sent(c) == []  # heard from it 0.2 s ago
+    assert c.get_timer() == pytest.approx(9.8)  # an interval after its ping
+    c.receive_text('{"type":"ping","ts":9.7}', 9.7)
+    sent(c)
+    c.handle_timer(9.8)
+    assert sent(c) == []
+    c.handle_timer(14.7)  # silent for a whole interval: now it is pinged
+    assert [f["type"] for f in sent(c)] == ["ping"]
+    assert c.close_code is None
+
+
+def test_pings_of_connections_opened_together_fall_apart() -> None:
+    cores = [welcomed(0, ping_spread=p.PING_SPREAD) for _ in range(200)]
+    firsts = [c.get_timer() for c in cores]
+    assert all(t is not None and 4.5 < t <= 5 for t in firsts)
+    assert len(set(firsts)) == 200
+    assert max(t for t in firsts if t) - min(t for t in firsts if t) > 0.25
+
+
 def test_any_frame_counts_as_life() -> None:
     c = welcomed(0)
     c.receive_text('{"type":"pong","ts":0}', 6)
     c.handle_timer(7)
     assert c.close_code is None
-    assert c.get_timer() == 12  # pinged late at 7; the next ping one interval on
+    assert sent(c) == []  # heard from it at 6: no ping needed
+    assert c.get_timer() == 11  # a ping if it stays silent for an interval
 
 
 def test_keepalive_while_busy() -> None:

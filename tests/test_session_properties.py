@@ -463,6 +463,7 @@ class ClientAndServerOverLossyLink(RuleBasedStateMachine):
             max_in_flight=CLIENT_MAX_IN_FLIGHT,
             handshake_timeout=HANDSHAKE_TIMEOUT,
             client_name="property-test",
+            ping_spread=0.0,
         )
         self.link_up = False
         self.to_server: deque[FrameOnWire] = deque()

@@ -116,7 +116,7 @@ def test_the_kept_timer_is_always_the_earliest_deadline(
 
 
 def test_answered_deadlines_do_not_pile_up_behind_a_long_one() -> None:
-    s = ClientSession()
+    s = ClientSession(ping_spread=0.0)
     s.connection_made(0)
     s.receive_text(welcome(), 0)
     s.request("/", "slow", None, now=0, timeout=3600)  # stays unanswered
