@@ -99,12 +99,53 @@ def gc_monitor_from_env() -> None:
         if ms >= 1.0 and len(pauses) < 100_000:
             pauses.append((started[1], generation, ms))
 
+    stalls: list[tuple[float, float]] = []  # (monotonic start, ms), >= 2 ms
+    _watch_event_loop(stalls)
+
     def write() -> None:
         with open(path, "w") as f:
-            json.dump({"generations": {str(g): e for g, e in stats.items()}, "pauses": pauses}, f)
+            json.dump(
+                {
+                    "generations": {str(g): e for g, e in stats.items()},
+                    "pauses": pauses,
+                    "stalls": stalls,
+                },
+                f,
+            )
 
     gc.callbacks.append(callback)
     atexit.register(write)
+
+
+STALL_TICK_S = 0.005
+"""How often the loop watcher asks to run; how late it runs is the loop's stall."""
+
+
+def _watch_event_loop(stalls: list[tuple[float, float]]) -> None:
+    """Record every time the process's event loop ran a timer 2 ms or more late.
+
+    A timer due every 5 ms that runs late means the loop was busy (or the
+    process was not scheduled) for that long: every request arriving then
+    waited as long. Installed through the event-loop policy, so the program
+    under test runs unchanged.
+    """
+
+    class WatchedPolicy(asyncio.DefaultEventLoopPolicy):
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            loop = super().new_event_loop()
+
+            def tick(due: float) -> None:
+                late = loop.time() - due
+                if late >= 0.002 and len(stalls) < 100_000:
+                    stalls.append((time.monotonic() - late, late * 1e3))
+                next_due = loop.time() + STALL_TICK_S
+                loop.call_at(next_due, tick, next_due)
+
+            first = loop.time() + STALL_TICK_S
+            loop.call_at(first, tick, first)
+            return loop
+
+    asyncio.set_event_loop_policy(WatchedPolicy())
 
 
 def exit_with_parent() -> None:

@@ -127,6 +127,15 @@ def _gc_summary(log: dict[str, Any], window: list[float] | None) -> dict[str, An
         out["gc_hold_max_pause_ms"] = max((ms for _, ms in during), default=0.0)
         out["gc_hold_full_collections"] = sum(1 for gen, _ in during if gen == 2)
         out["gc_hold_pause_ms_total"] = sum(ms for _, ms in during)
+        stalls = [ms for t, ms in log.get("stalls", []) if t0 <= t <= t1]
+        out["loop_hold_stalls_10ms_at"] = [
+            [round(t - t0, 3), round(ms, 1)]
+            for t, ms in log.get("stalls", [])
+            if t0 <= t <= t1 and ms >= 10
+        ]
+        out["loop_hold_max_stall_ms"] = max(stalls, default=0.0)
+        out["loop_hold_stalls_10ms"] = sum(1 for ms in stalls if ms >= 10.0)
+        out["loop_hold_stalls_2ms"] = len(stalls)
     return out
 
 
@@ -163,6 +172,7 @@ async def _idle(
                     "concurrency": int(params["concurrency"]),
                     "open_seconds": float(params["open_seconds"]),
                     "heartbeat": heartbeat,
+                    "nice": int(params.get("holder_nice", 0)),
                 }
                 holders.append(ClientProcess(impl, "hold", url, pid, hold))
             for holder in holders:
@@ -393,6 +403,18 @@ SCENARIOS: dict[str, Scenario] = {
                     "{:,.0f}",
                     False,
                 ),
+                Metric(
+                    "loop_hold_max_stall_ms",
+                    "server's longest event-loop stall in the hold, ms",
+                    "{:,.1f}",
+                    False,
+                ),
+                Metric(
+                    "loop_hold_stalls_10ms",
+                    "server's event-loop stalls of 10 ms or more in the hold",
+                    "{:,.0f}",
+                    False,
+                ),
                 Metric("connected_at_end", "connections up at the end"),
                 Metric("lost", "connections lost", higher_is_better=False),
                 Metric("healthy", "healthy (1: all up, none lost, no probe error)"),
@@ -411,6 +433,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "hold_seconds": 20.0,
                 "baseline_seconds": 5.0,
                 "probe_rate": 50,
+                "holder_nice": 10,
             },
             quick={
                 "conns": 40,

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
     params: dict[str, Any] = json.loads(args.params)
+    if params.get("nice"):
+        os.nice(int(params["nice"]))  # a load generator: it must not starve the probe
     run = _runner(args.impl)
     try:
         result = asyncio.run(_call(run, args.scenario, args.url, params, args.server_pid))
