@@ -217,6 +217,7 @@ class Client(NamespaceClient):
         max_pending_deliveries: int = 10_000,
         retry_first_connect: bool = False,
         name: str = "rtchat-python",
+        compression: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(self, p.DEFAULT_NAMESPACE)
@@ -227,6 +228,8 @@ class Client(NamespaceClient):
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self.max_frame_bytes = max_frame_bytes
+        self.compression = compression
+        """Ask for permessage-deflate (used only if the server enables it too)."""
         if max_pending_deliveries < 1:
             raise ValueError("max_pending_deliveries must be at least 1")
         self.max_pending_deliveries = max_pending_deliveries
@@ -539,7 +542,7 @@ class Client(NamespaceClient):
                 url,
                 open_timeout=self.connect_timeout,
                 ping_interval=None,  # rtchat heartbeats run at the app level
-                compression=None,
+                compression="deflate" if self.compression else None,
                 max_size=self.max_frame_bytes,
                 proxy=None,
             )

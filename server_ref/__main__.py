@@ -59,6 +59,7 @@ CONFIG_HELP: dict[str, str] = {
     "shutdown_retry_after": "seconds clients are told to wait before reconnecting",
     "max_connections": "connections accepted at once; past it new ones are told to retry",
     "overload_retry_after": "seconds refused clients are told to wait when overloaded",
+    "compression": "accept permessage-deflate from clients that ask for it",
 }
 """Help text per ServerConfig field; a field missing here still gets a flag."""
 
@@ -110,9 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     hints = get_type_hints(ServerConfig)
     for field in dataclasses.fields(ServerConfig):
         kind = hints[field.name]
+        help_text = CONFIG_HELP.get(field.name, f"ServerConfig.{field.name}")
+        if kind is bool:
+            parser.add_argument(
+                _flag(field.name),
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=field.default,
+                help=help_text,
+            )
+            continue
         if kind not in (int, float):
             raise TypeError(f"ServerConfig.{field.name}: no flag for type {kind!r}")
-        help_text = CONFIG_HELP.get(field.name, f"ServerConfig.{field.name}")
         parser.add_argument(
             _flag(field.name),
             dest=field.name,

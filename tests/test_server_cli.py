@@ -178,7 +178,7 @@ def test_help_lists_every_flag_with_its_default() -> None:
     for field in dataclasses.fields(ServerConfig):
         expected["--" + field.name.replace("_", "-")] = field.default
     for flag, default in expected.items():
-        match = re.search(rf"{re.escape(flag)} \S+ (.*?)\(default: ([^)]*)\)", text)
+        match = re.search(rf"{re.escape(flag)},? \S+ (.*?)\(default: ([^)]*)\)", text)
         assert match is not None, f"{flag} missing from --help:\n{result.stdout}"
         assert match.group(1).strip(), f"{flag} has no help text"
         assert match.group(2) == str(default), f"{flag}: default {match.group(2)} != {default}"
