@@ -79,7 +79,7 @@ class Impl:
         """Server flags for a heartbeat every ``interval`` seconds (None: its default)."""
         if interval is None:
             return []
-        if self.name == "rtchat":
+        if self.name.startswith("rtchat"):
             return ["--heartbeat-interval", str(interval), "--heartbeat-timeout", str(interval * 2)]
         return ["--ping-interval", str(interval), "--ping-timeout", str(interval * 2)]
 
@@ -89,6 +89,13 @@ IMPLS: dict[str, Impl] = {
         "rtchat", "rtchat", "benchmarks.servers.rtchat_server", server_args=("--log-level", "ERROR")
     ),
     "ws": Impl("ws", "raw websockets", "benchmarks.servers.ws_server"),
+    "rtchat-deflate": Impl(
+        "rtchat-deflate",
+        "rtchat, deflate",
+        "benchmarks.servers.rtchat_server",
+        compression="deflate",
+        server_args=("--log-level", "ERROR", "--compression"),
+    ),
     "ws-deflate": Impl(
         "ws-deflate",
         "raw websockets, deflate",

@@ -1,7 +1,7 @@
 """The one command: every scenario, every implementation, one machine, one run.
 
     .venv/bin/python -m benchmarks.run [--quick] [--runs N] [--json out.json]
-        [--scenarios seq,pipelined,...] [--impls rtchat,ws,ws-deflate,sio]
+        [--scenarios seq,pipelined,...] [--impls rtchat,ws,rtchat-deflate,ws-deflate,sio]
 
 Prints the machine and library versions, a Markdown table of medians with
 min-max over the runs, and the targets as ratios of this run's medians;

@@ -22,16 +22,22 @@ from rtchat_sdk import Client, ConnectionState, ReconnectPolicy
 __all__ = ["run"]
 
 ROOM = "bench"
+_settings: dict[str, Any] = {"compression": False}
+"""Client options every connection of this process uses (set by ``run``)."""
+
+
+def _client(url: str, **kwargs: Any) -> Client:
+    return Client(url, **_settings, **kwargs)
 
 
 async def _connected(url: str, **kwargs: Any) -> Client:
-    client = Client(url, **kwargs)
+    client = _client(url, **kwargs)
     await client.connect()
     return client
 
 
 async def _seq(url: str, params: dict[str, Any], server_pid: int) -> dict[str, Any]:
-    async with Client(url) as client:
+    async with _client(url) as client:
 
         async def request(i: int) -> object:
             return await client.request("echo", payload(i))
@@ -42,7 +48,7 @@ async def _seq(url: str, params: dict[str, Any], server_pid: int) -> dict[str, A
 async def _pipelined(url: str, params: dict[str, Any], server_pid: int) -> dict[str, Any]:
     """``window`` tasks, each awaiting its own requests: that many always in flight."""
     window = int(params["window"])
-    async with Client(url) as client:
+    async with _client(url) as client:
         await asyncio.gather(*(client.request("echo", payload(i)) for i in range(params["warmup"])))
         meter = Meter(server_pid)
         count = int(params["count"])
@@ -153,7 +159,7 @@ class RtchatHolder:
 
     async def open(self, index: int) -> None:
         policy = ReconnectPolicy() if self.reconnect else ReconnectPolicy(enabled=False)
-        client = Client(self.url, reconnect=policy, connect_timeout=30.0)
+        client = _client(self.url, reconnect=policy, connect_timeout=30.0)
         record = StormRecord()
 
         def on_state(state: ConnectionState) -> None:
@@ -196,7 +202,7 @@ class RtchatHolder:
 
 
 async def _probe(url: str, params: dict[str, Any]) -> dict[str, Any]:
-    async with Client(url, connect_timeout=30.0) as client:
+    async with _client(url, connect_timeout=30.0) as client:
 
         async def request(i: int) -> object:
             return await client.request("echo", payload(i))
@@ -207,6 +213,7 @@ async def _probe(url: str, params: dict[str, Any]) -> dict[str, Any]:
 async def run(
     scenario: str, url: str, params: dict[str, Any], server_pid: int
 ) -> dict[str, Any] | None:
+    _settings["compression"] = params.get("compression") == "deflate"
     if scenario == "seq":
         return await _seq(url, params, server_pid)
     if scenario == "pipelined":
