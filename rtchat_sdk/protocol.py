@@ -217,14 +217,16 @@ class PingFrame(_Frame):
     """Application heartbeat; the peer answers with ``pong`` carrying ``ts``."""
 
     type: Literal["ping"] = "ping"
-    ts: float = Field(description="Sender's clock, echoed back to measure round trips.")
+    ts: float = Field(
+        allow_inf_nan=False, description="Sender's clock, echoed back to measure round trips."
+    )
 
 
 class PongFrame(_Frame):
     """Answer to ``ping``."""
 
     type: Literal["pong"] = "pong"
-    ts: float
+    ts: float = Field(allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------

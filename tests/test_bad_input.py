@@ -41,6 +41,8 @@ BAD_FRAMES = [
     ('{"type": "request", "id": 7, "event": ["not", "a", "string"]}', "invalid_frame", 7),
     ('{"type": "publish", "id": 8, "room": 5, "event": "e"}', "invalid_frame", 8),
     ('{"type": "request", "id": -1, "event": "echo"}', "invalid_frame", None),
+    ('{"type": "ping", "ts": NaN}', "invalid_frame", None),  # its pong could not carry it back
+    ('{"type": "ping", "ts": Infinity}', "invalid_frame", None),
 ]
 
 

@@ -7,7 +7,6 @@ import contextlib
 import datetime
 import decimal
 import json
-import math
 import uuid
 from typing import Any
 
@@ -141,15 +140,21 @@ def test_error_frame_still_refuses_what_the_model_refuses() -> None:
         error_frame(123, "a code must be a string")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    "ts", [0, 1, 0.0, 1.5, 1e-7, 1e20, 123456.789, 5e-324, float("nan"), float("inf")]
-)
+@pytest.mark.parametrize("ts", [0, 1, 0.0, 1.5, 1e-7, 1e20, 123456.789, 5e-324])
 def test_ping_and_pong_frames_are_exactly_the_model_encoding(ts: float) -> None:
     assert ping_frame(ts) == p.encode(p.PingFrame(ts=ts))
     assert pong_frame(ts) == p.encode(p.PongFrame(ts=ts))
-    if math.isfinite(ts):  # the models write nan and inf as null, which they do not read back
-        assert isinstance(p.decode_server_frame(ping_frame(ts)), p.PingFrame)
-        assert isinstance(p.decode_server_frame(pong_frame(ts)), p.PongFrame)
+    assert isinstance(p.decode_server_frame(ping_frame(ts)), p.PingFrame)
+    assert isinstance(p.decode_server_frame(pong_frame(ts)), p.PongFrame)
+
+
+@pytest.mark.parametrize("ts", [float("nan"), float("inf"), float("-inf")])
+def test_a_ping_time_that_json_cannot_carry_is_refused(ts: float) -> None:
+    # Written as null it could not come back in a pong: such a ping is an invalid frame.
+    with pytest.raises(ValidationError):
+        p.PingFrame(ts=ts)
+    with pytest.raises(ValidationError):
+        p.PongFrame(ts=ts)
 
 
 @settings(max_examples=300, deadline=None)
@@ -157,7 +162,7 @@ def test_ping_and_pong_frames_are_exactly_the_model_encoding(ts: float) -> None:
     data=_JSON,
     message_id=st.integers(min_value=1, max_value=2**63),
     message=st.text(),
-    ts=st.floats(allow_nan=True, allow_infinity=True),
+    ts=st.floats(allow_nan=False, allow_infinity=False),
 )
 def test_encoders_match_the_models_on_any_json_data(
     data: Any, message_id: int, message: str, ts: float
