@@ -456,6 +456,7 @@ SCENARIOS: dict[str, Scenario] = {
             (
                 Metric("all_back_s", "s until all back (after server up)", "{:,.2f}", False),
                 Metric("back_after_up_s.p50", "median s until back", "{:,.2f}", False),
+                Metric("back_after_up_s.p90", "p90 s until back", "{:,.2f}", False),
                 Metric("attempts.mean", "attempts per client, mean", "{:,.2f}", False),
                 Metric("attempts.max", "attempts per client, max", "{:,.0f}", False),
                 Metric("restart_s", "server restart took, s", "{:,.2f}", False),
