@@ -127,14 +127,11 @@ def _gc_summary(log: dict[str, Any], window: list[float] | None) -> dict[str, An
         out["gc_hold_max_pause_ms"] = max((ms for _, ms in during), default=0.0)
         out["gc_hold_full_collections"] = sum(1 for gen, _ in during if gen == 2)
         out["gc_hold_pause_ms_total"] = sum(ms for _, ms in during)
-        stalls = [ms for t, ms in log.get("stalls", []) if t0 <= t <= t1]
-        out["loop_hold_stalls_10ms_at"] = [
-            [round(t - t0, 3), round(ms, 1)]
-            for t, ms in log.get("stalls", [])
-            if t0 <= t <= t1 and ms >= 10
-        ]
-        out["loop_hold_max_stall_ms"] = max(stalls, default=0.0)
-        out["loop_hold_stalls_10ms"] = sum(1 for ms in stalls if ms >= 10.0)
+        stalls = [(t, ms) for t, ms in log.get("stalls", []) if t0 <= t <= t1]
+        long_ones = [[round(t - t0, 3), round(ms, 1)] for t, ms in stalls if ms >= 10.0]
+        out["loop_hold_stalls_10ms_at"] = long_ones
+        out["loop_hold_max_stall_ms"] = max((ms for _, ms in stalls), default=0.0)
+        out["loop_hold_stalls_10ms"] = len(long_ones)
         out["loop_hold_stalls_2ms"] = len(stalls)
     return out
 

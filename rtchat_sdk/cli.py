@@ -108,6 +108,18 @@ def _namespace(text: str) -> str:
     return text
 
 
+def _add_payload(parser: argparse.ArgumentParser) -> None:
+    """The optional JSON payload argument of `send` and `request`."""
+    parser.add_argument(
+        "data",
+        metavar="JSON",
+        nargs="?",
+        type=_json_value,
+        default=None,
+        help="payload as JSON (default: null)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rtchat`` argument parser (exposed for docs and tests)."""
     common = argparse.ArgumentParser(add_help=False)
@@ -160,14 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     send.add_argument("--room", required=True, help="room to publish to")
     send.add_argument("event", metavar="EVENT", help="event name, e.g. chat.message")
-    send.add_argument(
-        "data",
-        metavar="JSON",
-        nargs="?",
-        type=_json_value,
-        default=None,
-        help="payload as JSON (default: null)",
-    )
+    _add_payload(send)
     send.add_argument(
         "--timeout",
         type=_positive,
@@ -183,14 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Send a request to a server handler and print its reply as JSON.",
     )
     request.add_argument("event", metavar="EVENT", help="event name of the server handler")
-    request.add_argument(
-        "data",
-        metavar="JSON",
-        nargs="?",
-        type=_json_value,
-        default=None,
-        help="payload as JSON (default: null)",
-    )
+    _add_payload(request)
     request.add_argument(
         "--timeout",
         type=_positive,

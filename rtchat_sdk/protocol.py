@@ -60,6 +60,7 @@ __all__ = [
     "wire_size",
     "inbox_stream",
     "json_schema",
+    "ping_delay",
     "room_stream",
     "server_frame_adapter",
 ]
@@ -80,6 +81,12 @@ random points of the last tenth of it: connections opened in a burst (a
 reconnect storm, a pause on the server) do not keep pinging in step, which
 would stall a server with thousands of them at the same instant each interval.
 """
+
+
+def ping_delay(interval: float, draw: float, spread: float = PING_SPREAD) -> float:
+    """Seconds from one ping to the next, given a uniform ``draw`` in [0, 1)."""
+    return interval * (1.0 - spread * draw)
+
 
 MAX_RESUME_STREAMS = 10_000
 """At most this many stream positions travel in one ``hello.resume``."""

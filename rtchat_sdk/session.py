@@ -476,6 +476,7 @@ class ClientSession:
             limit = min(limit, self._server_max_in_flight)
         while self._unsent and len(self._in_flight) < limit:
             message_id = self._unsent[0]
+            # _oldest_id can only lag the lowest unanswered id: below it + limit, no need to look.
             if message_id >= self._oldest_id + limit and (
                 message_id >= self._lowest_unanswered() + limit
             ):
@@ -782,7 +783,7 @@ class ClientSession:
     def _ping_delay(self) -> float:
         """At most one interval, spread at random so many clients do not ping in step."""
         assert self._heartbeat is not None
-        return self._heartbeat.interval * (1.0 - self.ping_spread * self._random())
+        return p.ping_delay(self._heartbeat.interval, self._random(), self.ping_spread)
 
     def handle_timer(self, now: float) -> None:
         """Expire messages, send a heartbeat, or declare the link dead."""

@@ -528,11 +528,11 @@ class Server:
         batch = conn.batch
         if not batch:
             return
-        conn.batch = []
-        conn.batch_bytes = 0
         protocol = conn.ws.protocol
         if protocol.state is State.OPEN:
             protocol.send_text(batch[0] if len(batch) == 1 else p.encode_batch(batch))
+        batch.clear()
+        conn.batch_bytes = 0
 
     def _write_pending(self) -> None:
         """End of the loop pass: write out every connection's frames."""

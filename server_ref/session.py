@@ -251,7 +251,7 @@ class ConnectionCore:
 
     def _ping_delay(self) -> float:
         """At most one interval, spread at random so pings of many connections fall apart."""
-        return self.heartbeat.interval * (1.0 - self._ping_spread * self._random())
+        return p.ping_delay(self.heartbeat.interval, self._random(), self._ping_spread)
 
     def _bad_frame(self, code: str, message: str, message_id: int | None) -> None:
         self.bad_frames += 1

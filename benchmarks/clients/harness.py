@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,9 +24,11 @@ __all__ = [
     "Holder",
     "StormRecord",
     "Tally",
+    "Measured",
     "hold",
     "payload",
     "probe",
+    "run_scenario",
     "sequential",
 ]
 
@@ -248,6 +250,15 @@ async def hold(holder: Holder, params: dict[str, Any]) -> None:
     ``ready`` is reported. Then ``report``, ``restarted`` (reconnect storm)
     and ``quit`` are answered until stdin closes.
     """
+    try:
+        await _hold(holder, params)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(holder.close_all(), 30)
+        emit({"event": "bye"})
+
+
+async def _hold(holder: Holder, params: dict[str, Any]) -> None:
     commands = await read_commands()
     concurrency = int(params.get("concurrency", 50))
     open_seconds = float(params.get("open_seconds", 120))
@@ -270,20 +281,15 @@ async def hold(holder: Holder, params: dict[str, Any]) -> None:
             "open_s": time.perf_counter() - t0,
         }
     )
-    try:
-        while True:
-            cmd = await commands.get()
-            kind = cmd.get("cmd")
-            if kind == "report":
-                emit({"event": "report", "connected": holder.connected(), "lost": holder.lost()})
-            elif kind == "restarted":
-                emit(await _storm_report(holder, cmd, float(params.get("storm_timeout", 60))))
-            elif kind == "quit":
-                break
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(holder.close_all(), 30)
-        emit({"event": "bye"})
+    while True:
+        cmd = await commands.get()
+        kind = cmd.get("cmd")
+        if kind == "report":
+            emit({"event": "report", "connected": holder.connected(), "lost": holder.lost()})
+        elif kind == "restarted":
+            emit(await _storm_report(holder, cmd, float(params.get("storm_timeout", 60))))
+        elif kind == "quit":
+            break
 
 
 async def _storm_report(holder: Holder, cmd: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -345,3 +351,25 @@ async def probe(
         "errors": errors,
         "latency_ms": {k: v * 1e3 for k, v in summary(latencies).items()},
     }
+
+
+Measured = Callable[[str, dict[str, Any], int], Awaitable[dict[str, Any]]]
+"""A measured scenario of one implementation: (url, params, server PID) -> result."""
+
+
+async def run_scenario(
+    scenario: str,
+    url: str,
+    params: dict[str, Any],
+    server_pid: int,
+    measured: Mapping[str, Measured],
+    holder: Callable[[], Holder],
+) -> dict[str, Any] | None:
+    """One client process's work: a measured scenario, or (``hold``) idle connections."""
+    if scenario == "hold":
+        await hold(holder(), params)
+        return None
+    run = measured.get(scenario)
+    if run is None:
+        raise ValueError(f"unknown scenario {scenario!r}")
+    return await run(url, params, server_pid)

@@ -16,11 +16,12 @@ import socketio  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
 from benchmarks.clients.harness import (
     FanoutTracker,
+    Measured,
     StormRecord,
     Tally,
-    hold,
     payload,
     probe,
+    run_scenario,
     sequential,
 )
 from benchmarks.common import Meter
@@ -253,22 +254,13 @@ async def _probe(url: str, params: dict[str, Any]) -> dict[str, Any]:
 async def run(
     scenario: str, url: str, params: dict[str, Any], server_pid: int
 ) -> dict[str, Any] | None:
-    if scenario == "seq":
-        return await _seq(url, params, server_pid)
-    if scenario == "pipelined":
-        return await _pipelined(url, params, server_pid)
-    if scenario == "fanout":
-        return await _fanout(url, params, server_pid)
-    if scenario == "publish":
-        return await _publish(url, params, server_pid)
-    if scenario == "probe":
-        return await _probe(url, params)
-    if scenario == "hold":
-        holder = SioHolder(url, params)
-        try:
-            await hold(holder, params)
-        finally:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(holder.close_all(), 30)
-        return None
-    raise ValueError(f"unknown scenario {scenario!r}")
+    measured: dict[str, Measured] = {
+        "seq": _seq,
+        "pipelined": _pipelined,
+        "fanout": _fanout,
+        "publish": _publish,
+        "probe": lambda url, params, _pid: _probe(url, params),
+    }
+    return await run_scenario(
+        scenario, url, params, server_pid, measured, lambda: SioHolder(url, params)
+    )
