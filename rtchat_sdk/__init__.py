@@ -3,7 +3,12 @@
 ``async with Client(url) as client:`` gives rooms, requests, typed events,
 heartbeats, reconnection and an outbox, with nothing lost, duplicated or
 reordered silently.
+
+Logs go to the ``rtchat_sdk`` logger; as a library it adds only a
+``NullHandler``, so nothing is printed unless the app configures logging.
 """
+
+import logging
 
 from .backoff import ReconnectPolicy
 from .client import Client, ConnectionState, NamespaceClient
@@ -39,6 +44,8 @@ from .sqlite_outbox import OutboxFileError, OutboxInUse, OutboxStorageError, Sql
 from .sync import SyncClient
 
 __version__ = "0.1.0"
+
+logging.getLogger("rtchat_sdk").addHandler(logging.NullHandler())
 
 __all__ = [
     "PROTOCOL_VERSION",

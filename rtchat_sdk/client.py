@@ -20,12 +20,13 @@ from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
 from . import protocol as p
 from .backoff import ReconnectPolicy
 from .dispatch import ErrorCallback, HandlerRegistry
+from .endpoint import ProxySetting, check_url, choose_proxy, describe_failure
 from .errors import (
     AckTimeout,
     ClientClosed,
@@ -218,12 +219,16 @@ class Client(NamespaceClient):
         retry_first_connect: bool = False,
         name: str = "rtchat-python",
         compression: bool = False,
+        proxy: ProxySetting = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(self, p.DEFAULT_NAMESPACE)
-        self.urls = [url] if isinstance(url, str) else list(url)
+        self.urls = [check_url(u) for u in ([url] if isinstance(url, str) else list(url))]
         if not self.urls:
             raise ValueError("at least one URL is needed")
+        self.proxy = proxy
+        """True: the proxy the environment names (HTTPS_PROXY, ALL_PROXY, NO_PROXY...);
+        a URL: that proxy; None: always connect directly."""
         self.reconnect = reconnect or ReconnectPolicy()
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
@@ -268,10 +273,12 @@ class Client(NamespaceClient):
         self._dispatcher: asyncio.Task[None] | None = None
         self._first_welcome: asyncio.Future[None] | None = None
         self._closing = False
+        self._dispatch_ending = False
         self._welcomed_here = False
         self._fatal: RTChatError | None = None
         self._retry_after: float | None = None
-        self.reconnects = 0
+        self._failed_attempts = 0
+        self._failure_log = _FailureLog(clock)
         self.closed_reason: RTChatError | None = None
 
     # ------------------------------------------------------------------
@@ -306,7 +313,7 @@ class Client(NamespaceClient):
 
     @property
     def counters(self) -> dict[str, int]:
-        """sent, resent, duplicates_dropped, gaps, timed_out, dropped, reconnects..."""
+        """What reliability work happened; each key is defined in docs/client.md."""
         c = self._session.counters
         return {
             "sent": c.sent,
@@ -316,7 +323,8 @@ class Client(NamespaceClient):
             "timed_out": c.timed_out,
             "dropped": c.dropped,
             "connections": c.connections,
-            "reconnects": self.reconnects,
+            "reconnects": max(0, c.connections - 1),
+            "failed_attempts": self._failed_attempts,
             "outbox_size": len(self._session.outbox),
         }
 
@@ -367,11 +375,14 @@ class Client(NamespaceClient):
             self._first_welcome = loop.create_future()
             self._runner = asyncio.create_task(self._run(), name="rtchat-connection")
             self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="rtchat-dispatch")
-        assert self._first_welcome is not None
+        welcome = self._first_welcome
+        assert welcome is not None
         try:
-            await asyncio.shield(self._first_welcome)
+            await asyncio.shield(welcome)
         except BaseException:
             await self.close()
+            if welcome.done() and not welcome.cancelled():
+                welcome.exception()  # retrieved: our caller gets its own exception
             raise
 
     async def flush(self, timeout: float | None = None) -> None:
@@ -388,13 +399,13 @@ class Client(NamespaceClient):
         unanswered (kept by a persistent outbox for the next run) the session
         is left resumable for the server's ``session_ttl``, so the next run
         resumes it and the server's dedupe still applies.
+
+        When it returns, every task the client started has finished, however
+        the client got here (a failed connect, a fatal refusal, an earlier
+        ``close``); handlers of deliveries already received get up to 5 s.
         """
-        if self._closing:
-            if self._runner is not None:
-                await asyncio.gather(self._runner, return_exceptions=True)
-            return
+        ws = None if self._closing else self._ws
         self._closing = True
-        ws = self._ws
         if ws is not None:
             if len(self._session.outbox):
                 code, reason = p.CloseCode.GOING_AWAY, "client closed with unanswered messages"
@@ -402,14 +413,15 @@ class Client(NamespaceClient):
                 code, reason = p.CloseCode.NORMAL, "client closed"
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(code, reason), 5.0)
-        if self._runner is not None:
-            self._runner.cancel()
-            await asyncio.gather(self._runner, return_exceptions=True)
+        runner = self._runner
+        if runner is not None and runner is not asyncio.current_task():
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
         self._finish(self._fatal or ClientClosed("the client was closed"))
-        if self._dispatcher is not None:
-            self._deliveries.put_nowait(None)
+        dispatcher = self._dispatcher
+        if dispatcher is not None and dispatcher is not asyncio.current_task():
             try:
-                await asyncio.wait_for(self._dispatcher, 5.0)
+                await asyncio.wait_for(dispatcher, 5.0)
             except TimeoutError:
                 log.warning("handlers did not finish within 5 s of close; cancelled")
 
@@ -430,6 +442,11 @@ class Client(NamespaceClient):
         if self._first_welcome is not None and not self._first_welcome.done():
             self._first_welcome.set_exception(reason)
         self._space_freed.set()
+        if not self._dispatch_ending:
+            # The dispatcher hands out what was received, then ends by itself,
+            # so no task outlives a client that stopped (even one never closed).
+            self._dispatch_ending = True
+            self._deliveries.put_nowait(None)
         self._set_state(ConnectionState.CLOSED)
 
     def _set_state(self, state: ConnectionState) -> None:
@@ -501,6 +518,8 @@ class Client(NamespaceClient):
                 attempt = 0
                 if self._clock() - started >= policy.stable_after:
                     delays, failures, failing_since = policy.delays(), 0, None
+            else:
+                self._failed_attempts += 1
             if self._fatal is not None or not policy.classify(error):
                 self._finish(self._fatal or error)
                 return
@@ -528,26 +547,31 @@ class Client(NamespaceClient):
                 # everyone it sent away does not come back in the same instant.
                 delay += self._retry_after
                 self._retry_after = None
-            log.info(
-                "reconnecting to %s in %.2fs (%s)", self.urls[index % len(self.urls)], delay, error
+            self._failure_log.report(
+                error,
+                lost=self._welcomed_here,
+                next_url=self.urls[index % len(self.urls)],
+                delay=delay,
             )
             await asyncio.sleep(delay)
-            self.reconnects += 1
 
     async def _connect_once(self, url: str) -> RTChatError:
         """One connection, from TCP connect to its end; returns why it ended."""
         self._welcomed_here = False
+        proxy = None
         try:
+            proxy = choose_proxy(url, self.proxy)
             ws = await connect(
                 url,
                 open_timeout=self.connect_timeout,
                 ping_interval=None,  # rtchat heartbeats run at the app level
                 compression="deflate" if self.compression else None,
                 max_size=self.max_frame_bytes,
-                proxy=None,
+                proxy=proxy,
             )
-        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as exc:
-            return ConnectionFailed(f"cannot connect to {url}: {exc}")
+        except (OSError, TimeoutError, WebSocketException, ImportError, ValueError) as exc:
+            why = describe_failure(exc, url, timeout=self.connect_timeout, proxy=proxy)
+            return ConnectionFailed(f"cannot connect to {url}: {why}")
         self._ws = ws
         self._write_blocked = False
         self._wakeup.clear()
@@ -803,6 +827,35 @@ class Client(NamespaceClient):
                 left = self._deliveries.get_nowait()
                 if isinstance(left, _Unfinished):
                     left.rest.close()
+
+
+class _FailureLog:
+    """One WARNING per failed attempt, at most one per ``interval`` seconds.
+
+    A client retrying for hours against a server that is down says so now
+    and then, with the count of the failures it did not report one by one
+    (those go to DEBUG), instead of either silence or a line per second.
+    """
+
+    interval = 10.0
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._last: float | None = None
+        self._unreported = 0
+
+    def report(self, error: RTChatError, *, lost: bool, next_url: str, delay: float) -> None:
+        what = "connection lost" if lost else "connection attempt failed"
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval:
+            self._unreported += 1
+            log.debug("%s: %s; retrying %s in %.2fs", what, error, next_url, delay)
+            return
+        more = (
+            f" ({self._unreported} more failures since the last report)" if self._unreported else ""
+        )
+        log.warning("%s: %s; retrying %s in %.2fs%s", what, error, next_url, delay, more)
+        self._last, self._unreported = now, 0
 
 
 @dataclass(frozen=True, slots=True)

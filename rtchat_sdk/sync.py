@@ -8,17 +8,25 @@ thread and waits for each call's result, so the guarantees are the same::
         client.publish("lobby", "chat.message", {"text": "hi"})
         print(client.request("echo", {"n": 1}))
 
-Handlers registered with ``on`` run in that background thread, one after
-another, so they must not block for long and must not call the blocking
+The blocking API follows the async one by construction: each method is made
+from the ``Client`` method of the same name by ``_blocking`` (async: run it on
+the loop and wait) or ``_same`` (not async: call it as it is), which keep its
+parameters and docstring; ``tests/test_sync_client.py`` checks that every
+public member of ``Client`` has its twin here, with the same parameters.
+
+Handlers and callbacks registered with ``on``, ``on_error``, ``on_gap``,
+``on_state_change`` and ``on_attempt`` run in that background thread, one
+after another, so they must not block for long and must not call the blocking
 methods of the same client (that would wait on the thread they run in).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar, overload
+from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -28,9 +36,9 @@ from .events import Event
 
 __all__ = ["SyncClient", "SyncNamespace"]
 
-T = TypeVar("T")
-M = TypeVar("M", bound=BaseModel)
-H = TypeVar("H", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T", bound=BaseModel)
 
 
 class _LoopThread:
@@ -45,7 +53,7 @@ class _LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+    def call(self, coro: Coroutine[Any, Any, R]) -> R:
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("a blocking call from a handler would deadlock; use the Client")
@@ -57,6 +65,32 @@ class _LoopThread:
         self.loop.close()
 
 
+def _blocking(
+    method: Callable[Concatenate[Any, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[SyncNamespace, P], R]:
+    """The blocking twin of an async method: run it on the loop, wait for its result."""
+    name = method.__name__
+
+    def call(self: SyncNamespace, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        coro: Coroutine[Any, Any, R] = getattr(self._target, name)(*args, **kwargs)
+        return self._runner.call(coro)
+
+    functools.update_wrapper(call, method)
+    return call
+
+
+def _same(method: Callable[Concatenate[Any, P], R]) -> Callable[Concatenate[SyncNamespace, P], R]:
+    """A method that does not wait (registering a callback): called as it is."""
+    name = method.__name__
+
+    def call(self: SyncNamespace, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        result: R = getattr(self._target, name)(*args, **kwargs)
+        return result
+
+    functools.update_wrapper(call, method)
+    return call
+
+
 class SyncNamespace:
     """The blocking API bound to one namespace."""
 
@@ -64,29 +98,28 @@ class SyncNamespace:
         self._runner = runner
         self._target = target
 
-    def join(self, room: str) -> None:
-        self._runner.call(self._target.join(room))
+    @property
+    def path(self) -> str:
+        return self._target.path
 
-    def leave(self, room: str) -> None:
-        self._runner.call(self._target.leave(room))
+    join = _blocking(NamespaceClient.join)
+    leave = _blocking(NamespaceClient.leave)
+    publish = _blocking(NamespaceClient.publish)
+    emit = _blocking(NamespaceClient.emit)
+    on = _same(NamespaceClient.on)
+    off = _same(NamespaceClient.off)
 
-    def publish(
-        self, room: str, event: str | Event, data: Any = None, *, echo: bool = False
-    ) -> int:
-        return self._runner.call(self._target.publish(room, event, data, echo=echo))
-
-    def emit(self, event: str | Event, data: Any = None) -> None:
-        self._runner.call(self._target.emit(event, data))
-
+    # ``request`` is overloaded (the reply's type follows ``response``), which a
+    # generated twin cannot carry; it is written out, and checked like the rest.
     @overload
     def request(
         self,
         event: str | Event,
         data: Any = None,
         *,
-        response: type[M],
+        response: type[T],
         timeout: float | None = None,
-    ) -> M: ...
+    ) -> T: ...
 
     @overload
     def request(
@@ -103,25 +136,28 @@ class SyncNamespace:
         event: str | Event,
         data: Any = None,
         *,
-        response: type[M] | None = None,
+        response: type[T] | None = None,
         timeout: float | None = None,
     ) -> Any:
         return self._runner.call(
             self._target.request(event, data, response=response, timeout=timeout)
         )
 
-    def on(self, event: str | type[Event]) -> Callable[[H], H]:
-        """Register a handler; it runs in the client's background thread."""
-        return self._target.on(event)
+    request.__doc__ = NamespaceClient.request.__doc__
 
 
 class SyncClient(SyncNamespace):
-    """A blocking ``Client``: same arguments, same guarantees, no ``await``."""
+    """A blocking ``Client``: same arguments, same methods, same guarantees, no ``await``."""
 
     def __init__(self, url: str | list[str], **options: Any) -> None:
-        self._runner = _LoopThread()
-        self._client = self._runner.call(_make_client(url, options))
-        super().__init__(self._runner, self._client)
+        runner = _LoopThread()
+        try:
+            client = runner.call(_make_client(url, options))
+        except BaseException:
+            runner.stop()
+            raise
+        super().__init__(runner, client)
+        self._client = client
         self._closed = False
 
     @property
@@ -138,15 +174,32 @@ class SyncClient(SyncNamespace):
         return self._client.session_id
 
     @property
+    def rtt(self) -> float | None:
+        return self._client.rtt
+
+    @property
+    def outbox_size(self) -> int:
+        return self._client.outbox_size
+
+    @property
     def counters(self) -> dict[str, int]:
         return self._client.counters
 
+    ping = _blocking(Client.ping)
+    flush = _blocking(Client.flush)
+    on_error = _same(Client.on_error)
+    on_gap = _same(Client.on_gap)
+    on_state_change = _same(Client.on_state_change)
+    on_attempt = _same(Client.on_attempt)
+
     def connect(self) -> None:
+        """Connect and wait for the server's welcome (or raise why not)."""
         if self._closed:
             raise ClientClosed("this client was closed; make a new one")
         self._runner.call(self._client.connect())
 
     def close(self) -> None:
+        """Close for good, then stop the background loop and its thread."""
         if self._closed:
             return
         self._closed = True
@@ -156,6 +209,7 @@ class SyncClient(SyncNamespace):
             self._runner.stop()
 
     def namespace(self, path: str) -> SyncNamespace:
+        """The same API on another namespace, over the same connection."""
         return SyncNamespace(self._runner, self._client.namespace(path))
 
     def __enter__(self) -> SyncClient:

@@ -150,6 +150,7 @@ def test_request_timeout_leaves_the_outbox_and_is_never_sent() -> None:
     assert events(s) == []
     s.handle_timer(5.0)
     assert events(s) == [TimedOut(1, "request")]
+    assert s.counters.timed_out == 1
     s.connection_made(6)
     s.receive_text(welcome(), 6)
     assert [f["type"] for f in frames(s)] == ["hello"]
@@ -355,6 +356,7 @@ def test_outbox_drop_oldest_reports_what_it_dropped() -> None:
     assert dropped == [Dropped(1, "emit")]
     assert s.outbox.ids() == [2, 3]
     assert message_id == 3
+    assert s.counters.dropped == 1
 
 
 def test_outbox_byte_limit() -> None:

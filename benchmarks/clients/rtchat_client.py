@@ -174,7 +174,7 @@ class RtchatHolder:
                 and record.back_at is None
             ):
                 record.back_at = now
-                record.attempts = client.reconnects
+                record.attempts = client.counters["failed_attempts"] + 1  # tries to get back
 
         await client.connect()
         client.on_state_change(on_state)
