@@ -1,12 +1,17 @@
-"""Test helpers: build server frames and drive a ClientSession by hand."""
+"""Test helpers: build server frames and drive a ClientSession by hand; collect
+what a real Client handles, and prove nothing extra came."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
+from rtchat_sdk import Client
 from rtchat_sdk import protocol as p
 from rtchat_sdk.session import ClientSession, SessionEvent
+from server_ref import Server
 
 
 def welcome(
@@ -62,3 +67,47 @@ def open_session(session: ClientSession, now: float = 0.0, **kw: Any) -> None:
     session.receive_text(welcome(**kw), now)
     session.data_to_send()
     session.events_received()
+
+
+SENTINEL = "--sentinel--"
+"""Published by ``Inbox.settle`` after everything else; tests never send it."""
+
+
+class Inbox:
+    """Collects a client's deliveries of one event; a test waits for a count or settles."""
+
+    def __init__(self, client: Client, event: str = "m") -> None:
+        self.event = event
+        self.items: list[Any] = []
+        self._changed = asyncio.Event()
+        client.on(event)(self._add)
+
+    def _add(self, data: Any) -> None:
+        self.items.append(data)
+        self._changed.set()
+
+    async def _until(self, done: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not done():
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def wait_for(self, count: int) -> list[Any]:
+        """Wait until at least ``count`` items came (more may follow: see ``settle``)."""
+        await self._until(lambda: len(self.items) >= count)
+        return self.items
+
+    async def settle(self, server: Server, room: str = "r") -> list[Any]:
+        """Everything handled before a sentinel that ``server`` publishes to ``room`` now.
+
+        A room's stream is delivered in order, so once the sentinel is handled
+        everything the stream held before it has been handled too, duplicates
+        included, which ``wait_for`` (it returns at a count) cannot see.
+        Asserts that the sentinel came once; call it when the client is
+        connected, after everything the test published.
+        """
+        await server.publish(room, self.event, SENTINEL)
+        await self._until(lambda: SENTINEL in self.items)
+        before = self.items.index(SENTINEL)
+        assert self.items[before:] == [SENTINEL], self.items[before:]
+        return self.items[:before]

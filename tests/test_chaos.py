@@ -25,6 +25,9 @@ One proxy per client (rather than one shared proxy) lets a fault hit one
 client while the others carry on, so the server has to replay to one member
 what the others got live, and resent publishes from one client interleave
 with live traffic from the others. Some faults hit every proxy at once.
+Faults are dealt in shuffled rounds of every (kind, client) pair, so every
+client is blackholed, dropped and cut while traffic runs, whatever the seed;
+the audit checks that each one did lose links and resend what it held.
 
 The seed is ``SEED`` unless ``RTCHAT_CHAOS_SEED`` is set; it is printed with
 the summary and on failure, so a failing run can be replayed.
@@ -62,7 +65,9 @@ PUBLISH_WINDOW = 150
 REQUEST_WINDOW = 50
 """Requests in flight per client."""
 MIN_FAULTS = 24
-"""Faults injected while traffic runs, at least (the last publish waits for them)."""
+"""Faults injected while traffic runs, at least (the last publish waits for them):
+more than a round of every (kind, client) pair, 12 faults, and the slow
+aftermath some blackholes get (at most one delay each, 3 in a round)."""
 TRAFFIC_SECONDS = 12.0
 """How long each client spreads its publishes over, at the least."""
 KINDS = ("drop", "blackhole", "delay", "cut")
@@ -208,17 +213,17 @@ async def inject(rng: random.Random, proxies: list[FaultProxy], faults: Faults) 
             for proxy in targets:
                 proxy.delay(0)
 
-    deck: list[str] = []
+    deck: list[tuple[str, int]] = []
     while True:
         await asyncio.sleep(rng.uniform(0.05, 0.25))
-        if not deck:  # deal the kinds in shuffled rounds: a guaranteed mix
-            deck = list(KINDS)
+        if not deck:  # deal every (kind, client) in shuffled rounds: a guaranteed mix
+            deck = [(kind, i) for kind in KINDS for i in range(len(proxies))]
             rng.shuffle(deck)
-        kind = deck.pop()
-        targets = proxies if rng.random() < 0.2 else [rng.choice(proxies)]
-        where = "all" if len(targets) > 1 else str(proxies.index(targets[0]))
+        kind, index = deck.pop()
+        targets = proxies if rng.random() < 0.2 else [proxies[index]]
+        where = "all" if len(targets) > 1 else str(index)
         if kind in ("drop", "cut") and not any(proxy.links for proxy in targets):
-            deck.append(kind)  # nothing to break right now (reconnecting): later
+            deck.append((kind, index))  # nothing to break right now (reconnecting): later
             continue
         if kind == "drop":
             n = sum(proxy.drop() for proxy in targets)
@@ -386,6 +391,11 @@ async def test_chaos_nothing_lost_duplicated_or_reordered() -> None:
         assert faults.total >= MIN_FAULTS
         assert all(faults.counts[kind] > 0 for kind in KINDS), faults.counts
         for peer in peers:
+            # The faults hit this client's traffic in flight; else the audit proves little.
+            c = peer.client.counters
+            assert c["reconnects"] > 0, (peer.name, c)
+            assert c["resent"] > 0, (peer.name, c)
+            assert peer.proxy.stats.accepted > 1, (peer.name, peer.proxy.stats)
             assert not peer.errors, (peer.name, peer.errors)
             assert peer.gaps == [], (peer.name, peer.gaps)
             assert peer.own == [], f"{peer.name} received {len(peer.own)} of its own messages"

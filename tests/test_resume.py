@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from rtchat_sdk import (
 from server_ref import Context, MemoryBroker, Server, ServerConfig
 from tests.conftest import make_server
 from tests.faultproxy import FaultProxy
+from tests.helpers import Inbox
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -32,26 +34,6 @@ FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.2)
 async def proxy(server: Server) -> AsyncIterator[FaultProxy]:
     async with FaultProxy(server.port) as p:
         yield p
-
-
-class Inbox:
-    """Collects deliveries and lets a test wait for a count."""
-
-    def __init__(self, client: Client, event: str = "m") -> None:
-        self.items: list[Any] = []
-        self._changed = asyncio.Event()
-        client.on(event)(self._add)
-
-    def _add(self, data: Any) -> None:
-        self.items.append(data)
-        self._changed.set()
-
-    async def wait_for(self, count: int) -> list[Any]:
-        async with asyncio.timeout(10):
-            while len(self.items) < count:
-                self._changed.clear()
-                await self._changed.wait()
-        return self.items
 
 
 async def wait_state(client: Client, state: ConnectionState) -> None:
@@ -97,7 +79,7 @@ async def test_dropped_link_resumes_and_replays_what_was_missed(
         proxy.refuse(False)
         await wait_state(receiver, ConnectionState.CONNECTED)
         await sender.publish("r", "m", 6)
-        assert await inbox.wait_for(7) == list(range(7))
+        assert await inbox.settle(server) == list(range(7))
         assert receiver.counters["gaps"] == 0
         assert receiver.counters["reconnects"] >= 1
 
@@ -116,7 +98,7 @@ async def test_messages_sent_while_down_wait_in_the_outbox_and_go_in_order(
         proxy.refuse(False)
         offsets = await asyncio.gather(*sends)
         assert offsets == list(range(1, 21))
-        assert await inbox.wait_for(20) == list(range(20))
+        assert await inbox.settle(server) == list(range(20))
 
 
 async def test_request_resent_after_a_cut_runs_once(server: Server, proxy: FaultProxy) -> None:
@@ -141,26 +123,62 @@ async def test_request_resent_after_a_cut_runs_once(server: Server, proxy: Fault
         assert client.counters["resent"] == 1
 
 
-async def test_half_open_link_is_detected_within_interval_plus_timeout() -> None:
-    srv = make_server(ServerConfig(heartbeat_interval=0.2, heartbeat_timeout=0.3))
+class _Record(logging.Handler):
+    """Appends ``what`` to ``events`` for each record whose message contains ``needle``."""
+
+    def __init__(self, events: list[str], needle: str, what: str) -> None:
+        super().__init__(logging.WARNING)
+        self.events, self.needle, self.what = events, needle, what
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.needle in record.getMessage():
+            self.events.append(self.what)
+
+
+async def test_half_open_link_is_declared_dead_by_the_heartbeat_then_resumed() -> None:
+    interval, timeout = 0.2, 0.3
+    srv = make_server(ServerConfig(heartbeat_interval=interval, heartbeat_timeout=timeout))
     await srv.start("127.0.0.1", 0)
+    events: list[str] = []
+    declared_dead = _Record(events, "declared dead", "declared dead")
+    logging.getLogger("rtchat_sdk").addHandler(declared_dead)
     try:
-        async with FaultProxy(srv.port) as proxy, Client(proxy.url, reconnect=FAST) as client:
-            assert client.state is ConnectionState.CONNECTED
-            loop = asyncio.get_running_loop()
-            lost = asyncio.Event()
-            client.on_state_change(
-                lambda s: lost.set() if s is ConnectionState.RECONNECTING else None
-            )
-            proxy.blackhole(True)
-            started = loop.time()
-            await asyncio.wait_for(lost.wait(), 5)
-            detected = loop.time() - started
-            assert detected <= 0.2 + 0.3 + 0.25  # interval + timeout + scheduling slack
-            proxy.blackhole(False)
+        async with (
+            Client(srv.url) as sender,
+            FaultProxy(srv.port) as proxy,
+            Client(proxy.url, reconnect=FAST, clock=time.monotonic) as client,  # read below too
+        ):
+            inbox = Inbox(client)
+            await sender.join("r")
+            await client.join("r")
+            session = client.session_id
+            lost_at: list[float] = []
+
+            def on_state(state: ConnectionState) -> None:
+                events.append(state.value)
+                if state is ConnectionState.RECONNECTING:
+                    lost_at.append(time.monotonic())
+
+            client.on_state_change(on_state)
+            heard_at = time.monotonic()
+            await client.ping()  # the pong is a frame from the server heard after heard_at
+            proxy.blackhole(True)  # TCP stays up: only the heartbeats can tell
+            await sender.publish("r", "m", "during")  # lost in the blackhole
+            await wait_state(client, ConnectionState.RECONNECTING)
+            # Declared dead by the client's own heartbeat deadline (the server's
+            # close frame is swallowed, its TCP still up), and not before that
+            # deadline: interval + timeout of silence after the last frame heard.
+            assert events == ["declared dead", "reconnecting"]
+            assert lost_at[0] - heard_at >= interval + timeout
+            proxy.end_blackhole()
             await wait_state(client, ConnectionState.CONNECTED)
+            assert events == ["declared dead", "reconnecting", "connected"]
+            await sender.publish("r", "m", "after")
+            assert await inbox.settle(srv) == ["during", "after"]  # replayed, then live
+            assert client.session_id == session  # resumed, not a new session
             assert await client.request("echo", "back") == "back"
     finally:
+        logging.getLogger("rtchat_sdk").removeHandler(declared_dead)
         await srv.close()
 
 
@@ -183,7 +201,7 @@ async def test_trimmed_history_is_reported_as_a_gap() -> None:
                 await sender.publish("r", "m", i)
             proxy.refuse(False)
             await wait_state(receiver, ConnectionState.CONNECTED)
-            assert await inbox.wait_for(3) == [7, 8, 9]
+            assert await inbox.settle(srv) == [7, 8, 9]
             assert [(g.stream, g.reason, g.offset) for g in gaps] == [("room:/:r", "trimmed", 7)]
     finally:
         await srv.close()
@@ -209,7 +227,7 @@ async def test_server_restart_reports_lost_streams_and_replays_the_new_epoch() -
                 proxy.refuse(False)
                 await wait_reconnected(client)
                 await other.publish("r", "m", "live")
-                assert await inbox.wait_for(2) == ["while you were away", "live"]
+                assert await inbox.settle(second) == ["while you were away", "live"]
             assert sorted((g.stream.split(":")[0], g.reason) for g in gaps) == [
                 ("inbox", "session_unknown"),
                 ("room", "epoch_changed"),
@@ -253,7 +271,7 @@ async def test_expired_session_rejoins_rooms_and_replays_from_history() -> None:
             proxy.refuse(False)
             await wait_reconnected(receiver)
             await sender.publish("r", "m", 2)
-            assert await inbox.wait_for(2) == [1, 2]
+            assert await inbox.settle(srv) == [1, 2]
             assert receiver.session_id != old_session
             assert [(g.room, g.reason) for g in gaps] == [(None, "session_unknown")]
     finally:
@@ -468,7 +486,7 @@ async def test_own_publishes_of_a_lost_session_never_come_back_on_later_resumes(
                 proxy.refuse(False)
                 await wait_reconnected(receiver)
             await sender.publish("r", "m", "theirs")
-            # A replayed "mine" would arrive before the live "theirs".
-            assert await inbox.wait_for(1) == ["theirs"]
+            # A replayed "mine" would arrive before the live "theirs" or the sentinel.
+            assert await inbox.settle(srv) == ["theirs"]
     finally:
         await srv.close()

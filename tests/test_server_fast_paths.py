@@ -233,9 +233,24 @@ async def test_a_client_that_does_not_read_its_replies_stops_the_server_reading(
 
         sender = asyncio.create_task(flood())
         try:
-            await asyncio.sleep(1.0)  # long enough for every buffer on the way to fill
-            assert not sender.done()  # the server stopped reading: the client's sends wait
             (conn,) = srv._connections
+
+            def every_buffer_full() -> bool:
+                """Each side stopped reading, and each side's writes wait for the other."""
+                return (
+                    not ws.transport.is_reading()  # the client's one-message queue is full
+                    and conn.ws.paused  # the server's replies wait for the client
+                    and not conn.ws.transport.is_reading()  # the server stopped reading
+                    and ws.paused  # so the client's requests wait for the server
+                )
+
+            # A server that read on regardless would not stay there: its reader
+            # would empty its queue and its transport would read again.
+            async with asyncio.timeout(5):
+                while not every_buffer_full():
+                    assert not sender.done()  # 64 MB cannot all go through
+                    await asyncio.sleep(0.005)
+            assert not sender.done()
             held = conn.ws.transport.get_write_buffer_size() + conn.unwritten
             assert held < 4 * 1024 * 1024, held  # a few replies past the high-water mark
         finally:
