@@ -1,9 +1,10 @@
 """The rtchat wire protocol: every frame as a pydantic model.
 
-One module is the single source of truth for client and server. A frame is
-one JSON object in one WebSocket text message; its ``type`` field picks the
-model. ``PROTOCOL.md`` explains the exchanges; ``json_schema()`` gives the
-machine-readable form, generated from these models.
+``PROTOCOL.md`` is the contract; these models are the Python form of its
+frame tables, shared by client and server, and ``json_schema()`` generates the
+machine-readable form from them (tests hold models, schema and document
+together). A frame is one JSON object in one WebSocket text message; its
+``type`` field picks the model.
 
 Rules that hold for every frame:
 
@@ -13,14 +14,23 @@ Rules that hold for every frame:
   client session; the server replies to each exactly once, with the same id.
 * Deliveries carry ``stream``, ``epoch`` and ``offset`` and nothing specific to
   the recipient, so one encoded frame serves every member of a room.
+* Only standard JSON travels: the decoders refuse ``NaN``, ``Infinity`` and
+  ``-Infinity`` (which pydantic's parser would accept), and ``encode`` refuses
+  a payload holding a non-finite float (which pydantic would write as null)
+  with ``ValidationFailed`` naming the field.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from enum import IntEnum, StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic_core import from_json
+
+from .errors import ValidationFailed
 
 __all__ = [
     "CLIENT_FRAME_TYPES",
@@ -60,7 +70,9 @@ __all__ = [
     "wire_size",
     "inbox_stream",
     "json_schema",
+    "non_finite",
     "ping_delay",
+    "require_finite",
     "room_stream",
     "server_frame_adapter",
 ]
@@ -87,6 +99,8 @@ def ping_delay(interval: float, draw: float, spread: float = PING_SPREAD) -> flo
     """Seconds from one ping to the next, given a uniform ``draw`` in [0, 1)."""
     return interval * (1.0 - spread * draw)
 
+
+_T = TypeVar("_T")
 
 MAX_RESUME_STREAMS = 10_000
 """At most this many stream positions travel in one ``hello.resume``."""
@@ -158,6 +172,12 @@ class _Frame(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, json_schema_extra=_require_type)
 
 
+class _PayloadFrame(_Frame):
+    """Carries app data: NaN in it is written ``NaN``, not null, for ``encode`` to refuse."""
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
+
 # --------------------------------------------------------------------------
 # Shared pieces
 
@@ -195,7 +215,9 @@ class ResumeInfo(_Frame):
     streams: list[StreamPosition] = Field(
         default_factory=list,
         max_length=MAX_RESUME_STREAMS,
-        description="Positions in followed streams.",
+        description="Positions in followed streams: room streams with `ns` and `room`, "
+        "and the inbox.",
+        json_schema_extra={"default": []},
     )
 
 
@@ -254,7 +276,7 @@ class HelloFrame(_Frame):
     )
 
 
-class EmitFrame(_Frame):
+class EmitFrame(_PayloadFrame):
     """Send an event to a server handler; answered by an empty ``reply``."""
 
     type: Literal["emit"] = "emit"
@@ -264,7 +286,7 @@ class EmitFrame(_Frame):
     data: Any = None
 
 
-class RequestFrame(_Frame):
+class RequestFrame(_PayloadFrame):
     """Call a server handler; answered by a ``reply`` with its return value."""
 
     type: Literal["request"] = "request"
@@ -292,7 +314,7 @@ class LeaveFrame(_Frame):
     room: RoomName
 
 
-class PublishFrame(_Frame):
+class PublishFrame(_PayloadFrame):
     """Publish an event to every member of a room (the sender only if ``echo``)."""
 
     type: Literal["publish"] = "publish"
@@ -324,7 +346,7 @@ class WelcomeFrame(_Frame):
     server: str = "rtchat"
 
 
-class ReplyFrame(_Frame):
+class ReplyFrame(_PayloadFrame):
     """Success answer to the client message with the same ``id``."""
 
     type: Literal["reply"] = "reply"
@@ -332,7 +354,7 @@ class ReplyFrame(_Frame):
     data: Any = None
 
 
-class ErrorFrame(_Frame):
+class ErrorFrame(_PayloadFrame):
     """Failure: answers message ``id``, or the connection when ``id`` is null."""
 
     type: Literal["error"] = "error"
@@ -345,7 +367,7 @@ class ErrorFrame(_Frame):
     )
 
 
-class MessageFrame(_Frame):
+class MessageFrame(_PayloadFrame):
     """A delivery: one event at one offset of one stream."""
 
     type: Literal["message"] = "message"
@@ -366,10 +388,19 @@ class GapFrame(_Frame):
     stream: str
     ns: str = DEFAULT_NAMESPACE
     room: str | None = None
-    epoch: str = Field(description="The stream's current epoch; positions restart here.")
-    offset: int = Field(ge=0, description="The stream's position the client now stands at.")
+    epoch: str = Field(
+        description="The stream's current epoch; the client's position continues in it. "
+        "For 'not_rejoined': the epoch the client presented."
+    )
+    offset: int = Field(
+        ge=0,
+        description="The position the client now stands at: entries up to it are lost to it, "
+        "deliveries continue from offset + 1. For 'not_rejoined': the position the client "
+        "presented (nothing follows).",
+    )
     reason: str = Field(
-        description="'trimmed', 'epoch_changed', 'session_unknown' or 'not_rejoined'."
+        description="'trimmed', 'epoch_changed' or 'not_rejoined'. ('session_unknown' is "
+        "never sent: a client reports it itself when `welcome.resumed` is false.)"
     )
 
 
@@ -398,14 +429,67 @@ server_frame_adapter: TypeAdapter[ServerFrame] = TypeAdapter(ServerFrame)
 server_batch_adapter: TypeAdapter[list[ServerFrame]] = TypeAdapter(list[ServerFrame])
 
 
-def decode_client_frame(text: str | bytes) -> ClientFrame:
-    """Parse one client frame; raises pydantic ``ValidationError`` if it is not one."""
-    return client_frame_adapter.validate_json(text)
+def _may_hold_constants(text: str | bytes) -> bool:
+    """Whether JSON text may hold ``NaN`` or ``[-]Infinity``: two cheap scans, usually.
+
+    Callers on hot paths test ``"N" in text or "I" in text`` inline first: most
+    frames have neither letter, and a call costs more than the scans.
+    """
+    if isinstance(text, str):
+        return ("N" in text or "I" in text) and ("NaN" in text or "Infinity" in text)
+    return b"NaN" in text or b"Infinity" in text
 
 
-def decode_server_frame(text: str | bytes) -> ServerFrame:
-    """Parse one server frame; raises pydantic ``ValidationError`` if it is not one."""
-    return server_frame_adapter.validate_json(text)
+def _standard_json(text: str | bytes) -> None:
+    """Refuse what pydantic's parser takes but JSON lacks: NaN, Infinity, -Infinity.
+
+    Called on text that parsed, so a strict parse can fail only on those.
+    Raises the ``json_invalid`` error pydantic raises for any other bad JSON.
+    """
+    if not _may_hold_constants(text):
+        return
+    try:
+        from_json(text, allow_inf_nan=False)
+    except ValueError as exc:
+        error = f"NaN, Infinity and -Infinity are not JSON ({exc})"
+        raise ValidationError.from_exception_data(
+            "frame", [{"type": "json_invalid", "loc": (), "input": text, "ctx": {"error": error}}]
+        ) from None
+
+
+def _decoder(adapter: TypeAdapter[_T], name: str, doc: str) -> Callable[[str | bytes], _T]:
+    """``adapter.validate_json`` refusing NaN and Infinity first; a closure, for speed."""
+    validate = adapter.validate_json
+
+    def decode(text: str | bytes) -> _T:
+        try:
+            value = validate(text)
+        except ValidationError as exc:
+            if exc.errors(include_url=False)[0]["type"] != "json_invalid":
+                _standard_json(text)  # it parsed: NaN there is the first thing wrong with it
+            raise
+        if not isinstance(text, str) or "N" in text or "I" in text:
+            _standard_json(text)
+        return value
+
+    decode.__name__ = decode.__qualname__ = name
+    decode.__doc__ = doc
+    return decode
+
+
+decode_client_frame = _decoder(
+    client_frame_adapter,
+    "decode_client_frame",
+    "Parse one client frame; raises pydantic ``ValidationError`` if it is not one.",
+)
+decode_server_frame = _decoder(
+    server_frame_adapter,
+    "decode_server_frame",
+    "Parse one server frame; raises pydantic ``ValidationError`` if it is not one.",
+)
+_decode_server_batch = _decoder(
+    server_batch_adapter, "_decode_server_batch", "Parse a batch of server frames."
+)
 
 
 def decode_server_message(text: str | bytes) -> list[ServerFrame]:
@@ -417,8 +501,8 @@ def decode_server_message(text: str | bytes) -> list[ServerFrame]:
     """
     first = text.lstrip()[:1]
     if first == ("[" if isinstance(text, str) else b"["):
-        return server_batch_adapter.validate_json(text)
-    return [server_frame_adapter.validate_json(text)]
+        return _decode_server_batch(text)
+    return [decode_server_frame(text)]
 
 
 def encode_batch(frames: list[bytes]) -> bytes:
@@ -431,9 +515,50 @@ def wire_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode())
 
 
-def encode(frame: _Frame) -> str:
-    """Serialise a frame to its wire text."""
-    return frame.model_dump_json()
+def _non_finite_at(value: Any, path: str) -> str | None:
+    """The first NaN or infinity in a parsed JSON value, depth first: ``"<path> is NaN"``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        literal = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+        return f"{path or 'the value'} is {literal}"
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        children = [(f"{path}.{key}" if path else key, v) for key, v in value.items()]
+    elif isinstance(value, list):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    return next((found for at, v in children if (found := _non_finite_at(v, at))), None)
+
+
+def non_finite(text: str | bytes, root: str = "") -> str | None:
+    """Where JSON text holds NaN or [-]Infinity (``"data.x[2] is NaN: ..."``), else None.
+
+    For text written with pydantic-core's ``inf_nan_mode="constants"``, so that a
+    non-finite float shows instead of turning into null. ``root`` names the
+    value the text encodes (``"data"`` for a payload alone; empty for a frame).
+    """
+    if not _may_hold_constants(text):
+        return None
+    try:
+        from_json(text, allow_inf_nan=False)
+    except ValueError:
+        where = _non_finite_at(from_json(text), root) or f"{root or 'the value'} holds one"
+        return f"{where}: JSON has no NaN or Infinity"
+    return None  # the letters were inside strings
+
+
+def require_finite(text: str) -> str:
+    """``text`` itself, unless it holds NaN or Infinity: then ``ValidationFailed`` says where."""
+    if ("N" in text or "I" in text) and (problem := non_finite(text)) is not None:
+        raise ValidationFailed(problem)
+    return text
+
+
+def encode(frame: BaseModel) -> str:
+    """Serialise a frame to its wire text.
+
+    Raises ``ValidationFailed`` if its data holds a non-finite float, which
+    JSON cannot carry (pydantic would write null: a silent change).
+    """
+    return require_finite(frame.model_dump_json())
 
 
 def room_stream(ns: str, room: str) -> str:

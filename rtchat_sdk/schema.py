@@ -1,9 +1,11 @@
 """The JSON Schema of the wire frames, generated from ``protocol``'s models.
 
 ``docs/protocol.schema.json`` is this module's output, committed so that
-implementers in other languages can read it without running Python. The
-models in ``rtchat_sdk.protocol`` stay the single source of truth; this file
-is derived from them and a test fails when the two drift apart.
+implementers in other languages can read it without running Python.
+``PROTOCOL.md`` is the contract; the schema is derived from the models, and
+tests fail when the committed file drifts from the models
+(tests/test_schema.py) or the models from the document's field tables
+(tests/test_protocol_doc.py).
 
 ::
 

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from . import protocol as p
@@ -826,6 +826,8 @@ def _jsonable(data: Any) -> Any:
 # encoding of the message that validated it; any surprise (an id below 1, a
 # name that is a str subclass, a payload that fails to serialise) takes the
 # model's way, which gives the same text or raises the same error as before.
+# A non-finite float in a payload is refused either way (``ValidationFailed``
+# naming its path): the serializer writes it as a constant, never as null.
 
 _MODELS: dict[str, type[BaseModel]] = {
     "emit": p.EmitFrame,
@@ -835,8 +837,8 @@ _MODELS: dict[str, type[BaseModel]] = {
     "leave": p.LeaveFrame,
 }
 _WITH_DATA = frozenset({"emit", "request", "publish"})
-_to_json = TypeAdapter(Any).serializer.to_json
-"""The serializer of a ``data: Any`` field, and of any JSON value."""
+_to_json = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="constants")).serializer.to_json
+"""The serializer of a payload frame's ``data: Any`` field, and of any JSON value."""
 
 _ENVELOPES: dict[tuple[str, str, str | None, str | None, bool], tuple[str, str, str]] = {}
 _MAX_ENVELOPES = 1024
@@ -854,7 +856,8 @@ def encode_message(
     """The wire text of an app message, exactly as ``protocol.encode(Frame(...))`` gives it.
 
     Raises ``ValidationFailed`` for an invalid frame (a bad namespace, an
-    empty event name...) or a payload that cannot be serialised.
+    empty event name...) or a payload that cannot be serialised, or holds NaN
+    or an infinity.
     """
     key = (kind, ns, event, room, echo)
     envelope = _ENVELOPES.get(key) if message_id >= 1 and _plain(key) else None
@@ -865,6 +868,8 @@ def encode_message(
         except Exception:
             pass  # the model's way below raises the error it always raised
         else:
+            if ("N" in body or "I" in body) and (problem := p.non_finite(body, "data")):
+                raise ValidationFailed(f"cannot encode {kind}: {problem}")
             return f"{head}{message_id}{middle}{body}{tail}"
     text = _encode_with_model(kind, message_id, ns, event, room, data, echo)
     if message_id >= 1 and _plain(key):
@@ -892,8 +897,8 @@ def _encode_with_model(
     try:
         if "data" in fields:
             fields["data"] = _jsonable(data)
-        return _MODELS[kind](**fields).model_dump_json()
-    except (ValidationError, PydanticSerializationError) as exc:
+        return p.encode(_MODELS[kind](**fields))
+    except (ValidationError, PydanticSerializationError, ValidationFailed) as exc:
         raise ValidationFailed(f"cannot encode {kind}: {exc}") from exc
 
 

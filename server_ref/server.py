@@ -35,12 +35,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from rtchat_sdk import protocol as p
+from rtchat_sdk.errors import ValidationFailed
 from rtchat_sdk.events import Event, event_name
 from rtchat_sdk.session import _jsonable
 
 from .app import Context, HandlerFailure, Namespace
 from .broker import Broker, MemoryBroker, SessionRecord, StreamEntry
-from .session import ConnectionCore, error_frame, reply_frame
+from .session import ConnectionCore, error_frame, reply_frame, unsendable_answer
 
 __all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig"]
 
@@ -292,7 +293,11 @@ class Server:
         sender: str | None = None,
         echo: bool = False,
     ) -> int:
-        """Append to a room's stream and deliver to its members; returns the offset."""
+        """Append to a room's stream and deliver to its members; returns the offset.
+
+        Raises ``FrameTooLarge`` or, for data holding NaN or an infinity,
+        ``ValidationFailed``; nothing is appended then.
+        """
         entry = await self._append(
             p.room_stream(ns, room), ns, room, event, data, sender=sender, echo=echo
         )
@@ -306,7 +311,7 @@ class Server:
         *,
         ns: str = p.DEFAULT_NAMESPACE,
     ) -> int:
-        """Append to one session's inbox and deliver it; returns the offset."""
+        """Append to one session's inbox and deliver it; returns the offset (raises as publish)."""
         entry = await self._append(p.inbox_stream(session_id), ns, None, event, data, sender=None)
         return entry.offset
 
@@ -910,9 +915,14 @@ class Server:
                 data = {"stream": stream, "epoch": entry.epoch, "offset": entry.offset}
             return reply_frame(frame.id, data)
         except HandlerFailure as exc:
-            return error_frame(exc.code, exc.message, frame.id, details=exc.details)
+            try:
+                return error_frame(exc.code, exc.message, frame.id, details=exc.details)
+            except ValidationFailed as bad:
+                return unsendable_answer(frame, f"its error details: {bad}")
         except FrameTooLarge as exc:
             return error_frame(p.ErrorCode.TOO_LARGE, str(exc), frame.id)
+        except ValidationFailed as exc:  # NaN or an infinity, from the encoders
+            return unsendable_answer(frame, str(exc))
         except Exception as exc:  # never let one message kill the connection
             log.exception("processing %s %s failed", frame.type, frame.id)
             return error_frame(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)

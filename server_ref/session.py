@@ -23,14 +23,14 @@ Rules:
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import random
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_core import to_json
+from pydantic_core import from_json, to_json
 
 from rtchat_sdk import protocol as p
 
@@ -42,7 +42,10 @@ __all__ = [
     "ping_frame",
     "pong_frame",
     "reply_frame",
+    "unsendable_answer",
 ]
+
+log = logging.getLogger("server_ref")
 
 
 class ConnectionPhase(StrEnum):
@@ -55,12 +58,14 @@ class ConnectionPhase(StrEnum):
 # ``p.encode(Model(...))`` gives (the same serializer: pydantic-core's, with the
 # models' settings), without building and validating a model per frame: the
 # fields are the models' own, in their order, and the values the server's own.
-# tests/test_server_fast_paths.py holds them to that.
+# tests/test_server_fast_paths.py holds them to that. Like ``p.encode``, they
+# raise ``ValidationFailed`` for data holding NaN or an infinity.
 
 
 def _dump(obj: dict[str, Any]) -> str:
-    # by_alias=False and inf/nan as null: what model_dump_json() does by default.
-    return to_json(obj, by_alias=False, inf_nan_mode="null").decode()
+    # by_alias=False and inf/nan as constants: what the payload frames' model_dump_json()
+    # does, so that require_finite() sees a non-finite float instead of a null.
+    return p.require_finite(to_json(obj, by_alias=False, inf_nan_mode="constants").decode())
 
 
 def reply_frame(message_id: int, data: Any = None) -> str:
@@ -106,8 +111,29 @@ def error_frame(
     )
 
 
+def unsendable_answer(
+    frame: p.EmitFrame | p.RequestFrame | p.PublishFrame | p.JoinFrame | p.LeaveFrame, problem: str
+) -> str:
+    """The answer to a message whose outcome JSON cannot carry (NaN or an infinity).
+
+    For a ``publish``, the client's own data (a number like 1e999 parses as
+    infinity): ``invalid_frame``. Otherwise the handler's reply or error
+    details: ``handler_error``, logged as the app's bug it is.
+    """
+    if isinstance(frame, p.PublishFrame):
+        return error_frame(p.ErrorCode.INVALID_FRAME, f"cannot deliver it: {problem}", frame.id)
+    message = f"the handler's answer cannot be sent: {problem}"
+    event = getattr(frame, "event", None)
+    log.error("%s %s (%r in %r): %s", frame.type, frame.id, event, frame.ns, message)
+    return error_frame(p.ErrorCode.HANDLER_ERROR, message, frame.id)
+
+
 def classify_decode_error(text: str | bytes, exc: ValidationError) -> tuple[str, str, int | None]:
-    """Turn a decode failure into (error code, message, message id if readable)."""
+    """Turn a decode failure into (error code, message, message id if readable).
+
+    The frame is read again here only to find its ``type`` and ``id``, with the
+    decoder's own strict parser (no NaN or Infinity: those are ``bad_json``).
+    """
     first = exc.errors()[0]
     kind = first["type"]
     if kind == "json_invalid":
@@ -118,9 +144,12 @@ def classify_decode_error(text: str | bytes, exc: ValidationError) -> tuple[str,
         return p.ErrorCode.BAD_FRAME, "frame has no 'type' field", None
     raw: Any = None
     with contextlib.suppress(ValueError):
-        raw = json.loads(text)
+        raw = from_json(text, allow_inf_nan=False)
     if kind == "union_tag_invalid":
         frame_type = raw.get("type") if isinstance(raw, dict) else None
+        if not isinstance(frame_type, str):
+            shown = to_json(frame_type).decode()
+            return p.ErrorCode.BAD_FRAME, f"frame 'type' must be a string, got {shown}", None
         allowed = ", ".join(sorted(p.CLIENT_FRAME_TYPES))
         return (
             p.ErrorCode.UNKNOWN_TYPE,

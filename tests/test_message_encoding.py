@@ -75,10 +75,10 @@ PAYLOADS: list[Any] = [
     0.1,
     -0.0,
     1e300,
-    float("nan"),
-    float("inf"),
-    {"x": [float("-inf"), math.pi]},
-    Chat(text="héllo", tags=["a", "ü"], score=float("nan")),
+    {"x": [-1.7976931348623157e308, math.pi]},
+    "NaN, Infinity and -Infinity in a string are only text",
+    {"NaN": ["Infinity", "-Infinity"]},
+    Chat(text="héllo", tags=["a", "ü"], score=2.5),
     {"event": Chat(text="nested model")},
     {"aliased": Aliased(Value=3)},
     datetime.datetime(2024, 1, 2, 3, 4, 5, 6, tzinfo=datetime.UTC),
@@ -122,7 +122,11 @@ def test_the_encoding_is_the_models_byte_for_byte(
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
     max_leaves=12,
 )
@@ -187,3 +191,98 @@ def test_an_id_below_one_is_refused_as_before() -> None:
     with pytest.raises(ValidationFailed, match="greater than or equal to 1"):
         s.emit("/", "ev", None, now=0)
     assert len(s.outbox) == 0
+
+
+# --------------------------------------------------------------------------
+# NaN and infinities: JSON has none, and writing null instead would change the data
+
+
+NON_FINITE: list[tuple[Any, str]] = [
+    (float("nan"), "data is NaN"),
+    ({"x": float("nan")}, "data.x is NaN"),
+    ({"x": [1, 2.5, float("inf")]}, "data.x[2] is Infinity"),
+    ([{"a": "NaN"}, {"b": {"c": [float("-inf")]}}], "data[1].b.c[0] is -Infinity"),
+    (
+        {"ok": 1.0, "deep": [[{"v": float("nan")}]], "later": float("inf")},
+        "data.deep[0][0].v is NaN",
+    ),
+    ((1, float("inf")), "data[1] is Infinity"),
+    (Chat(text="x", score=float("nan")), "data.score is NaN"),
+    (
+        {"event": Chat(text="nested", score=float("-inf")).model_dump()},
+        "data.event.score is -Infinity",
+    ),
+]
+
+
+def _send(s: ClientSession, kind: str, data: Any) -> None:
+    if kind == "publish":
+        s.publish("/", "room", "ev", data, now=0)
+    else:
+        (s.emit if kind == "emit" else s.request)("/", "ev", data, now=0)
+
+
+@pytest.mark.parametrize("kind", ["emit", "request", "publish"])
+@pytest.mark.parametrize(("data", "where"), NON_FINITE, ids=lambda v: repr(v)[:30])
+def test_a_non_finite_number_is_refused_naming_its_path_and_nothing_is_queued(
+    kind: str, data: Any, where: str
+) -> None:
+    expected = f"cannot encode {kind}: {where}: JSON has no NaN or Infinity"
+    for envelope_known in (False, True):  # the model's way, then the fast way
+        session_module._ENVELOPES.clear()
+        s = ClientSession()
+        open_session(s)
+        if envelope_known:
+            _send(s, kind, 1)
+            assert len(session_module._ENVELOPES) == 1
+        before, sent = s.outbox.ids(), s.data_to_send()
+        with pytest.raises(ValidationFailed) as info:
+            _send(s, kind, data)
+        assert str(info.value) == expected
+        assert s.outbox.ids() == before
+        assert s.data_to_send() == []
+        assert s.in_flight == len(sent)
+        # The id was not used: the next message takes it.
+        next_id, _ = s.emit("/", "ev", "fine", now=0)
+        assert next_id == len(before) + 1
+
+
+def _first_non_finite(value: Any, path: str) -> str | None:
+    """Depth-first, in order: the path of the first NaN or infinity in a JSON value."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        children = [(f"{path}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, list):
+        children = [(f"{path}[{i}]", v) for i, v in enumerate(value)]
+    for where, child in children:
+        found = _first_non_finite(child, where)
+        if found is not None:
+            return found
+    return None
+
+
+with_non_finite = st.recursive(
+    st.none() | st.integers() | st.floats() | st.text(alphabet='NaIfity-"\\ é'),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=3), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=with_non_finite, kind=st.sampled_from(["emit", "request", "publish"]))
+def test_any_payload_is_sent_exactly_or_refused_at_its_first_non_finite_number(
+    data: Any, kind: str
+) -> None:
+    where = _first_non_finite(data, "data")
+    for message_id in (1, 2):  # the model's way, then the fast way
+        if where is None:
+            text = encode_message(kind, message_id, "/", "ev", "r", data, False)
+            assert text == reference(kind, message_id, "/", "ev", "r", data, False)
+            continue
+        with pytest.raises(ValidationFailed) as info:
+            encode_message(kind, message_id, "/", "ev", "r", data, False)
+        assert str(info.value).startswith(f"cannot encode {kind}: {where} is ")
