@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
+from pydantic_core import PydanticSerializationError, to_json
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
@@ -227,6 +228,7 @@ class Client(NamespaceClient):
         if not self.urls:
             raise ValueError("at least one URL is needed")
         self.proxy = proxy
+        _check_auth(auth)
         """True: the proxy the environment names (HTTPS_PROXY, ALL_PROXY, NO_PROXY...);
         a URL: that proxy; None: always connect directly."""
         self.reconnect = reconnect or ReconnectPolicy()
@@ -864,6 +866,18 @@ class _Unfinished:
 
     frame: p.MessageFrame
     rest: Coroutine[Any, Any, None]
+
+
+def _check_auth(auth: dict[str, Any] | None) -> None:
+    """``auth`` goes in every hello: refuse now what could never be sent as it is."""
+    if auth is None:
+        return
+    try:
+        text = to_json(auth, inf_nan_mode="constants")
+    except PydanticSerializationError as exc:
+        raise ValidationFailed(f"auth cannot be sent as JSON: {exc}") from None
+    if (problem := p.non_finite(text, "auth")) is not None:
+        raise ValidationFailed(problem)
 
 
 def _event_and_data(event: str | Event, data: Any) -> tuple[str, Any]:

@@ -14,6 +14,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 from .errors import BufferFull
+from .protocol import wire_size
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -56,7 +57,7 @@ class OutboxEntry:
 
     def __post_init__(self) -> None:
         text = self.text
-        self.size = len(text) if text.isascii() else len(text.encode())
+        self.size = wire_size(text)
 
 
 @dataclass(slots=True)

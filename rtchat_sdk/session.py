@@ -261,6 +261,7 @@ class ClientSession:
         self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
         self._last_received = 0.0
         self._next_ping: float | None = None
+        self._hello_at = 0.0
         self._dead_at: float | None = None
         self._ever_sent: set[int] = set()
         self._unlisted_rooms: list[str] = []
@@ -305,6 +306,7 @@ class ClientSession:
         self._now = now
         self.state = SessionState.HANDSHAKING
         self._last_received = now
+        self._hello_at = now
         self._dead_at = now + self.handshake_timeout
         self._next_ping = None
         self._timer_stale = True
@@ -622,7 +624,9 @@ class ClientSession:
             )
         self._heartbeat = _Heartbeat(frame.heartbeat.interval, frame.heartbeat.timeout)
         self._server_max_in_flight = frame.limits.max_in_flight
-        self._next_ping = now + self._ping_delay()
+        # Timed from our hello, as the server's silence clock is (PROTOCOL §9): timed
+        # from welcome, a slow handshake would let the server ping us first.
+        self._next_ping = self._hello_at + self._ping_delay()
         self._dead_at = now + frame.heartbeat.interval + frame.heartbeat.timeout
         self._timer_stale = True
         self._events.append(Welcomed(frame.session, frame.resumed))

@@ -16,7 +16,14 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidMessage, InvalidProxyStatus, InvalidStatus
 from websockets.http11 import Response
 
-from rtchat_sdk import Client, ConnectionFailed, ConnectionState, GaveUp, ReconnectPolicy
+from rtchat_sdk import (
+    Client,
+    ConnectionFailed,
+    ConnectionState,
+    GaveUp,
+    ReconnectPolicy,
+    ValidationFailed,
+)
 from rtchat_sdk.client import _FailureLog
 from rtchat_sdk.endpoint import describe_failure
 from server_ref import Server
@@ -283,3 +290,19 @@ async def test_counters_count_connections_reconnects_and_failed_attempts(
     assert counters["sent"] == 3
     assert counters["resent"] == 0
     assert counters["outbox_size"] == 0
+
+
+@pytest.mark.parametrize(
+    ("auth", "words"),
+    [
+        ({"token": "t", "score": float("nan")}, "auth.score is NaN"),
+        ({"limits": [1.0, float("-inf")]}, "auth.limits[1] is -Infinity"),
+        ({"when": object()}, "auth cannot be sent as JSON"),
+    ],
+)
+def test_auth_that_cannot_travel_in_hello_is_refused_at_once(
+    auth: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ValidationFailed) as caught:
+        Client("ws://127.0.0.1:8765", auth=auth)
+    assert words in str(caught.value)

@@ -296,6 +296,19 @@ def test_heartbeat_pings_then_declares_the_link_dead() -> None:
     assert isinstance(events(s)[0], LinkDead)
 
 
+def test_first_ping_is_timed_from_the_hello_not_the_welcome() -> None:
+    """PROTOCOL §9: the server's silence clock starts at our hello; a slow
+    handshake (welcome 1.5 s later) must not push our first ping past it."""
+    s = ClientSession(ping_spread=0.0)
+    s.connection_made(0.0)
+    assert [f["type"] for f in frames(s)] == ["hello"]
+    s.receive_text(welcome(interval=10, timeout=5), 1.5)
+    events(s)
+    assert s.get_timer() == 10.0  # hello at 0 + interval, not 1.5 + interval
+    s.handle_timer(10.0)
+    assert frames(s) == [{"type": "ping", "ts": 10.0}]
+
+
 def test_pings_are_spread_over_the_last_tenth_of_the_interval() -> None:
     draws = iter([0.5, 0.999])
     s = ClientSession(random=lambda: next(draws))
