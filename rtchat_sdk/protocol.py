@@ -69,6 +69,7 @@ __all__ = [
     "encode_batch",
     "wire_size",
     "inbox_stream",
+    "jsonable",
     "json_schema",
     "non_finite",
     "ping_delay",
@@ -508,6 +509,13 @@ def decode_server_message(text: str | bytes) -> list[ServerFrame]:
 def encode_batch(frames: list[bytes]) -> bytes:
     """Join encoded frames into one batch message (a JSON array)."""
     return b"[" + b",".join(frames) + b"]"
+
+
+def jsonable(data: Any) -> Any:
+    """App data as it travels: a pydantic model (an Event) as its JSON form, else as given."""
+    if isinstance(data, BaseModel):
+        return data.model_dump(mode="json")
+    return data
 
 
 def wire_size(text: str) -> int:

@@ -810,13 +810,6 @@ class ClientSession:
         self._pump()
 
 
-def _jsonable(data: Any) -> Any:
-    """Event instances travel as their JSON form; everything else as given."""
-    if isinstance(data, BaseModel):
-        return data.model_dump(mode="json")
-    return data
-
-
 # --------------------------------------------------------------------------
 # Encoding app messages
 #
@@ -868,7 +861,7 @@ def encode_message(
     if envelope is not None:
         head, middle, tail = envelope
         try:
-            body = _to_json(_jsonable(data)).decode() if kind in _WITH_DATA else ""
+            body = _to_json(p.jsonable(data)).decode() if kind in _WITH_DATA else ""
         except Exception:
             pass  # the model's way below raises the error it always raised
         else:
@@ -900,7 +893,7 @@ def _encode_with_model(
         fields["echo"] = echo
     try:
         if "data" in fields:
-            fields["data"] = _jsonable(data)
+            fields["data"] = p.jsonable(data)
         return p.encode(_MODELS[kind](**fields))
     except (ValidationError, PydanticSerializationError, ValidationFailed) as exc:
         raise ValidationFailed(f"cannot encode {kind}: {exc}") from exc
@@ -935,7 +928,7 @@ def _learn_envelope(
         middle = f',"ns":{string(ns)},"room":{string(room)}}}'
         tail = ""
     try:
-        body = _to_json(_jsonable(data)).decode() if kind in _WITH_DATA else ""
+        body = _to_json(p.jsonable(data)).decode() if kind in _WITH_DATA else ""
     except Exception:
         return
     if f"{head}{message_id}{middle}{body}{tail}" != text:

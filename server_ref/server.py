@@ -37,7 +37,6 @@ from websockets.protocol import State
 from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import ValidationFailed
 from rtchat_sdk.events import Event, event_name
-from rtchat_sdk.session import _jsonable
 
 from .app import Context, HandlerFailure, Namespace
 from .broker import Broker, MemoryBroker, SessionRecord, StreamEntry
@@ -346,7 +345,7 @@ class Server:
         echo: bool = False,
     ) -> StreamEntry:
         name = event_name(event)
-        payload = _jsonable(event if isinstance(event, Event) else data)
+        payload = p.jsonable(event if isinstance(event, Event) else data)
 
         def build(epoch: str, offset: int) -> str:
             text = p.encode(
