@@ -8,11 +8,11 @@ Logs go to the ``rtchat_sdk`` logger; as a library it adds only a
 ``NullHandler``, so nothing is printed unless the app configures logging.
 """
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
-from .backoff import ReconnectPolicy
-from .client import Client, ConnectionState, NamespaceClient
-from .dispatch import Delivery
+# Light, and what the server shares with the client: imported at once.
 from .errors import (
     AckTimeout,
     BufferFull,
@@ -24,6 +24,7 @@ from .errors import (
     HandlerError,
     IncompatibleProtocol,
     InvalidFrame,
+    InvalidState,
     MessageDropped,
     MessageExpired,
     MessageTooLarge,
@@ -37,11 +38,49 @@ from .errors import (
     ValidationFailed,
 )
 from .events import Event
-from .outbox import Outbox, OverflowPolicy
 from .protocol import PROTOCOL_VERSION
-from .session import GapReported
-from .sqlite_outbox import OutboxFileError, OutboxInUse, OutboxStorageError, SqliteOutbox
-from .sync import SyncClient
+
+if TYPE_CHECKING:
+    from .aio.client import Client, ConnectionState, NamespaceClient
+    from .aio.handlers import Delivery
+    from .backoff import ReconnectPolicy
+    from .core import GapReported
+    from .outbox import Outbox, OverflowPolicy
+    from .sqlite_outbox import OutboxFileError, OutboxInUse, OutboxStorageError, SqliteOutbox
+    from .sync import SyncClient
+
+# The client's driver and its helpers load on first use, so that importing
+# ``rtchat_sdk.protocol`` (as the server does) loads no asyncio driver, no
+# sqlite3 and no tenacity (tests/test_layering.py).
+_LAZY = {
+    "Client": "aio.client",
+    "ConnectionState": "aio.client",
+    "NamespaceClient": "aio.client",
+    "Delivery": "aio.handlers",
+    "ReconnectPolicy": "backoff",
+    "GapReported": "core",
+    "Outbox": "outbox",
+    "OverflowPolicy": "outbox",
+    "OutboxFileError": "sqlite_outbox",
+    "OutboxInUse": "sqlite_outbox",
+    "OutboxStorageError": "sqlite_outbox",
+    "SqliteOutbox": "sqlite_outbox",
+    "SyncClient": "sync",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __version__ = "0.1.0"
 
@@ -64,6 +103,7 @@ __all__ = [
     "HandlerError",
     "IncompatibleProtocol",
     "InvalidFrame",
+    "InvalidState",
     "MessageDropped",
     "MessageExpired",
     "MessageTooLarge",

@@ -44,9 +44,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from .aio.client import Client, ConnectionState
+from .aio.handlers import Delivery
 from .backoff import ReconnectPolicy
-from .client import Client, ConnectionState
-from .dispatch import Delivery
 from .errors import AckTimeout, RTChatError
 
 __all__ = ["build_parser", "main"]

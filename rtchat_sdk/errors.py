@@ -4,6 +4,7 @@
 
     RTChatError
     ├── ProtocolError            a peer sent something the protocol forbids
+    ├── InvalidState             (also a RuntimeError) local misuse: the object cannot do that now
     ├── ConnectionFailed         could not connect (refused, bad URL, handshake)
     │   ├── FatalConnectionError the server refused us for good: no retry helps
     │   │   ├── Unauthorized
@@ -46,6 +47,7 @@ __all__ = [
     "MessageDropped",
     "MessageExpired",
     "MessageTooLarge",
+    "InvalidState",
     "ProtocolError",
     "RTChatError",
     "RemoteError",
@@ -64,6 +66,13 @@ class RTChatError(Exception):
 
 class ProtocolError(RTChatError):
     """The peer broke the wire protocol (unparsable or unexpected frame)."""
+
+
+class InvalidState(RTChatError, RuntimeError):
+    """Our own code asked for something its object cannot do in its state (a closed session).
+
+    Not ``ProtocolError``: that one means the peer broke the protocol.
+    """
 
 
 class ConnectionFailed(RTChatError):

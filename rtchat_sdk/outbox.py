@@ -26,7 +26,7 @@ __all__ = [
     "OutboxEntry",
     "OverflowPolicy",
     "SavedState",
-    "StreamPosition",
+    "HandledPosition",
 ]
 
 DEFAULT_MAX_MESSAGES = 10_000
@@ -61,7 +61,7 @@ class OutboxEntry:
 
 
 @dataclass(slots=True)
-class StreamPosition:
+class HandledPosition:
     """The last offset handed to the app on one stream, and its epoch."""
 
     epoch: str
@@ -77,7 +77,7 @@ class SavedState:
     session_id: str | None
     token: str | None
     next_id: int
-    streams: dict[str, StreamPosition]
+    streams: dict[str, HandledPosition]
     rooms: dict[tuple[str, str], str]
 
 
@@ -176,7 +176,7 @@ class Outbox:
     ) -> None:
         """The session to resume and the rooms it is in changed."""
 
-    def save_stream(self, stream: str, position: StreamPosition | None) -> None:
+    def save_stream(self, stream: str, position: HandledPosition | None) -> None:
         """A stream's position moved (None: the stream is no longer followed)."""
 
     def close(self) -> None:

@@ -54,11 +54,11 @@ from .errors import BufferFull, RTChatError
 from .outbox import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_MESSAGES,
+    HandledPosition,
     Outbox,
     OutboxEntry,
     OverflowPolicy,
     SavedState,
-    StreamPosition,
 )
 
 __all__ = [
@@ -314,7 +314,7 @@ class SqliteOutbox(Outbox):
         try:
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
             streams = {
-                name: StreamPosition(epoch, offset, ns, room)
+                name: HandledPosition(epoch, offset, ns, room)
                 for name, epoch, offset, ns, room in db.execute(
                     'SELECT name, epoch, "offset", ns, room FROM streams'
                 )
@@ -357,7 +357,7 @@ class SqliteOutbox(Outbox):
         except sqlite3.Error as exc:
             raise OutboxStorageError(f"cannot save the session in {self.path}: {exc}") from exc
 
-    def save_stream(self, stream: str, position: StreamPosition | None) -> None:
+    def save_stream(self, stream: str, position: HandledPosition | None) -> None:
         """Store (or forget) one stream's position."""
         db = self._conn()
         try:

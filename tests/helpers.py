@@ -10,7 +10,7 @@ from typing import Any
 
 from rtchat_sdk import Client
 from rtchat_sdk import protocol as p
-from rtchat_sdk.session import ClientSession, SessionEvent
+from rtchat_sdk.core import ClientSession, SessionEvent
 from server_ref import Server
 
 

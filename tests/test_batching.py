@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from rtchat_sdk import protocol as p
-from rtchat_sdk.session import ClientSession, Delivered, ProtocolViolation, Replied
+from rtchat_sdk.core import ClientSession, Delivered, ProtocolViolation, Replied
 from server_ref import Server, ServerConfig
 
 from .conftest import make_server

@@ -9,8 +9,8 @@ import pytest
 
 from rtchat_sdk import Client, Delivery, Event, RTChatError, ValidationFailed
 from rtchat_sdk import protocol as p
-from rtchat_sdk.dispatch import HandlerRegistry
-from rtchat_sdk.outbox import Outbox, StreamPosition
+from rtchat_sdk.aio.handlers import HandlerRegistry
+from rtchat_sdk.outbox import HandledPosition, Outbox
 from server_ref import Server
 
 pytestmark = pytest.mark.timeout(30)
@@ -114,7 +114,7 @@ class RecordingOutbox(Outbox):
         super().__init__()
         self.saved: dict[str, int] = {}
 
-    def save_stream(self, stream: str, position: StreamPosition | None) -> None:
+    def save_stream(self, stream: str, position: HandledPosition | None) -> None:
         if position is not None:
             self.saved[stream] = position.offset
 

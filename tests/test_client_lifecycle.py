@@ -24,8 +24,8 @@ from rtchat_sdk import (
     ReconnectPolicy,
     ValidationFailed,
 )
-from rtchat_sdk.client import _FailureLog
-from rtchat_sdk.endpoint import describe_failure
+from rtchat_sdk.aio.client import _FailureLog
+from rtchat_sdk.aio.endpoint import describe_failure
 from server_ref import Server
 from tests.faultproxy import FaultProxy
 

@@ -6,8 +6,7 @@ import pytest
 
 from rtchat_sdk import BufferFull, Outbox, OverflowPolicy
 from rtchat_sdk import protocol as p
-from rtchat_sdk.outbox import OutboxEntry, SavedState, StreamPosition
-from rtchat_sdk.session import (
+from rtchat_sdk.core import (
     ClientSession,
     Delivered,
     Dropped,
@@ -21,6 +20,7 @@ from rtchat_sdk.session import (
     TimedOut,
     Welcomed,
 )
+from rtchat_sdk.outbox import HandledPosition, OutboxEntry, SavedState
 from tests.helpers import events, frames, message, open_session, reply, welcome
 
 pytestmark = pytest.mark.timeout(10)
@@ -413,7 +413,7 @@ class RecordingOutbox(Outbox):
     def load_state(self) -> SavedState | None:
         return self.saved
 
-    def save_stream(self, stream: str, position: StreamPosition | None) -> None:
+    def save_stream(self, stream: str, position: HandledPosition | None) -> None:
         self.positions.append((stream, None if position is None else position.offset))
 
 
@@ -476,7 +476,7 @@ def test_resume_names_the_previous_session_and_caps_the_stream_list() -> None:
     s = ClientSession()
     open_session(s)
     for i in range(p.MAX_RESUME_STREAMS + 1):
-        s.streams[f"room:/:r{i}"] = StreamPosition("e", 0, "/", f"r{i}")
+        s.streams[f"room:/:r{i}"] = HandledPosition("e", 0, "/", f"r{i}")
         s.rooms[("/", f"r{i}")] = f"room:/:r{i}"
     s.connection_lost(1)
     s.connection_made(1)

@@ -17,8 +17,9 @@ from pydantic_core import PydanticSerializationError
 
 from rtchat_sdk import Event, ValidationFailed
 from rtchat_sdk import protocol as p
-from rtchat_sdk import session as session_module
-from rtchat_sdk.session import ClientSession, encode_message
+from rtchat_sdk.core import ClientSession
+from rtchat_sdk.protocol import fastpath
+from rtchat_sdk.protocol.fastpath import encode_message
 
 from .helpers import open_session
 
@@ -109,12 +110,12 @@ def test_the_encoding_is_the_models_byte_for_byte(
     envelope: tuple[str, str, Any, Any, Any], data: Any
 ) -> None:
     kind, ns, event, room, echo = envelope
-    session_module._ENVELOPES.clear()
+    fastpath._ENVELOPES.clear()
     # The first message of an envelope goes through the model, and the envelope is kept.
     assert encode_message(kind, 1, ns, event, room, None, echo) == reference(
         kind, 1, ns, event, room, None, echo
     )
-    kept = (kind, ns, event, room, echo) in session_module._ENVELOPES
+    kept = (kind, ns, event, room, echo) in fastpath._ENVELOPES
     assert kept is (type(event) is not Name)  # the fast way is taken where it may be
     for message_id in (2, 10**12):  # then only the payload is serialised
         expected = reference(kind, message_id, ns, event, room, data, echo)
@@ -229,12 +230,12 @@ def test_a_non_finite_number_is_refused_naming_its_path_and_nothing_is_queued(
 ) -> None:
     expected = f"cannot encode {kind}: {where}: JSON has no NaN or Infinity"
     for envelope_known in (False, True):  # the model's way, then the fast way
-        session_module._ENVELOPES.clear()
+        fastpath._ENVELOPES.clear()
         s = ClientSession()
         open_session(s)
         if envelope_known:
             _send(s, kind, 1)
-            assert len(session_module._ENVELOPES) == 1
+            assert len(fastpath._ENVELOPES) == 1
         before, sent = s.outbox.ids(), s.data_to_send()
         with pytest.raises(ValidationFailed) as info:
             _send(s, kind, data)

@@ -20,7 +20,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from rtchat_sdk import Client, HandlerError, RemoteError, ValidationFailed
 from rtchat_sdk import protocol as p
-from rtchat_sdk.session import ClientSession, ProtocolViolation, Replied
+from rtchat_sdk.core import ClientSession, ProtocolViolation, Replied
 from server_ref import Context, Server
 from server_ref.session import error_frame, reply_frame
 

@@ -102,8 +102,7 @@ from hypothesis.stateful import (
 )
 
 from rtchat_sdk import protocol as p
-from rtchat_sdk.outbox import Outbox, OverflowPolicy
-from rtchat_sdk.session import (
+from rtchat_sdk.core import (
     ClientSession,
     Delivered,
     Dropped,
@@ -117,6 +116,7 @@ from rtchat_sdk.session import (
     TimedOut,
     Welcomed,
 )
+from rtchat_sdk.outbox import Outbox, OverflowPolicy
 
 # A hang guard: a passing run takes seconds, shrinking a failure can take a minute.
 pytestmark = pytest.mark.timeout(180)

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rtchat_sdk import protocol as p
+from rtchat_sdk.core import ClientSession
 from rtchat_sdk.outbox import Outbox
-from rtchat_sdk.session import ClientSession
 
 from .helpers import message, reply, welcome
 

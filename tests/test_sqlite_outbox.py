@@ -29,8 +29,8 @@ from rtchat_sdk import (
     SqliteOutbox,
 )
 from rtchat_sdk import sqlite_outbox as so
-from rtchat_sdk.outbox import OutboxEntry, StreamPosition
-from rtchat_sdk.session import ClientSession, Dropped
+from rtchat_sdk.core import ClientSession, Dropped
+from rtchat_sdk.outbox import HandledPosition, OutboxEntry
 from server_ref import Context, Server
 from tests.faultproxy import FaultProxy
 from tests.helpers import frames, open_session, reply, welcome
@@ -111,10 +111,10 @@ def test_next_id_survives_even_when_the_outbox_is_empty(
 def test_session_token_streams_and_rooms_survive(path: Path, opened: list[SqliteOutbox]) -> None:
     with SqliteOutbox(path) as first:
         first.save_session("s1", "tok", {("/", "lobby"): "room:/:lobby", ("/a", "x"): "room:/a:x"})
-        first.save_stream("room:/:lobby", StreamPosition("e1", 7, "/", "lobby"))
-        first.save_stream("inbox:s1", StreamPosition("e0", 2, "/", None))
-        first.save_stream("room:/a:x", StreamPosition("e2", 1, "/a", "x"))
-        first.save_stream("room:/:lobby", StreamPosition("e1", 9, "/", "lobby"))  # moved on
+        first.save_stream("room:/:lobby", HandledPosition("e1", 7, "/", "lobby"))
+        first.save_stream("inbox:s1", HandledPosition("e0", 2, "/", None))
+        first.save_stream("room:/a:x", HandledPosition("e2", 1, "/a", "x"))
+        first.save_stream("room:/:lobby", HandledPosition("e1", 9, "/", "lobby"))  # moved on
         first.save_stream("room:/a:x", None)  # no longer followed
         first.save_session("s1", "tok2", {("/", "lobby"): "room:/:lobby"})  # left /a x
     second = SqliteOutbox(path)
@@ -124,8 +124,8 @@ def test_session_token_streams_and_rooms_survive(path: Path, opened: list[Sqlite
     assert (state.session_id, state.token) == ("s1", "tok2")
     assert state.rooms == {("/", "lobby"): "room:/:lobby"}
     assert state.streams == {
-        "room:/:lobby": StreamPosition("e1", 9, "/", "lobby"),
-        "inbox:s1": StreamPosition("e0", 2, "/", None),
+        "room:/:lobby": HandledPosition("e1", 9, "/", "lobby"),
+        "inbox:s1": HandledPosition("e0", 2, "/", None),
     }
     assert state.next_id == 1
 
@@ -223,7 +223,7 @@ def test_usable_from_the_thread_the_client_loop_runs_in(
     def use() -> None:
         try:
             outbox.add(entry(1))
-            outbox.save_stream("s", StreamPosition("e", 1, "/", None))
+            outbox.save_stream("s", HandledPosition("e", 1, "/", None))
             outbox.remove(1)
         except BaseException as exc:
             errors.append(exc)

@@ -40,171 +40,37 @@ import random
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
-from pydantic_core import PydanticSerializationError
+from pydantic import ValidationError
 
-from . import protocol as p
-from .errors import MessageTooLarge, ProtocolError, ValidationFailed
-from .outbox import Outbox, OutboxEntry, StreamPosition
+from .. import protocol as p
+from ..errors import InvalidState, MessageTooLarge
+from ..outbox import HandledPosition, Outbox, OutboxEntry
+from ..protocol.fastpath import encode_message
+from .events import (
+    Delivered,
+    Dropped,
+    Failed,
+    GapReported,
+    LinkDead,
+    ProtocolViolation,
+    Refused,
+    Replied,
+    RoundTrip,
+    ServerNotice,
+    SessionCounters,
+    SessionEvent,
+    SessionState,
+    TimedOut,
+    Welcomed,
+)
 
-__all__ = [
-    "ClientSession",
-    "Delivered",
-    "Dropped",
-    "Failed",
-    "GapReported",
-    "LinkDead",
-    "ProtocolViolation",
-    "Refused",
-    "Replied",
-    "RoundTrip",
-    "ServerNotice",
-    "SessionCounters",
-    "SessionEvent",
-    "SessionState",
-    "TimedOut",
-    "Welcomed",
-]
+__all__ = ["ClientSession"]
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 1_000
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
-
-
-class SessionState(StrEnum):
-    DISCONNECTED = "disconnected"
-    HANDSHAKING = "handshaking"
-    OPEN = "open"
-    CLOSED = "closed"
-
-
-# --------------------------------------------------------------------------
-# Events the session hands to the driver
-
-
-@dataclass(frozen=True, slots=True)
-class Welcomed:
-    session: str
-    resumed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Replied:
-    id: int
-    kind: str
-    data: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """The server answered message ``id`` with an error."""
-
-    id: int
-    kind: str
-    code: str
-    message: str
-    details: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class TimedOut:
-    """Message ``id`` passed its deadline; it has left the outbox for good."""
-
-    id: int
-    kind: str
-
-
-@dataclass(frozen=True, slots=True)
-class Dropped:
-    """Message ``id`` was evicted by the drop-oldest overflow policy."""
-
-    id: int
-    kind: str
-
-
-@dataclass(frozen=True, slots=True)
-class Refused:
-    """The server refused the handshake (fatal unless ``retry_after`` says wait)."""
-
-    code: str
-    message: str
-    fatal: bool
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ServerNotice:
-    """An error frame about the connection, not about one message."""
-
-    code: str
-    message: str
-    retry_after: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Delivered:
-    frame: p.MessageFrame
-
-
-@dataclass(frozen=True, slots=True)
-class GapReported:
-    stream: str
-    ns: str
-    room: str | None
-    epoch: str
-    offset: int
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class LinkDead:
-    """No frame within the deadline: the driver must drop the transport."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class RoundTrip:
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class ProtocolViolation:
-    """The server sent something we cannot parse; reported, then ignored."""
-
-    error: str
-
-
-SessionEvent = (
-    Welcomed
-    | Replied
-    | Failed
-    | TimedOut
-    | Dropped
-    | Refused
-    | ServerNotice
-    | Delivered
-    | GapReported
-    | LinkDead
-    | RoundTrip
-    | ProtocolViolation
-)
-
-
-@dataclass(slots=True)
-class SessionCounters:
-    """Numbers a user can read to see what reliability work happened."""
-
-    sent: int = 0
-    resent: int = 0
-    duplicates_dropped: int = 0
-    gaps: int = 0
-    timed_out: int = 0
-    dropped: int = 0
-    connections: int = 0
 
 
 @dataclass(slots=True)
@@ -244,7 +110,7 @@ class ClientSession:
         self.state = SessionState.DISCONNECTED
         self.session_id: str | None = None
         self.token: str | None = None
-        self.streams: dict[str, StreamPosition] = {}
+        self.streams: dict[str, HandledPosition] = {}
         self.rooms: dict[tuple[str, str], str] = {}
         self.counters = SessionCounters()
         self.rtt: float | None = None
@@ -302,7 +168,7 @@ class ClientSession:
     def connection_made(self, now: float) -> None:
         """A transport is up: say hello (with resume info when we have a session)."""
         if self.state is SessionState.CLOSED:
-            raise ProtocolError("session is closed")
+            raise InvalidState("session is closed")
         self._now = now
         self.state = SessionState.HANDSHAKING
         self._last_received = now
@@ -439,7 +305,7 @@ class ClientSession:
         expires_in: float | None,
     ) -> tuple[int, list[Dropped]]:
         if self.state is SessionState.CLOSED:
-            raise ProtocolError("session is closed")
+            raise InvalidState("session is closed")
         self._now = max(self._now, now)
         message_id = self._next_id
         text = encode_message(kind, message_id, ns, event, room, data, echo)
@@ -620,7 +486,7 @@ class ClientSession:
         inbox = frame.inbox
         if inbox is not None and inbox.stream not in self.streams:
             self._set_stream(
-                inbox.stream, StreamPosition(inbox.epoch, inbox.offset, p.DEFAULT_NAMESPACE, None)
+                inbox.stream, HandledPosition(inbox.epoch, inbox.offset, p.DEFAULT_NAMESPACE, None)
             )
         self._heartbeat = _Heartbeat(frame.heartbeat.interval, frame.heartbeat.timeout)
         self._server_max_in_flight = frame.limits.max_in_flight
@@ -656,7 +522,8 @@ class ClientSession:
         known = self.streams.get(position.stream)
         if known is None or known.epoch != position.epoch:
             self._set_stream(
-                position.stream, StreamPosition(position.epoch, position.offset, join.ns, join.room)
+                position.stream,
+                HandledPosition(position.epoch, position.offset, join.ns, join.room),
             )
 
     def _on_left(self, entry: OutboxEntry) -> None:
@@ -702,7 +569,7 @@ class ClientSession:
                         "epoch_changed",
                     )
                 )
-            self.streams[frame.stream] = StreamPosition(
+            self.streams[frame.stream] = HandledPosition(
                 frame.epoch, frame.offset, frame.ns, frame.room
             )
         self._events.append(Delivered(frame))
@@ -713,7 +580,9 @@ class ClientSession:
             return
         self.counters.gaps += 1
         # In memory now; persisted by gap_handled(), in order with the deliveries.
-        self.streams[frame.stream] = StreamPosition(frame.epoch, frame.offset, frame.ns, frame.room)
+        self.streams[frame.stream] = HandledPosition(
+            frame.epoch, frame.offset, frame.ns, frame.room
+        )
         self._events.append(
             GapReported(frame.stream, frame.ns, frame.room, frame.epoch, frame.offset, frame.reason)
         )
@@ -753,9 +622,9 @@ class ClientSession:
         current = self.streams.get(stream)
         if current is None or current.epoch != epoch or current.offset < offset:
             return  # left, or replaced meanwhile: nothing older may overwrite it
-        self.outbox.save_stream(stream, StreamPosition(epoch, offset, ns, room))
+        self.outbox.save_stream(stream, HandledPosition(epoch, offset, ns, room))
 
-    def _set_stream(self, name: str, position: StreamPosition | None) -> None:
+    def _set_stream(self, name: str, position: HandledPosition | None) -> None:
         """Record (or forget) a stream position, in memory and in the outbox."""
         if position is None:
             self.streams.pop(name, None)
@@ -808,131 +677,3 @@ class ClientSession:
             self._to_send.append(p.encode(p.PingFrame(ts=now)))
             self._next_ping = now + self._ping_delay()
         self._pump()
-
-
-# --------------------------------------------------------------------------
-# Encoding app messages
-#
-# Every frame the app sends has a fixed shape: an envelope (type, ns, event,
-# room, echo) around an id and a payload. Building and validating a pydantic
-# model per message costs more than the rest of sending it, so the envelope
-# of each (kind, ns, event, room, echo) is validated once, by the model, and
-# kept as text; later messages with it only serialise their payload, with the
-# same pydantic-core serializer the model's ``data: Any`` field uses. The
-# envelope is kept only if it reproduces, byte for byte, the model's own
-# encoding of the message that validated it; any surprise (an id below 1, a
-# name that is a str subclass, a payload that fails to serialise) takes the
-# model's way, which gives the same text or raises the same error as before.
-# A non-finite float in a payload is refused either way (``ValidationFailed``
-# naming its path): the serializer writes it as a constant, never as null.
-
-_MODELS: dict[str, type[BaseModel]] = {
-    "emit": p.EmitFrame,
-    "request": p.RequestFrame,
-    "publish": p.PublishFrame,
-    "join": p.JoinFrame,
-    "leave": p.LeaveFrame,
-}
-_WITH_DATA = frozenset({"emit", "request", "publish"})
-_to_json = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="constants")).serializer.to_json
-"""The serializer of a payload frame's ``data: Any`` field, and of any JSON value."""
-
-_ENVELOPES: dict[tuple[str, str, str | None, str | None, bool], tuple[str, str, str]] = {}
-_MAX_ENVELOPES = 1024
-
-
-def encode_message(
-    kind: str,
-    message_id: int,
-    ns: str,
-    event: str | None,
-    room: str | None,
-    data: Any,
-    echo: bool,
-) -> str:
-    """The wire text of an app message, exactly as ``protocol.encode(Frame(...))`` gives it.
-
-    Raises ``ValidationFailed`` for an invalid frame (a bad namespace, an
-    empty event name...) or a payload that cannot be serialised, or holds NaN
-    or an infinity.
-    """
-    key = (kind, ns, event, room, echo)
-    envelope = _ENVELOPES.get(key) if message_id >= 1 and _plain(key) else None
-    if envelope is not None:
-        head, middle, tail = envelope
-        try:
-            body = _to_json(p.jsonable(data)).decode() if kind in _WITH_DATA else ""
-        except Exception:
-            pass  # the model's way below raises the error it always raised
-        else:
-            if ("N" in body or "I" in body) and (problem := p.non_finite(body, "data")):
-                raise ValidationFailed(f"cannot encode {kind}: {problem}")
-            return f"{head}{message_id}{middle}{body}{tail}"
-    text = _encode_with_model(kind, message_id, ns, event, room, data, echo)
-    if message_id >= 1 and _plain(key):
-        _learn_envelope(key, message_id, data, text)
-    return text
-
-
-def _encode_with_model(
-    kind: str,
-    message_id: int,
-    ns: str,
-    event: str | None,
-    room: str | None,
-    data: Any,
-    echo: bool,
-) -> str:
-    fields: dict[str, Any] = {"id": message_id, "ns": ns}
-    if kind in _WITH_DATA:
-        fields["event"] = event
-        fields["data"] = data
-    if kind in ("publish", "join", "leave"):
-        fields["room"] = room
-    if kind == "publish":
-        fields["echo"] = echo
-    try:
-        if "data" in fields:
-            fields["data"] = p.jsonable(data)
-        return p.encode(_MODELS[kind](**fields))
-    except (ValidationError, PydanticSerializationError, ValidationFailed) as exc:
-        raise ValidationFailed(f"cannot encode {kind}: {exc}") from exc
-
-
-def _plain(key: tuple[str, str, str | None, str | None, bool]) -> bool:
-    _, ns, event, room, echo = key
-    return (
-        type(ns) is str
-        and (event is None or type(event) is str)
-        and (room is None or type(room) is str)
-        and type(echo) is bool
-    )
-
-
-def _learn_envelope(
-    key: tuple[str, str, str | None, str | None, bool], message_id: int, data: Any, text: str
-) -> None:
-    kind, ns, event, room, echo = key
-
-    def string(value: str | None) -> str:
-        return _to_json(value).decode()
-
-    head = f'{{"type":"{kind}","id":'
-    if kind == "publish":
-        middle = f',"ns":{string(ns)},"room":{string(room)},"event":{string(event)},"data":'
-        tail = ',"echo":true}' if echo else ',"echo":false}'
-    elif kind in _WITH_DATA:
-        middle = f',"ns":{string(ns)},"event":{string(event)},"data":'
-        tail = "}"
-    else:
-        middle = f',"ns":{string(ns)},"room":{string(room)}}}'
-        tail = ""
-    try:
-        body = _to_json(p.jsonable(data)).decode() if kind in _WITH_DATA else ""
-    except Exception:
-        return
-    if f"{head}{message_id}{middle}{body}{tail}" != text:
-        return  # not the model's encoding: keep using the model for this envelope
-    if len(_ENVELOPES) >= _MAX_ENVELOPES:
-        _ENVELOPES.clear()
-    _ENVELOPES[key] = (head, middle, tail)

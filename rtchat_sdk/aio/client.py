@@ -24,29 +24,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
-from . import protocol as p
-from .backoff import ReconnectPolicy
-from .dispatch import ErrorCallback, HandlerRegistry
-from .endpoint import ProxySetting, check_url, choose_proxy, describe_failure
-from .errors import (
-    AckTimeout,
-    ClientClosed,
-    ConnectionFailed,
-    ConnectionLost,
-    FatalConnectionError,
-    GaveUp,
-    IncompatibleProtocol,
-    MessageDropped,
-    MessageExpired,
-    RTChatError,
-    SessionReplaced,
-    Unauthorized,
-    ValidationFailed,
-    remote_error,
-)
-from .events import Event, event_name, validate_payload
-from .outbox import Outbox, OverflowPolicy
-from .session import (
+from .. import protocol as p
+from ..backoff import ReconnectPolicy
+from ..core import (
     ClientSession,
     Delivered,
     Dropped,
@@ -62,6 +42,26 @@ from .session import (
     TimedOut,
     Welcomed,
 )
+from ..errors import (
+    AckTimeout,
+    ClientClosed,
+    ConnectionFailed,
+    ConnectionLost,
+    FatalConnectionError,
+    GaveUp,
+    IncompatibleProtocol,
+    MessageDropped,
+    MessageExpired,
+    RTChatError,
+    SessionReplaced,
+    Unauthorized,
+    ValidationFailed,
+    remote_error,
+)
+from ..events import Event, event_name, validate_payload
+from ..outbox import Outbox, OverflowPolicy
+from .endpoint import ProxySetting, check_url, choose_proxy, describe_failure
+from .handlers import ErrorCallback, HandlerRegistry
 
 __all__ = [
     "AttemptCallback",

@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import RTChatError, ValidationFailed
-from .events import Event, event_name, validate_payload
+from ..errors import RTChatError, ValidationFailed
+from ..events import Event, event_name, validate_payload
 
 if TYPE_CHECKING:
-    from . import protocol as p
+    from .. import protocol as p
 
 __all__ = ["ANY_EVENT", "Delivery", "ErrorCallback", "HandlerRegistry"]
 

@@ -1,0 +1,139 @@
+"""Encoders of the hot frames that build no pydantic model, byte-identical to ``encode``.
+
+Every frame the app sends has a fixed shape: an envelope (type, ns, event,
+room, echo) around an id and a payload. Building and validating a pydantic
+model per message costs more than the rest of sending it, so the envelope of
+each (kind, ns, event, room, echo) is validated once, by the model, and kept
+as text; later messages with it only serialise their payload, with the same
+pydantic-core serializer the model's ``data: Any`` field uses. The envelope
+is kept only if it reproduces, byte for byte, the model's own encoding of the
+message that validated it; any surprise (an id below 1, a name that is a str
+subclass, a payload that fails to serialise) takes the model's way, which
+gives the same text or raises the same error as before. A non-finite float
+in a payload is refused either way (``ValidationFailed`` naming its path):
+the serializer writes it as a constant, never as null.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
+
+from ..errors import ValidationFailed
+from . import codec
+from . import frames as p
+
+__all__ = ["encode_message"]
+
+_MODELS: dict[str, type[BaseModel]] = {
+    "emit": p.EmitFrame,
+    "request": p.RequestFrame,
+    "publish": p.PublishFrame,
+    "join": p.JoinFrame,
+    "leave": p.LeaveFrame,
+}
+_WITH_DATA = frozenset({"emit", "request", "publish"})
+_to_json = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="constants")).serializer.to_json
+"""The serializer of a payload frame's ``data: Any`` field, and of any JSON value."""
+
+_ENVELOPES: dict[tuple[str, str, str | None, str | None, bool], tuple[str, str, str]] = {}
+_MAX_ENVELOPES = 1024
+
+
+def encode_message(
+    kind: str,
+    message_id: int,
+    ns: str,
+    event: str | None,
+    room: str | None,
+    data: Any,
+    echo: bool,
+) -> str:
+    """The wire text of an app message, exactly as ``protocol.encode(Frame(...))`` gives it.
+
+    Raises ``ValidationFailed`` for an invalid frame (a bad namespace, an
+    empty event name...) or a payload that cannot be serialised, or holds NaN
+    or an infinity.
+    """
+    key = (kind, ns, event, room, echo)
+    envelope = _ENVELOPES.get(key) if message_id >= 1 and _plain(key) else None
+    if envelope is not None:
+        head, middle, tail = envelope
+        try:
+            body = _to_json(codec.jsonable(data)).decode() if kind in _WITH_DATA else ""
+        except Exception:
+            pass  # the model's way below raises the error it always raised
+        else:
+            if ("N" in body or "I" in body) and (problem := codec.non_finite(body, "data")):
+                raise ValidationFailed(f"cannot encode {kind}: {problem}")
+            return f"{head}{message_id}{middle}{body}{tail}"
+    text = _encode_with_model(kind, message_id, ns, event, room, data, echo)
+    if message_id >= 1 and _plain(key):
+        _learn_envelope(key, message_id, data, text)
+    return text
+
+
+def _encode_with_model(
+    kind: str,
+    message_id: int,
+    ns: str,
+    event: str | None,
+    room: str | None,
+    data: Any,
+    echo: bool,
+) -> str:
+    fields: dict[str, Any] = {"id": message_id, "ns": ns}
+    if kind in _WITH_DATA:
+        fields["event"] = event
+        fields["data"] = data
+    if kind in ("publish", "join", "leave"):
+        fields["room"] = room
+    if kind == "publish":
+        fields["echo"] = echo
+    try:
+        if "data" in fields:
+            fields["data"] = codec.jsonable(data)
+        return codec.encode(_MODELS[kind](**fields))
+    except (ValidationError, PydanticSerializationError, ValidationFailed) as exc:
+        raise ValidationFailed(f"cannot encode {kind}: {exc}") from exc
+
+
+def _plain(key: tuple[str, str, str | None, str | None, bool]) -> bool:
+    _, ns, event, room, echo = key
+    return (
+        type(ns) is str
+        and (event is None or type(event) is str)
+        and (room is None or type(room) is str)
+        and type(echo) is bool
+    )
+
+
+def _learn_envelope(
+    key: tuple[str, str, str | None, str | None, bool], message_id: int, data: Any, text: str
+) -> None:
+    kind, ns, event, room, echo = key
+
+    def string(value: str | None) -> str:
+        return _to_json(value).decode()
+
+    head = f'{{"type":"{kind}","id":'
+    if kind == "publish":
+        middle = f',"ns":{string(ns)},"room":{string(room)},"event":{string(event)},"data":'
+        tail = ',"echo":true}' if echo else ',"echo":false}'
+    elif kind in _WITH_DATA:
+        middle = f',"ns":{string(ns)},"event":{string(event)},"data":'
+        tail = "}"
+    else:
+        middle = f',"ns":{string(ns)},"room":{string(room)}}}'
+        tail = ""
+    try:
+        body = _to_json(codec.jsonable(data)).decode() if kind in _WITH_DATA else ""
+    except Exception:
+        return
+    if f"{head}{message_id}{middle}{body}{tail}" != text:
+        return  # not the model's encoding: keep using the model for this envelope
+    if len(_ENVELOPES) >= _MAX_ENVELOPES:
+        _ENVELOPES.clear()
+    _ENVELOPES[key] = (head, middle, tail)
