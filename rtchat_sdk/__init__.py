@@ -41,7 +41,7 @@ from .events import Event
 from .protocol import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
-    from .aio.client import Client, ConnectionState, NamespaceClient
+    from .aio import Client, ConnectionState, NamespaceClient
     from .aio.handlers import Delivery
     from .backoff import ReconnectPolicy
     from .core import GapReported
@@ -53,9 +53,9 @@ if TYPE_CHECKING:
 # ``rtchat_sdk.protocol`` (as the server does) loads no asyncio driver, no
 # sqlite3 and no tenacity (tests/test_layering.py).
 _LAZY = {
-    "Client": "aio.client",
-    "ConnectionState": "aio.client",
-    "NamespaceClient": "aio.client",
+    "Client": "aio",
+    "ConnectionState": "aio",
+    "NamespaceClient": "aio",
     "Delivery": "aio.handlers",
     "ReconnectPolicy": "backoff",
     "GapReported": "core",

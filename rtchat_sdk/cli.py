@@ -44,7 +44,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .aio.client import Client, ConnectionState
+from .aio import Client, ConnectionState
 from .aio.handlers import Delivery
 from .backoff import ReconnectPolicy
 from .errors import AckTimeout, RTChatError

@@ -30,7 +30,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar, overload
 
 from pydantic import BaseModel
 
-from .aio.client import Client, ConnectionState, NamespaceClient
+from .aio import Client, ConnectionState, NamespaceClient
 from .errors import ClientClosed
 from .events import Event
 

@@ -24,7 +24,7 @@ from rtchat_sdk import (
     ReconnectPolicy,
     ValidationFailed,
 )
-from rtchat_sdk.aio.client import _FailureLog
+from rtchat_sdk.aio.connection import _FailureLog
 from rtchat_sdk.aio.endpoint import describe_failure
 from server_ref import Server
 from tests.faultproxy import FaultProxy

@@ -37,7 +37,7 @@ async def test_writes_wait_while_the_transport_pushes_back_and_keep_their_order(
             ]
             for _ in range(3):  # the tasks queue their frames; the next pass writes them
                 await asyncio.sleep(0)
-            assert client._write_blocked
+            assert client._link._write_blocked
             # Queued while the writer waits for the transport: written after the others.
             later = [
                 asyncio.create_task(client.emit("big", {"i": i, "blob": blob}))
@@ -45,12 +45,12 @@ async def test_writes_wait_while_the_transport_pushes_back_and_keep_their_order(
             ]
             for _ in range(3):
                 await asyncio.sleep(0)
-            assert client._write_blocked
+            assert client._link._write_blocked
             assert client._session.has_data_to_send()
             release.set()
             async with asyncio.timeout(20):
                 await asyncio.gather(held, *first, *later)
-            assert not client._write_blocked
+            assert not client._link._write_blocked
             assert await client.request("echo", "after") == "after"
         assert seen == list(range(250))
         assert client.counters["sent"] == 252

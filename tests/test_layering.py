@@ -46,10 +46,15 @@ def test_importing_the_protocol_loads_only_the_protocol() -> None:
 
 def test_the_public_names_still_load_on_first_use() -> None:
     loaded = _loaded_after("from rtchat_sdk import Client, SqliteOutbox, SyncClient")
-    assert {"rtchat_sdk.aio.client", "rtchat_sdk.sqlite_outbox", "rtchat_sdk.sync"} <= loaded
+    assert {
+        "rtchat_sdk.aio.client",
+        "rtchat_sdk.aio.connection",
+        "rtchat_sdk.sqlite_outbox",
+        "rtchat_sdk.sync",
+    } <= loaded
     import rtchat_sdk
 
     for name in rtchat_sdk.__all__:
         assert getattr(rtchat_sdk, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        rtchat_sdk.Nope  # type: ignore[attr-defined]  # noqa: B018
+        rtchat_sdk.Nope  # noqa: B018

@@ -1,10 +1,14 @@
-"""The asyncio driver of the client core: connection, dispatcher, public API.
+"""The asyncio driver of the client core, one job per module.
 
-``Client`` (``client.py``) runs a ``rtchat_sdk.core.ClientSession`` over
-websockets; ``handlers.py`` calls the app's handlers for each delivery;
-``endpoint.py`` checks URLs, picks proxies and explains failed dials.
+``client.py``: the public API (``Client``, namespaces), calls to futures and
+events to callbacks; ``connection.py``: the ``Link`` — dial, read, write,
+the core's one timer, backoff and reconnect; ``dispatcher.py``: deliveries
+and gaps to the app's handlers, in order; ``handlers.py``: the registry
+that validates payloads and calls handlers; ``endpoint.py``: URL checks,
+proxy choice and the words for a failed dial.
 """
 
-from .client import Client, ConnectionState, NamespaceClient
+from .client import Client, NamespaceClient
+from .connection import ConnectionState
 
 __all__ = ["Client", "ConnectionState", "NamespaceClient"]

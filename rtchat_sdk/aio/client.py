@@ -1,28 +1,24 @@
-"""The asyncio client: a thin driver around the sans-I/O ``ClientSession``.
+"""The asyncio client's public API: ``Client`` and its namespaces.
 
-The driver owns three tasks per client, all tracked and cancelled on close:
-the connection manager (connect, serve, back off, reconnect), the writer of
-the current connection, and the dispatcher that hands deliveries to
-handlers one after another, in stream order. Deliveries queue between the
-reader and the dispatcher, so a handler may itself ``await client.request()``.
+A ``Client`` joins three parts, each in its own module, around one sans-I/O
+``ClientSession``: the ``Link`` (``connection.py``: dial, read, write, timer,
+back off), the ``Dispatcher`` (``dispatcher.py``: deliveries to handlers, in
+order) and this API, which turns each call into a core operation and a
+future, and the core's events into results, errors and callbacks. Every task
+the client starts (the link's loop and writer, the dispatcher) is owned and
+finished when ``connect()`` fails or ``close()`` returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_json
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
-from websockets.protocol import State
 
 from .. import protocol as p
 from ..backoff import ReconnectPolicy
@@ -32,9 +28,7 @@ from ..core import (
     Dropped,
     Failed,
     GapReported,
-    LinkDead,
     ProtocolViolation,
-    Refused,
     Replied,
     RoundTrip,
     ServerNotice,
@@ -45,58 +39,28 @@ from ..core import (
 from ..errors import (
     AckTimeout,
     ClientClosed,
-    ConnectionFailed,
     ConnectionLost,
-    FatalConnectionError,
-    GaveUp,
-    IncompatibleProtocol,
     MessageDropped,
     MessageExpired,
     RTChatError,
-    SessionReplaced,
-    Unauthorized,
     ValidationFailed,
     remote_error,
 )
 from ..events import Event, event_name, validate_payload
 from ..outbox import Outbox, OverflowPolicy
-from .endpoint import ProxySetting, check_url, choose_proxy, describe_failure
+from .connection import AttemptCallback, ConnectionState, Link
+from .dispatcher import Dispatcher, GapCallback
+from .endpoint import ProxySetting, check_url
 from .handlers import ErrorCallback, HandlerRegistry
 
-__all__ = [
-    "AttemptCallback",
-    "Client",
-    "ConnectionState",
-    "GapCallback",
-    "NamespaceClient",
-    "StateCallback",
-]
+__all__ = ["Client", "NamespaceClient", "StateCallback"]
 
 log = logging.getLogger("rtchat_sdk")
 
 T = TypeVar("T", bound=BaseModel)
 H = TypeVar("H", bound=Callable[..., Any])
 
-
-class ConnectionState(StrEnum):
-    """What the client is doing about its connection."""
-
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    CLOSED = "closed"
-
-
 StateCallback = Callable[[ConnectionState], Any]
-GapCallback = Callable[[GapReported], Any]
-AttemptCallback = Callable[[int, str], Any]
-
-_FATAL_CLOSE = {
-    p.CloseCode.UNAUTHORIZED: Unauthorized,
-    p.CloseCode.UNSUPPORTED_PROTOCOL: IncompatibleProtocol,
-    p.CloseCode.SESSION_REPLACED: SessionReplaced,
-}
 
 
 class NamespaceClient:
@@ -224,25 +188,23 @@ class Client(NamespaceClient):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(self, p.DEFAULT_NAMESPACE)
-        self.urls = [check_url(u) for u in ([url] if isinstance(url, str) else list(url))]
-        if not self.urls:
+        urls = [check_url(u) for u in ([url] if isinstance(url, str) else list(url))]
+        if not urls:
             raise ValueError("at least one URL is needed")
-        self.proxy = proxy
         _check_auth(auth)
-        """True: the proxy the environment names (HTTPS_PROXY, ALL_PROXY, NO_PROXY...);
-        a URL: that proxy; None: always connect directly."""
+        # The options as given, for the app to read back (the link holds its own).
+        self.urls = urls
         self.reconnect = reconnect or ReconnectPolicy()
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self.max_frame_bytes = max_frame_bytes
+        self.max_pending_deliveries = max_pending_deliveries
+        self.retry_first_connect = retry_first_connect
         self.compression = compression
         """Ask for permessage-deflate (used only if the server enables it too)."""
-        if max_pending_deliveries < 1:
-            raise ValueError("max_pending_deliveries must be at least 1")
-        self.max_pending_deliveries = max_pending_deliveries
-        self._reading_paused = False
-        self._handlers_caught_up = asyncio.Event()
-        self.retry_first_connect = retry_first_connect
+        self.proxy = proxy
+        """True: the proxy the environment names (HTTPS_PROXY, ALL_PROXY, NO_PROXY...);
+        a URL: that proxy; None: always connect directly."""
         self._clock = clock
         self._session = ClientSession(
             outbox=outbox,
@@ -256,32 +218,34 @@ class Client(NamespaceClient):
         self._state_callbacks: list[StateCallback] = []
         self._error_callbacks: list[ErrorCallback] = []
         self._gap_callbacks: list[GapCallback] = []
-        self._attempt_callbacks: list[AttemptCallback] = []
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._rtt_waiters: list[asyncio.Future[float]] = []
-        # Deliveries and gap notices, in stream order, for the dispatcher.
-        self._deliveries: asyncio.Queue[p.MessageFrame | GapReported | _Unfinished | None] = (
-            asyncio.Queue()
-        )
-        self._undispatched = 0
-        self._ws: ClientConnection | None = None
-        self._wakeup = asyncio.Event()  # set when the transport pushes back
-        self._write_blocked = False
-        self._flush_handle: asyncio.Handle | None = None
         self._space_freed = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_when: float | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
         self._first_welcome: asyncio.Future[None] | None = None
         self._closing = False
-        self._dispatch_ending = False
-        self._welcomed_here = False
-        self._fatal: RTChatError | None = None
-        self._retry_after: float | None = None
-        self._failed_attempts = 0
-        self._failure_log = _FailureLog(clock)
         self.closed_reason: RTChatError | None = None
+        self._dispatcher = Dispatcher(
+            self._session,
+            self._handlers,
+            report=self._report,
+            gap_callbacks=self._gap_callbacks,
+            max_pending=max_pending_deliveries,
+        )
+        self._link = Link(
+            self._session,
+            self._dispatcher,
+            urls=urls,
+            policy=self.reconnect,
+            retry_first_connect=retry_first_connect,
+            connect_timeout=connect_timeout,
+            max_frame_bytes=max_frame_bytes,
+            compression=compression,
+            proxy=proxy,
+            clock=clock,
+            on_event=self._on_event,
+            on_state=self._set_state,
+            on_finished=self._finish,
+        )
 
     # ------------------------------------------------------------------
     # Observable state
@@ -306,7 +270,7 @@ class Client(NamespaceClient):
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._rtt_waiters.append(future)
         self._session.ping(self._clock())
-        self._after_io()
+        self._link.after_io()
         return await future
 
     @property
@@ -326,7 +290,7 @@ class Client(NamespaceClient):
             "dropped": c.dropped,
             "connections": c.connections,
             "reconnects": max(0, c.connections - 1),
-            "failed_attempts": self._failed_attempts,
+            "failed_attempts": self._link.failed_attempts,
             "outbox_size": len(self._session.outbox),
         }
 
@@ -351,7 +315,7 @@ class Client(NamespaceClient):
         its last connection ended, 2 for the retry after one backoff wait, and
         so on: a way to watch (and measure) how reconnections are spread.
         """
-        self._attempt_callbacks.append(callback)
+        self._link.attempt_callbacks.append(callback)
         return callback
 
     def namespace(self, path: str) -> NamespaceClient:
@@ -372,11 +336,10 @@ class Client(NamespaceClient):
         """Connect and wait for the server's welcome (or raise why not)."""
         if self._state is ConnectionState.CLOSED:
             raise ClientClosed("this client was closed; make a new one")
-        if self._runner is None:
-            loop = asyncio.get_running_loop()
-            self._first_welcome = loop.create_future()
-            self._runner = asyncio.create_task(self._run(), name="rtchat-connection")
-            self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="rtchat-dispatch")
+        if not self._link.started:
+            self._first_welcome = asyncio.get_running_loop().create_future()
+            self._link.start()
+            self._dispatcher.start()
         welcome = self._first_welcome
         assert welcome is not None
         try:
@@ -406,26 +369,14 @@ class Client(NamespaceClient):
         the client got here (a failed connect, a fatal refusal, an earlier
         ``close``); handlers of deliveries already received get up to 5 s.
         """
-        ws = None if self._closing else self._ws
         self._closing = True
-        if ws is not None:
-            if len(self._session.outbox):
-                code, reason = p.CloseCode.GOING_AWAY, "client closed with unanswered messages"
-            else:
-                code, reason = p.CloseCode.NORMAL, "client closed"
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(code, reason), 5.0)
-        runner = self._runner
-        if runner is not None and runner is not asyncio.current_task():
-            runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
-        self._finish(self._fatal or ClientClosed("the client was closed"))
-        dispatcher = self._dispatcher
-        if dispatcher is not None and dispatcher is not asyncio.current_task():
-            try:
-                await asyncio.wait_for(dispatcher, 5.0)
-            except TimeoutError:
-                log.warning("handlers did not finish within 5 s of close; cancelled")
+        if len(self._session.outbox):
+            code, reason = p.CloseCode.GOING_AWAY, "client closed with unanswered messages"
+        else:
+            code, reason = p.CloseCode.NORMAL, "client closed"
+        await self._link.stop(code, reason)
+        self._finish(self._link.fatal or ClientClosed("the client was closed"))
+        await self._dispatcher.finish(timeout=5.0)
 
     def _finish(self, reason: RTChatError) -> None:
         """Fail everything still waiting, once, and settle into CLOSED."""
@@ -433,9 +384,7 @@ class Client(NamespaceClient):
         if self.closed_reason is None:
             self.closed_reason = reason
         self._session.close()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._link.cancel_timer()
         for future in [*self._pending.values(), *self._rtt_waiters]:
             if not future.done():
                 future.set_exception(reason)
@@ -444,11 +393,9 @@ class Client(NamespaceClient):
         if self._first_welcome is not None and not self._first_welcome.done():
             self._first_welcome.set_exception(reason)
         self._space_freed.set()
-        if not self._dispatch_ending:
-            # The dispatcher hands out what was received, then ends by itself,
-            # so no task outlives a client that stopped (even one never closed).
-            self._dispatch_ending = True
-            self._deliveries.put_nowait(None)
+        # The dispatcher hands out what was received, then ends by itself, so
+        # no task outlives a client that stopped (even one never closed).
+        self._dispatcher.end()
         self._set_state(ConnectionState.CLOSED)
 
     def _set_state(self, state: ConnectionState) -> None:
@@ -467,7 +414,7 @@ class Client(NamespaceClient):
     async def _send(self, op: Callable[[float], tuple[int, list[Dropped]]]) -> Any:
         if self._closing:
             raise ClientClosed("the client is closed")
-        if self._runner is None:
+        if not self._link.started:
             raise ClientClosed("the client is not connected; use 'async with Client(...)'")
         outbox = self._session.outbox
         if outbox.policy is OverflowPolicy.BLOCK:
@@ -481,7 +428,7 @@ class Client(NamespaceClient):
         self._pending[message_id] = future
         for d in dropped:
             self._fail(d.id, MessageDropped(f"{d.kind} {d.id} evicted from the full outbox"))
-        self._after_io()
+        self._link.after_io()
         return await future
 
     def _fail(self, message_id: int, exc: RTChatError) -> None:
@@ -492,213 +439,6 @@ class Client(NamespaceClient):
     # ------------------------------------------------------------------
     # The connection manager
 
-    async def _run(self) -> None:
-        policy = self.reconnect
-        delays = policy.delays()
-        failures = 0
-        failing_since: float | None = None
-        index = 0
-        attempt = 0
-        ever_welcomed = False
-        while not self._closing:
-            url = self.urls[index % len(self.urls)]
-            self._set_state(
-                ConnectionState.RECONNECTING if ever_welcomed else ConnectionState.CONNECTING
-            )
-            attempt += 1
-            for callback in list(self._attempt_callbacks):
-                try:
-                    callback(attempt, url)
-                except Exception:
-                    log.exception("attempt callback raised")
-            started = self._clock()
-            error = await self._connect_once(url)
-            if self._closing:
-                return
-            if self._welcomed_here:
-                ever_welcomed = True
-                attempt = 0
-                if self._clock() - started >= policy.stable_after:
-                    delays, failures, failing_since = policy.delays(), 0, None
-            else:
-                self._failed_attempts += 1
-            if self._fatal is not None or not policy.classify(error):
-                self._finish(self._fatal or error)
-                return
-            if not ever_welcomed and not self.retry_first_connect:
-                self._finish(error)
-                return
-            if not policy.enabled:
-                self._finish(error)
-                return
-            failures += 1
-            failing_since = failing_since if failing_since is not None else started
-            elapsed = self._clock() - failing_since
-            if (policy.max_attempts is not None and failures >= policy.max_attempts) or (
-                policy.max_elapsed is not None and elapsed >= policy.max_elapsed
-            ):
-                self._finish(
-                    GaveUp(f"gave up after {failures} attempt(s) over {elapsed:.1f}s: {error}")
-                )
-                return
-            if not self._welcomed_here:
-                index += 1  # this URL failed: try the next one
-            delay = next(delays)
-            if self._retry_after is not None:
-                # The server asked for a pause: wait it out, then add our jitter so
-                # everyone it sent away does not come back in the same instant.
-                delay += self._retry_after
-                self._retry_after = None
-            self._failure_log.report(
-                error,
-                lost=self._welcomed_here,
-                next_url=self.urls[index % len(self.urls)],
-                delay=delay,
-            )
-            await asyncio.sleep(delay)
-
-    async def _connect_once(self, url: str) -> RTChatError:
-        """One connection, from TCP connect to its end; returns why it ended."""
-        self._welcomed_here = False
-        proxy = None
-        try:
-            proxy = choose_proxy(url, self.proxy)
-            ws = await connect(
-                url,
-                open_timeout=self.connect_timeout,
-                ping_interval=None,  # rtchat heartbeats run at the app level
-                compression="deflate" if self.compression else None,
-                max_size=self.max_frame_bytes,
-                proxy=proxy,
-            )
-        except (OSError, TimeoutError, WebSocketException, ImportError, ValueError) as exc:
-            why = describe_failure(exc, url, timeout=self.connect_timeout, proxy=proxy)
-            return ConnectionFailed(f"cannot connect to {url}: {why}")
-        self._ws = ws
-        self._write_blocked = False
-        self._wakeup.clear()
-        self._cancel_flush()
-        self._session.connection_made(self._clock())
-        writer = asyncio.create_task(self._write_loop(ws), name="rtchat-writer")
-        self._after_io()
-        try:
-            async for text in ws:
-                self._session.receive_text(text, self._clock())
-                self._after_io()
-                if self._deliveries.qsize() >= self.max_pending_deliveries:
-                    await self._wait_for_handlers()
-        except ConnectionClosed:
-            pass
-        finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-            self._ws = None
-            self._cancel_flush()
-            if not self._closing:
-                self._session.connection_lost(self._clock())
-                self._after_io()
-        code = ws.close_code
-        sent = ws.protocol.close_sent
-        if sent is not None and sent.code == p.CloseCode.MESSAGE_TOO_BIG and self._fatal is None:
-            # We refused a frame over our own limit: resuming would replay it forever.
-            self._fatal = FatalConnectionError(
-                "message_too_big",
-                f"the server sent a frame over max_frame_bytes={self.max_frame_bytes}; "
-                "use at least the server's limit",
-            )
-        if code in _FATAL_CLOSE and self._fatal is None:
-            self._fatal = _FATAL_CLOSE[p.CloseCode(code)](
-                "refused", ws.close_reason or f"closed with code {code}"
-            )
-        return ConnectionFailed(f"connection to {url} closed (code {code}: {ws.close_reason})")
-
-    def _flush(self) -> None:
-        """Write every frame the session produced, in order: the one write path.
-
-        Frames are framed with ``ws.protocol.send_text`` and handed to the
-        transport in one ``write`` (one system call), as websockets'
-        ``broadcast()`` does. The first frames of an event-loop pass are
-        written at once (a lone request costs no hop through another task);
-        whatever the same pass produces after them is written together by one
-        callback at the start of the next pass, so a burst of requests (or of
-        pongs) shares a system call. While the transport's buffer is above its
-        high-water mark nothing is written: frames stay queued in the session,
-        in order, until the writer task has waited for the transport to drain.
-        A connection that is closing takes no frames: whatever was unanswered
-        is written again on the next connection.
-        """
-        ws = self._ws
-        if (
-            ws is None
-            or self._flush_handle is not None
-            or self._write_blocked
-            or not self._session.has_data_to_send()
-        ):
-            return
-        frames = self._session.data_to_send()
-        transport = ws.transport
-        if ws.protocol.state is not State.OPEN or transport.is_closing():
-            return
-        protocol = ws.protocol
-        for text in frames:
-            protocol.send_text(text.encode())
-        chunks = protocol.data_to_send()
-        if all(chunks):
-            transport.write(b"".join(chunks))
-        else:  # an end-of-stream marker among them (never after send_text): websockets' way
-            protocol.writes[:0] = chunks
-            ws.send_data()
-        if ws.paused:
-            self._write_blocked = True
-            self._wakeup.set()
-        else:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_next_pass)
-
-    def _flush_next_pass(self) -> None:
-        self._flush_handle = None
-        self._flush()
-
-    def _cancel_flush(self) -> None:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-
-    async def _write_loop(self, ws: ClientConnection) -> None:
-        """Wait out the transport's back-pressure, then write what queued meanwhile."""
-        while True:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            await ws.drain()
-            self._write_blocked = False
-            self._flush()
-
-    def _after_io(self) -> None:
-        """Act on the session's events, write what is due, re-arm the timer."""
-        for event in self._session.events_received():
-            self._on_event(event)
-        self._flush()
-        if self._closing:
-            return
-        when = self._session.get_timer()
-        if when == self._timer_when:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._timer_when = when
-        if when is not None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_at(loop.time() + max(0.0, when - self._clock()), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_when = None
-        now = self._clock()
-        if self._reading_paused:
-            self._session.keepalive(now)  # our handlers are slow, the link is not dead
-        self._session.handle_timer(now)
-        self._after_io()
-
     def _on_event(self, event: SessionEvent) -> None:
         match event:
             case Replied(id=message_id, data=data):
@@ -707,11 +447,7 @@ class Client(NamespaceClient):
                     future.set_result(data)
                 self._space_freed.set()
             case Delivered(frame=frame):
-                if self._undispatched:
-                    # Behind what is queued: handled, and its position persisted, in order.
-                    self._dispatch_later(frame)
-                else:
-                    self._handle_now(frame)
+                self._dispatcher.deliver(frame)
             case Failed(id=message_id, code=code, message=message, details=details):
                 self._fail(message_id, remote_error(code, message, details))
                 self._space_freed.set()
@@ -728,20 +464,11 @@ class Client(NamespaceClient):
                     )
                 self._space_freed.set()
             case Welcomed():
-                self._welcomed_here = True
                 self._set_state(ConnectionState.CONNECTED)
                 if self._first_welcome is not None and not self._first_welcome.done():
                     self._first_welcome.set_result(None)
-            case Refused(code=code, message=message, fatal=fatal, retry_after=retry_after):
-                if fatal:
-                    cls = Unauthorized if code == p.ErrorCode.UNAUTHORIZED else IncompatibleProtocol
-                    self._fatal = cls(code, message)
-                else:
-                    self._retry_after = retry_after  # e.g. overloaded: come back later
-            case ServerNotice(code=code, message=message, retry_after=retry_after):
-                if retry_after is not None:
-                    self._retry_after = retry_after
-                self._report(remote_error(code, message))
+            case ServerNotice(code=code, message=message):
+                self._report(remote_error(code, message))  # the link took its retry_after
             case GapReported():
                 log.warning(
                     "gap in %s (%s): carrying on after %s:%d",
@@ -750,11 +477,7 @@ class Client(NamespaceClient):
                     event.epoch,
                     event.offset,
                 )
-                self._dispatch_later(event)
-            case LinkDead(reason=reason):
-                log.warning("connection declared dead: %s", reason)
-                if self._ws is not None and self._ws.transport is not None:
-                    self._ws.transport.abort()
+                self._dispatcher.gap(event)
             case RoundTrip(seconds=seconds):
                 waiters, self._rtt_waiters = self._rtt_waiters, []
                 for waiter in waiters:
@@ -763,7 +486,7 @@ class Client(NamespaceClient):
             case ProtocolViolation(error=error):
                 self._report(ValidationFailed(error))
             case _:
-                pass
+                pass  # Refused and LinkDead concern the link, which acted on them
 
     def _report(self, exc: RTChatError) -> None:
         if not self._error_callbacks:
@@ -773,99 +496,6 @@ class Client(NamespaceClient):
                 callback(exc)
             except Exception:
                 log.exception("error callback raised")
-
-    async def _wait_for_handlers(self) -> None:
-        """Stop reading until handlers catch up: TCP backpressure reaches the server,
-        which cuts us off as a slow consumer if it lasts; we then resume without loss."""
-        self._reading_paused = True
-        self._handlers_caught_up.clear()
-        try:
-            await self._handlers_caught_up.wait()
-        finally:
-            self._reading_paused = False
-
-    def _handle_now(self, frame: p.MessageFrame) -> None:
-        """Nothing is queued ahead: call the handlers from here, without a task switch.
-
-        Synchronous handlers finish here; from the first one that returns an
-        awaitable on, the rest is queued for the dispatcher, and everything
-        after it queues behind.
-        """
-        rest = self._handlers.call(frame, self._report)
-        if rest is None:
-            self._session.delivery_handled(frame)
-        else:
-            self._dispatch_later(_Unfinished(frame, rest))
-
-    def _dispatch_later(self, item: p.MessageFrame | GapReported | _Unfinished) -> None:
-        self._undispatched += 1
-        self._deliveries.put_nowait(item)
-
-    async def _dispatch_loop(self) -> None:
-        """Hand deliveries and gap notices to the app one by one, in stream order."""
-        try:
-            while True:
-                if self._deliveries.qsize() <= self.max_pending_deliveries // 2:
-                    self._handlers_caught_up.set()
-                item = await self._deliveries.get()
-                if item is None:
-                    return
-                if isinstance(item, GapReported):
-                    for callback in list(self._gap_callbacks):
-                        try:
-                            callback(item)
-                        except Exception:
-                            log.exception("gap callback raised")
-                    self._session.gap_handled(item)
-                elif isinstance(item, _Unfinished):
-                    await item.rest
-                    self._session.delivery_handled(item.frame)
-                else:
-                    await self._handlers.dispatch(item, self._report)
-                    self._session.delivery_handled(item)
-                self._undispatched -= 1
-        finally:
-            while not self._deliveries.empty():  # never run now: close their coroutines
-                left = self._deliveries.get_nowait()
-                if isinstance(left, _Unfinished):
-                    left.rest.close()
-
-
-class _FailureLog:
-    """One WARNING per failed attempt, at most one per ``interval`` seconds.
-
-    A client retrying for hours against a server that is down says so now
-    and then, with the count of the failures it did not report one by one
-    (those go to DEBUG), instead of either silence or a line per second.
-    """
-
-    interval = 10.0
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
-        self._last: float | None = None
-        self._unreported = 0
-
-    def report(self, error: RTChatError, *, lost: bool, next_url: str, delay: float) -> None:
-        what = "connection lost" if lost else "connection attempt failed"
-        now = self._clock()
-        if self._last is not None and now - self._last < self.interval:
-            self._unreported += 1
-            log.debug("%s: %s; retrying %s in %.2fs", what, error, next_url, delay)
-            return
-        more = (
-            f" ({self._unreported} more failures since the last report)" if self._unreported else ""
-        )
-        log.warning("%s: %s; retrying %s in %.2fs%s", what, error, next_url, delay, more)
-        self._last, self._unreported = now, 0
-
-
-@dataclass(frozen=True, slots=True)
-class _Unfinished:
-    """A delivery whose handlers started inline; ``rest`` awaits what they left."""
-
-    frame: p.MessageFrame
-    rest: Coroutine[Any, Any, None]
 
 
 def _check_auth(auth: dict[str, Any] | None) -> None:

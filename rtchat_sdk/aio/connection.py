@@ -1,0 +1,402 @@
+"""The client's link to a server over time: dial, serve, back off, dial again.
+
+``Link`` is the part of the asyncio driver that owns sockets and timers: one
+task runs the reconnect loop (tenacity's jittered backoff from the
+``ReconnectPolicy``, URLs tried in turn, a ``retry_after`` from the server
+added to the wait), each connection's read loop feeds the sans-I/O core, and
+``after_io()`` is the one driver step — take the core's events, write its
+frames, re-arm its one timer — run after every input. The core's events go
+on to the client (``on_event``); the link itself acts on the few that
+concern the connection (a welcome, a refusal, a dead link).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.protocol import State
+
+from .. import protocol as p
+from ..backoff import ReconnectPolicy
+from ..core import ClientSession, LinkDead, Refused, ServerNotice, SessionEvent, Welcomed
+from ..errors import (
+    ConnectionFailed,
+    FatalConnectionError,
+    GaveUp,
+    IncompatibleProtocol,
+    RTChatError,
+    SessionReplaced,
+    Unauthorized,
+)
+from .dispatcher import Dispatcher
+from .endpoint import ProxySetting, choose_proxy, describe_failure
+
+__all__ = ["AttemptCallback", "ConnectionState", "Link"]
+
+log = logging.getLogger("rtchat_sdk")
+
+
+class ConnectionState(StrEnum):
+    """What the client is doing about its connection."""
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    CLOSED = "closed"
+
+
+AttemptCallback = Callable[[int, str], Any]
+
+_FATAL_CLOSE = {
+    p.CloseCode.UNAUTHORIZED: Unauthorized,
+    p.CloseCode.UNSUPPORTED_PROTOCOL: IncompatibleProtocol,
+    p.CloseCode.SESSION_REPLACED: SessionReplaced,
+}
+
+
+class Link:
+    """Connections to the server, one after another, for one client session."""
+
+    def __init__(
+        self,
+        session: ClientSession,
+        dispatcher: Dispatcher,
+        *,
+        urls: list[str],
+        policy: ReconnectPolicy,
+        retry_first_connect: bool,
+        connect_timeout: float,
+        max_frame_bytes: int,
+        compression: bool,
+        proxy: ProxySetting,
+        clock: Callable[[], float],
+        on_event: Callable[[SessionEvent], None],
+        on_state: Callable[[ConnectionState], None],
+        on_finished: Callable[[RTChatError], None],
+    ) -> None:
+        self._session = session
+        self._dispatcher = dispatcher
+        self.urls = urls
+        self.policy = policy
+        self.retry_first_connect = retry_first_connect
+        self.connect_timeout = connect_timeout
+        self.max_frame_bytes = max_frame_bytes
+        self.compression = compression
+        self.proxy = proxy
+        self._clock = clock
+        self._on_event = on_event
+        self._on_state = on_state
+        self._on_finished = on_finished
+        self.attempt_callbacks: list[AttemptCallback] = []
+        self.ws: ClientConnection | None = None
+        self._wakeup = asyncio.Event()  # set when the transport pushes back
+        self._write_blocked = False
+        self._flush_handle: asyncio.Handle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when: float | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self.closing = False
+        """Set once: no more connections (close() was called, or the link gave up)."""
+        self._welcomed_here = False
+        self.fatal: RTChatError | None = None
+        """Why no retry can help, once the server said so (or a fatal close code)."""
+        self._retry_after: float | None = None
+        self.failed_attempts = 0
+        self._failure_log = _FailureLog(clock)
+
+    @property
+    def started(self) -> bool:
+        return self._runner is not None
+
+    def start(self) -> None:
+        self._runner = asyncio.create_task(self._run(), name="rtchat-connection")
+
+    async def stop(self, code: int, reason: str) -> None:
+        """Close the current connection with ``code``, then end the reconnect loop."""
+        ws = None if self.closing else self.ws
+        self.closing = True
+        if ws is not None:
+            try:
+                await asyncio.wait_for(ws.close(code, reason), 5.0)
+            except Exception:  # already gone, or slow to answer: the loop ends anyway
+                log.debug("close of the connection failed", exc_info=True)
+        runner = self._runner
+        if runner is not None and runner is not asyncio.current_task():
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        self.cancel_timer()
+
+    def _end(self, reason: RTChatError) -> None:
+        """No more connections: the loop stops here, and the client closes with ``reason``."""
+        self.closing = True
+        self.cancel_timer()
+        self._on_finished(reason)
+
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _observe(self, event: SessionEvent) -> None:
+        """The events that concern the connection itself."""
+        match event:
+            case Welcomed():
+                self._welcomed_here = True
+            case Refused(code=code, message=message, fatal=fatal, retry_after=retry_after):
+                if fatal:
+                    cls = Unauthorized if code == p.ErrorCode.UNAUTHORIZED else IncompatibleProtocol
+                    self.fatal = cls(code, message)
+                else:
+                    self._retry_after = retry_after  # e.g. overloaded: come back later
+            case ServerNotice(retry_after=retry_after) if retry_after is not None:
+                self._retry_after = retry_after
+            case LinkDead(reason=reason):
+                log.warning("connection declared dead: %s", reason)
+                if self.ws is not None and self.ws.transport is not None:
+                    self.ws.transport.abort()
+            case _:
+                pass
+
+    async def _run(self) -> None:
+        policy = self.policy
+        delays = policy.delays()
+        failures = 0
+        failing_since: float | None = None
+        index = 0
+        attempt = 0
+        ever_welcomed = False
+        while not self.closing:
+            url = self.urls[index % len(self.urls)]
+            self._on_state(
+                ConnectionState.RECONNECTING if ever_welcomed else ConnectionState.CONNECTING
+            )
+            attempt += 1
+            for callback in list(self.attempt_callbacks):
+                try:
+                    callback(attempt, url)
+                except Exception:
+                    log.exception("attempt callback raised")
+            started = self._clock()
+            error = await self._connect_once(url)
+            if self.closing:
+                return
+            if self._welcomed_here:
+                ever_welcomed = True
+                attempt = 0
+                if self._clock() - started >= policy.stable_after:
+                    delays, failures, failing_since = policy.delays(), 0, None
+            else:
+                self.failed_attempts += 1
+            if self.fatal is not None or not policy.classify(error):
+                self._end(self.fatal or error)
+                return
+            if not ever_welcomed and not self.retry_first_connect:
+                self._end(error)
+                return
+            if not policy.enabled:
+                self._end(error)
+                return
+            failures += 1
+            failing_since = failing_since if failing_since is not None else started
+            elapsed = self._clock() - failing_since
+            if (policy.max_attempts is not None and failures >= policy.max_attempts) or (
+                policy.max_elapsed is not None and elapsed >= policy.max_elapsed
+            ):
+                self._end(
+                    GaveUp(f"gave up after {failures} attempt(s) over {elapsed:.1f}s: {error}")
+                )
+                return
+            if not self._welcomed_here:
+                index += 1  # this URL failed: try the next one
+            delay = next(delays)
+            if self._retry_after is not None:
+                # The server asked for a pause: wait it out, then add our jitter so
+                # everyone it sent away does not come back in the same instant.
+                delay += self._retry_after
+                self._retry_after = None
+            self._failure_log.report(
+                error,
+                lost=self._welcomed_here,
+                next_url=self.urls[index % len(self.urls)],
+                delay=delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self, url: str) -> RTChatError:
+        """One connection, from TCP connect to its end; returns why it ended."""
+        self._welcomed_here = False
+        proxy = None
+        try:
+            proxy = choose_proxy(url, self.proxy)
+            ws = await connect(
+                url,
+                open_timeout=self.connect_timeout,
+                ping_interval=None,  # rtchat heartbeats run at the app level
+                compression="deflate" if self.compression else None,
+                max_size=self.max_frame_bytes,
+                proxy=proxy,
+            )
+        except (OSError, TimeoutError, WebSocketException, ImportError, ValueError) as exc:
+            why = describe_failure(exc, url, timeout=self.connect_timeout, proxy=proxy)
+            return ConnectionFailed(f"cannot connect to {url}: {why}")
+        self.ws = ws
+        self._write_blocked = False
+        self._wakeup.clear()
+        self._cancel_flush()
+        self._session.connection_made(self._clock())
+        writer = asyncio.create_task(self._write_loop(ws), name="rtchat-writer")
+        self.after_io()
+        try:
+            async for text in ws:
+                self._session.receive_text(text, self._clock())
+                self.after_io()
+                if self._dispatcher.full:
+                    await self._dispatcher.wait_for_handlers()
+        except ConnectionClosed:
+            pass
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            self.ws = None
+            self._cancel_flush()
+            if not self.closing:
+                self._session.connection_lost(self._clock())
+                self.after_io()
+        code = ws.close_code
+        sent = ws.protocol.close_sent
+        if sent is not None and sent.code == p.CloseCode.MESSAGE_TOO_BIG and self.fatal is None:
+            # We refused a frame over our own limit: resuming would replay it forever.
+            self.fatal = FatalConnectionError(
+                "message_too_big",
+                f"the server sent a frame over max_frame_bytes={self.max_frame_bytes}; "
+                "use at least the server's limit",
+            )
+        if code in _FATAL_CLOSE and self.fatal is None:
+            self.fatal = _FATAL_CLOSE[p.CloseCode(code)](
+                "refused", ws.close_reason or f"closed with code {code}"
+            )
+        return ConnectionFailed(f"connection to {url} closed (code {code}: {ws.close_reason})")
+
+    def _flush(self) -> None:
+        """Write every frame the session produced, in order: the one write path.
+
+        Frames are framed with ``ws.protocol.send_text`` and handed to the
+        transport in one ``write`` (one system call), as websockets'
+        ``broadcast()`` does. The first frames of an event-loop pass are
+        written at once (a lone request costs no hop through another task);
+        whatever the same pass produces after them is written together by one
+        callback at the start of the next pass, so a burst of requests (or of
+        pongs) shares a system call. While the transport's buffer is above its
+        high-water mark nothing is written: frames stay queued in the session,
+        in order, until the writer task has waited for the transport to drain.
+        A connection that is closing takes no frames: whatever was unanswered
+        is written again on the next connection.
+        """
+        ws = self.ws
+        if (
+            ws is None
+            or self._flush_handle is not None
+            or self._write_blocked
+            or not self._session.has_data_to_send()
+        ):
+            return
+        frames = self._session.data_to_send()
+        transport = ws.transport
+        if ws.protocol.state is not State.OPEN or transport.is_closing():
+            return
+        protocol = ws.protocol
+        for text in frames:
+            protocol.send_text(text.encode())
+        chunks = protocol.data_to_send()
+        if all(chunks):
+            transport.write(b"".join(chunks))
+        else:  # an end-of-stream marker among them (never after send_text): websockets' way
+            protocol.writes[:0] = chunks
+            ws.send_data()
+        if ws.paused:
+            self._write_blocked = True
+            self._wakeup.set()
+        else:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_next_pass)
+
+    def _flush_next_pass(self) -> None:
+        self._flush_handle = None
+        self._flush()
+
+    def _cancel_flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+
+    async def _write_loop(self, ws: ClientConnection) -> None:
+        """Wait out the transport's back-pressure, then write what queued meanwhile."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await ws.drain()
+            self._write_blocked = False
+            self._flush()
+
+    def after_io(self) -> None:
+        """Act on the session's events, write what is due, re-arm the timer."""
+        for event in self._session.events_received():
+            self._observe(event)
+            self._on_event(event)
+        self._flush()
+        if self.closing:
+            return
+        when = self._session.get_timer()
+        if when == self._timer_when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_when = when
+        if when is not None:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(loop.time() + max(0.0, when - self._clock()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = None
+        now = self._clock()
+        if self._dispatcher.reading_paused:
+            self._session.keepalive(now)  # our handlers are slow, the link is not dead
+        self._session.handle_timer(now)
+        self.after_io()
+
+
+class _FailureLog:
+    """One WARNING per failed attempt, at most one per ``interval`` seconds.
+
+    A client retrying for hours against a server that is down says so now
+    and then, with the count of the failures it did not report one by one
+    (those go to DEBUG), instead of either silence or a line per second.
+    """
+
+    interval = 10.0
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._last: float | None = None
+        self._unreported = 0
+
+    def report(self, error: RTChatError, *, lost: bool, next_url: str, delay: float) -> None:
+        what = "connection lost" if lost else "connection attempt failed"
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval:
+            self._unreported += 1
+            log.debug("%s: %s; retrying %s in %.2fs", what, error, next_url, delay)
+            return
+        more = (
+            f" ({self._unreported} more failures since the last report)" if self._unreported else ""
+        )
+        log.warning("%s: %s; retrying %s in %.2fs%s", what, error, next_url, delay, more)
+        self._last, self._unreported = now, 0
