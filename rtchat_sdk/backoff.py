@@ -1,9 +1,15 @@
-"""When to reconnect: exponential backoff with full jitter, as a pure policy.
+"""When to reconnect: exponential backoff with full jitter, and what is never retried.
 
 The waits come from tenacity's ``wait_random_exponential`` (uniform between 0
 and ``min(max_delay, initial_delay * multiplier ** (attempt - 1))``), so 200
 clients that lose a server at once spread their attempts instead of
 arriving together. ``classify`` decides whether a failure is worth retrying.
+
+What is fatal is decided here and only here, as pure functions of what the
+server said: ``refusal_error`` for an ``error`` frame refusing the handshake,
+``close_error`` for how a connection was closed. The core and the driver ask
+them; a ``FatalConnectionError`` they return ends the client, anything else
+is retried by the policy.
 """
 
 from __future__ import annotations
@@ -13,12 +19,54 @@ from typing import TYPE_CHECKING
 
 from tenacity import RetryCallState, wait_random_exponential
 
-from .errors import FatalConnectionError
+from .errors import (
+    FatalConnectionError,
+    IncompatibleProtocol,
+    SessionReplaced,
+    Unauthorized,
+)
+from .protocol import CloseCode, ErrorCode
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-__all__ = ["ReconnectPolicy", "is_retryable"]
+__all__ = ["ReconnectPolicy", "close_error", "is_retryable", "refusal_error"]
+
+_FATAL_REFUSALS: dict[str, type[FatalConnectionError]] = {
+    ErrorCode.UNAUTHORIZED: Unauthorized,
+    ErrorCode.UNSUPPORTED_PROTOCOL: IncompatibleProtocol,
+}
+_FATAL_CLOSES: dict[int, type[FatalConnectionError]] = {
+    CloseCode.UNAUTHORIZED: Unauthorized,
+    CloseCode.UNSUPPORTED_PROTOCOL: IncompatibleProtocol,
+    CloseCode.SESSION_REPLACED: SessionReplaced,
+}
+
+
+def refusal_error(code: str, message: str) -> FatalConnectionError | None:
+    """The error for a handshake refusal no retry can fix (bad credentials,
+    an unsupported version); None for one worth retrying (e.g. ``overloaded``)."""
+    cls = _FATAL_REFUSALS.get(code)
+    return None if cls is None else cls(code, message)
+
+
+def close_error(
+    received: int | None, reason: str, *, sent: int | None, max_frame_bytes: int
+) -> FatalConnectionError | None:
+    """The error for a close no retry can fix, from the codes received and sent.
+
+    We closed with 1009 (a frame over our own ``max_frame_bytes``): resuming
+    would replay that frame forever. The server closed with 4001, 4002 or
+    4006: it refused us for good, or another connection took the session.
+    """
+    if sent == CloseCode.MESSAGE_TOO_BIG:
+        return FatalConnectionError(
+            "message_too_big",
+            f"the server sent a frame over max_frame_bytes={max_frame_bytes}; "
+            "use at least the server's limit",
+        )
+    cls = _FATAL_CLOSES.get(received) if received is not None else None
+    return None if cls is None else cls("refused", reason or f"closed with code {received}")
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -22,7 +22,8 @@ from .helpers import message, reply, welcome
 
 
 def expected_timer(s: ClientSession) -> float | None:
-    candidates = [t for t in (s._next_ping, s._dead_at) if t is not None]
+    beat = s.heartbeat
+    candidates = [t for t in (beat.next_ping, beat.dead_at) if t is not None]
     candidates += [e.expires_at for e in s.outbox if e.expires_at is not None]
     return min(candidates) if candidates else None
 

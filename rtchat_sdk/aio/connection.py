@@ -22,17 +22,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
-from .. import protocol as p
-from ..backoff import ReconnectPolicy
+from ..backoff import ReconnectPolicy, close_error, refusal_error
 from ..core import ClientSession, LinkDead, Refused, ServerNotice, SessionEvent, Welcomed
 from ..errors import (
     ConnectionFailed,
-    FatalConnectionError,
     GaveUp,
-    IncompatibleProtocol,
     RTChatError,
-    SessionReplaced,
-    Unauthorized,
 )
 from .dispatcher import Dispatcher
 from .endpoint import ProxySetting, choose_proxy, describe_failure
@@ -53,12 +48,6 @@ class ConnectionState(StrEnum):
 
 
 AttemptCallback = Callable[[int, str], Any]
-
-_FATAL_CLOSE = {
-    p.CloseCode.UNAUTHORIZED: Unauthorized,
-    p.CloseCode.UNSUPPORTED_PROTOCOL: IncompatibleProtocol,
-    p.CloseCode.SESSION_REPLACED: SessionReplaced,
-}
 
 
 class Link:
@@ -149,11 +138,9 @@ class Link:
         match event:
             case Welcomed():
                 self._welcomed_here = True
-            case Refused(code=code, message=message, fatal=fatal, retry_after=retry_after):
-                if fatal:
-                    cls = Unauthorized if code == p.ErrorCode.UNAUTHORIZED else IncompatibleProtocol
-                    self.fatal = cls(code, message)
-                else:
+            case Refused(code=code, message=message, retry_after=retry_after):
+                self.fatal = self.fatal or refusal_error(code, message)
+                if self.fatal is None:
                     self._retry_after = retry_after  # e.g. overloaded: come back later
             case ServerNotice(retry_after=retry_after) if retry_after is not None:
                 self._retry_after = retry_after
@@ -271,17 +258,12 @@ class Link:
                 self.after_io()
         code = ws.close_code
         sent = ws.protocol.close_sent
-        if sent is not None and sent.code == p.CloseCode.MESSAGE_TOO_BIG and self.fatal is None:
-            # We refused a frame over our own limit: resuming would replay it forever.
-            self.fatal = FatalConnectionError(
-                "message_too_big",
-                f"the server sent a frame over max_frame_bytes={self.max_frame_bytes}; "
-                "use at least the server's limit",
-            )
-        if code in _FATAL_CLOSE and self.fatal is None:
-            self.fatal = _FATAL_CLOSE[p.CloseCode(code)](
-                "refused", ws.close_reason or f"closed with code {code}"
-            )
+        self.fatal = self.fatal or close_error(
+            code,
+            ws.close_reason or "",
+            sent=None if sent is None else sent.code,
+            max_frame_bytes=self.max_frame_bytes,
+        )
         return ConnectionFailed(f"connection to {url} closed (code {code}: {ws.close_reason})")
 
     def _flush(self) -> None:

@@ -39,15 +39,16 @@ import heapq
 import random
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
 
 from .. import protocol as p
+from ..backoff import refusal_error
 from ..errors import InvalidState, MessageTooLarge
 from ..outbox import HandledPosition, Outbox, OutboxEntry
 from ..protocol.fastpath import encode_message
+from ..protocol.heartbeat import Heartbeat
 from .events import (
     Delivered,
     Dropped,
@@ -73,13 +74,6 @@ DEFAULT_MAX_IN_FLIGHT = 1_000
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
 
 
-@dataclass(slots=True)
-class _Heartbeat:
-    interval: float
-    timeout: float
-
-
-_FATAL_CODES = frozenset({p.ErrorCode.UNAUTHORIZED, p.ErrorCode.UNSUPPORTED_PROTOCOL})
 """Handshake refusals no retry can fix; any other refusal is retried."""
 
 
@@ -105,8 +99,6 @@ class ClientSession:
         self.client_name = client_name
         self.max_in_flight = max_in_flight
         self.handshake_timeout = handshake_timeout
-        self.ping_spread = ping_spread
-        self._random = random
         self.state = SessionState.DISCONNECTED
         self.session_id: str | None = None
         self.token: str | None = None
@@ -122,13 +114,11 @@ class ClientSession:
         self._deadlines: list[tuple[float, int]] = []  # a heap; entries may be settled
         self._timer: float | None = None  # what get_timer() returns, unless _timer_stale
         self._timer_stale = True
-        self._heartbeat: _Heartbeat | None = None
+        self.heartbeat = Heartbeat(ping_always=True, spread=ping_spread, random=random)
+        """The deadlines of PROTOCOL §9: our pings, and when the server counts as gone."""
         self._server_max_in_flight: int | None = None
         self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
-        self._last_received = 0.0
-        self._next_ping: float | None = None
         self._hello_at = 0.0
-        self._dead_at: float | None = None
         self._ever_sent: set[int] = set()
         self._unlisted_rooms: list[str] = []
         self._now = float("-inf")  # the latest time any call told us
@@ -171,10 +161,8 @@ class ClientSession:
             raise InvalidState("session is closed")
         self._now = now
         self.state = SessionState.HANDSHAKING
-        self._last_received = now
         self._hello_at = now
-        self._dead_at = now + self.handshake_timeout
-        self._next_ping = None
+        self.heartbeat.connected(now, self.handshake_timeout)
         self._timer_stale = True
         resume = None
         self._unlisted_rooms = []
@@ -215,8 +203,7 @@ class ClientSession:
         self._to_send.clear()
         self._in_flight.clear()
         self._unsent = deque(self.outbox.ids())
-        self._next_ping = None
-        self._dead_at = None
+        self.heartbeat.stopped()
         self._timer_stale = True
         self.handle_timer(now)
 
@@ -224,16 +211,13 @@ class ClientSession:
         """No more connections; pending entries stay in the outbox for the caller."""
         self.state = SessionState.CLOSED
         self._to_send.clear()
-        self._next_ping = None
-        self._dead_at = None
+        self.heartbeat.stopped()
         self._timer_stale = True
 
     def keepalive(self, now: float) -> None:
         """Count the server as alive now: the driver has paused reading on purpose."""
-        self._last_received = now
-        if self._heartbeat is not None and self.state is SessionState.OPEN:
-            self._dead_at = now + self._heartbeat.interval + self._heartbeat.timeout
-            self._timer_stale = True
+        self.heartbeat.heard(now)
+        self._timer_stale = True
 
     def ping(self, now: float) -> None:
         """Send a heartbeat now (its pong yields a RoundTrip event)."""
@@ -414,13 +398,14 @@ class ClientSession:
     def receive_text(self, text: str | bytes, now: float) -> None:
         """Handle one message from the server: a frame, or a batch of frames in order."""
         self._now = now
-        self._last_received = now
-        if self._heartbeat is not None and self.state is SessionState.OPEN:
-            dead_at = now + self._heartbeat.interval + self._heartbeat.timeout
-            timer, old = self._timer, self._dead_at
-            if timer is None or old is None or old <= timer or dead_at < timer:
+        heartbeat = self.heartbeat
+        old = heartbeat.dead_at
+        heartbeat.heard(now)
+        dead_at = heartbeat.dead_at
+        if dead_at != old:
+            timer = self._timer
+            if timer is None or old is None or dead_at is None or old <= timer or dead_at < timer:
                 self._timer_stale = True  # else it was not, and is not, the next deadline
-            self._dead_at = dead_at
         try:
             frames = p.decode_server_message(text)
         except ValidationError as exc:
@@ -488,12 +473,12 @@ class ClientSession:
             self._set_stream(
                 inbox.stream, HandledPosition(inbox.epoch, inbox.offset, p.DEFAULT_NAMESPACE, None)
             )
-        self._heartbeat = _Heartbeat(frame.heartbeat.interval, frame.heartbeat.timeout)
         self._server_max_in_flight = frame.limits.max_in_flight
-        # Timed from our hello, as the server's silence clock is (PROTOCOL §9): timed
-        # from welcome, a slow handshake would let the server ping us first.
-        self._next_ping = self._hello_at + self._ping_delay()
-        self._dead_at = now + frame.heartbeat.interval + frame.heartbeat.timeout
+        # Pings timed from our hello, as the server's silence clock is (PROTOCOL §9):
+        # timed from welcome, a slow handshake would let the server ping us first.
+        self.heartbeat.opened(
+            frame.heartbeat.interval, frame.heartbeat.timeout, now, first_ping_from=self._hello_at
+        )
         self._timer_stale = True
         self._events.append(Welcomed(frame.session, frame.resumed))
         self._pump()
@@ -536,7 +521,7 @@ class ClientSession:
     def _on_error(self, frame: p.ErrorFrame) -> None:
         if frame.id is None:
             if self.state is SessionState.HANDSHAKING:
-                fatal = frame.code in _FATAL_CODES
+                fatal = refusal_error(frame.code, frame.message) is not None
                 self._events.append(Refused(frame.code, frame.message, fatal, frame.retry_after))
             else:
                 self._events.append(ServerNotice(frame.code, frame.message, frame.retry_after))
@@ -644,7 +629,8 @@ class ClientSession:
         """
         if not self._timer_stale:
             return self._timer
-        candidates = [t for t in (self._next_ping, self._dead_at) if t is not None]
+        beat = self.heartbeat.deadline()
+        candidates = [] if beat is None else [beat]
         while self._deadlines and self._deadlines[0][1] not in self.outbox:
             heapq.heappop(self._deadlines)
         if self._deadlines:
@@ -652,11 +638,6 @@ class ClientSession:
         self._timer = min(candidates) if candidates else None
         self._timer_stale = False
         return self._timer
-
-    def _ping_delay(self) -> float:
-        """At most one interval, spread at random so many clients do not ping in step."""
-        assert self._heartbeat is not None
-        return p.ping_delay(self._heartbeat.interval, self._random(), self.ping_spread)
 
     def handle_timer(self, now: float) -> None:
         """Expire messages, send a heartbeat, or declare the link dead."""
@@ -667,13 +648,11 @@ class ClientSession:
             entry = self.outbox.get(message_id)
             if entry is not None:
                 self._expire(entry)
-        if self._dead_at is not None and now >= self._dead_at:
-            self._dead_at = None
-            self._next_ping = None
-            waited = now - self._last_received
+        due = self.heartbeat.due(now)
+        if due == "dead":
+            waited = self.heartbeat.silent_for(now)
             self._events.append(LinkDead(f"no frame from the server for {waited:.1f}s"))
             return
-        if self._next_ping is not None and now >= self._next_ping and self._heartbeat:
+        if due == "ping":
             self._to_send.append(p.encode(p.PingFrame(ts=now)))
-            self._next_ping = now + self._ping_delay()
         self._pump()
