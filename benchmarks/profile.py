@@ -25,11 +25,11 @@ from typing import Any
 
 from benchmarks.common import raise_nofile
 from benchmarks.procs import IMPLS, ROOT, ClientProcess, SingleNode
-from benchmarks.scenarios import SCENARIOS, _idle
+from benchmarks.scenarios import FANOUT_SCENARIOS, SCENARIOS, _idle
 
 __all__ = ["main", "summarize"]
 
-PROFILABLE = ("seq", "pipelined", "fanout", "publish", "idle10k")
+PROFILABLE = ("seq", "pipelined", *FANOUT_SCENARIOS, "publish", "idle10k")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>.*?)(?::\d+)?\)$")
 
 
@@ -144,7 +144,9 @@ async def profile(args: argparse.Namespace) -> int:
     spies: list[tuple[str, Path, asyncio.subprocess.Process]] = []
     try:
         await deployment.start()
-        client = ClientProcess(impl, args.scenario, deployment.urls[0], deployment.pids[0], params)
+        client = ClientProcess(
+            impl, scenario.client or args.scenario, deployment.urls[0], deployment.pids[0], params
+        )
         await client.start()
         assert client.proc is not None
         # Let connections and warm-up happen first, then sample the measured part.

@@ -13,9 +13,17 @@ from importlib import metadata
 from typing import Any
 
 from benchmarks.procs import IMPLS, ROOT, client_cpu, server_cpu
-from benchmarks.scenarios import SCENARIOS, Metric
+from benchmarks.scenarios import FANOUT_SCENARIOS, SCENARIOS, Metric
 
-__all__ = ["TARGETS", "Target", "aggregate", "evaluate_targets", "machine_info", "render"]
+__all__ = [
+    "TARGETS",
+    "Target",
+    "aggregate",
+    "evaluate_targets",
+    "fanout_ratios",
+    "machine_info",
+    "render",
+]
 
 LIBRARIES = (
     "rtchat",
@@ -209,7 +217,7 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
-CPU_BOUND = ("pipelined", "fanout", "publish")
+CPU_BOUND = ("pipelined", *FANOUT_SCENARIOS, "publish")
 """Scenarios whose rate is set by the busier process's CPU cost per operation."""
 
 
@@ -282,6 +290,49 @@ def evaluate_targets(
             }
         )
     return out
+
+
+FANOUT_PAIRS = (("rtchat", "ws"), ("rtchat", "sio"), ("rtchat-deflate", "ws-deflate"))
+"""Whose fan-out rates are compared in every fan-out variant: (impl, versus)."""
+
+
+def fanout_ratios(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per fan-out variant and pair: the ratio of median deliveries/s, and the CPU estimate."""
+    out: list[dict[str, Any]] = []
+    for name in FANOUT_SCENARIOS:
+        by_impl = results.get(name, {})
+        for impl, versus in FANOUT_PAIRS:
+            mine = by_impl.get(impl, {}).get("summary", {}).get("rate")
+            theirs = by_impl.get(versus, {}).get("summary", {}).get("rate")
+            if mine is None or theirs is None or not theirs["median"]:
+                continue
+            out.append(
+                {
+                    "scenario": name,
+                    "impl": impl,
+                    "versus": versus,
+                    "ratio": mine["median"] / theirs["median"],
+                    "cpu_estimate": cpu_estimate(by_impl, impl, versus),
+                }
+            )
+    return out
+
+
+def _render_ratios(ratios: list[dict[str, Any]]) -> list[str]:
+    if not ratios:
+        return []
+    lines = [
+        "",
+        "Fan-out variants: deliveries/s as a ratio of medians (in brackets, from CPU cost per op):",
+        "",
+        "| variant | comparison | ratio |",
+        "|---|---|---|",
+    ]
+    for r in ratios:
+        estimate = "" if r["cpu_estimate"] is None else f" ({r['cpu_estimate']:.2f}x)"
+        pair = f"{IMPLS[r['impl']].label} / {IMPLS[r['versus']].label}"
+        lines.append(f"| {r['scenario']} | {pair} | {r['ratio']:.2f}x{estimate} |")
+    return lines
 
 
 def _cell(summary: dict[str, Any] | None, metric: Metric, runs: int) -> str:
@@ -357,6 +408,7 @@ def render(report: dict[str, Any]) -> str:
         estimate = t.get("cpu_estimate")
         shown_estimate = "—" if estimate is None else f"{estimate:.2f}x"
         lines.append(f"| {t['target']} | {shown} | {shown_estimate} | {t['verdict']} |")
+    lines += _render_ratios(report.get("fanout_ratios", []))
     errors = [
         f"- {name}/{impl}: {err}"
         for name, by_impl in report["results"].items()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fnmatch
 import importlib.util
 import json
 import math
@@ -25,20 +26,28 @@ from typing import Any
 
 from benchmarks.common import raise_nofile
 from benchmarks.procs import IMPLS
-from benchmarks.report import aggregate, evaluate_targets, load_average, machine_info, render
+from benchmarks.report import (
+    aggregate,
+    evaluate_targets,
+    fanout_ratios,
+    load_average,
+    machine_info,
+    render,
+)
 from benchmarks.scenarios import SCENARIOS, Scenario
 
 __all__ = ["main"]
 
 
 def _csv(text: str, known: dict[str, Any], what: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
+    """Comma-separated names, each a name or a shell pattern (``fanout*``), in ``known``'s order."""
+    patterns = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [p for p in patterns if not fnmatch.filter(known, p)]
     if unknown:
         raise argparse.ArgumentTypeError(
             f"unknown {what}: {', '.join(unknown)}; choose from {', '.join(known)}"
         )
-    return names
+    return [name for name in known if any(fnmatch.fnmatchcase(name, p) for p in patterns)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenarios",
         type=lambda s: _csv(s, SCENARIOS, "scenario"),
         default=list(SCENARIOS),
-        help="comma-separated: " + ",".join(SCENARIOS),
+        help="comma-separated names or patterns ('fanout*'): " + ",".join(SCENARIOS),
     )
     parser.add_argument(
         "--impls",
@@ -150,6 +159,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
             entry["summary"] = aggregate(entry["runs"], scenario.metrics)
         report["results"][name] = by_impl
     report["targets"] = evaluate_targets(report["results"], not (args.quick or parallel))
+    report["fanout_ratios"] = fanout_ratios(report["results"])
     report["load_after"] = load_average()
     report["elapsed_s"] = time.monotonic() - started
     return report

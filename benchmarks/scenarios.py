@@ -21,7 +21,7 @@ from typing import Any
 from benchmarks.common import GC_LOG_ENV, cpu_seconds, rss_bytes
 from benchmarks.procs import ClientProcess, Deployment, Impl, SingleNode
 
-__all__ = ["SCENARIOS", "Metric", "Scenario"]
+__all__ = ["FANOUT_SCENARIOS", "SCENARIOS", "Metric", "Scenario"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,8 @@ class Scenario:
     run: RunFn
     heavy: bool = False
     """Long scenarios (thousands of connections): run ``--heavy-runs`` times."""
+    client: str = ""
+    """The client programs' name for it ("": the same as ``name``)."""
 
     def params(self, quick: bool) -> dict[str, Any]:
         return dict(self.quick if quick else self.full)
@@ -66,7 +68,8 @@ async def _one_client(impl: Impl, scenario: str, params: dict[str, Any]) -> dict
         await deployment.start()
         client = ClientProcess(impl, scenario, deployment.urls[0], deployment.pids[0], params)
         await client.start()
-        limit = float(params.get("seconds", 10)) + float(params.get("timeout", 10)) + 60
+        # Publishing may take seconds + timeout, and the wait for the last deliveries timeout.
+        limit = float(params.get("seconds", 10)) + 2 * float(params.get("timeout", 10)) + 60
         result = await client.event(limit, expect="result")
         result.pop("event", None)
         return result
@@ -273,6 +276,70 @@ async def _storm(impl: Impl, params: dict[str, Any]) -> dict[str, Any]:
 
 _CPU_US = "{:,.1f}"
 
+
+def _fanout(handler: str, publisher: str) -> Scenario:
+    """One of the four room fan-out variants (``benchmarks/clients/fanout.py``).
+
+    ``handler``: the receivers' callback, ``sync`` or ``async``; ``publisher``:
+    ``throttled`` (at most ``window`` messages not yet received by all) or
+    ``unthrottled`` (as fast as the library lets it; rtchat keeps
+    ``publish_in_flight`` acknowledged publishes in flight, its client's
+    ``max_in_flight`` default). Throttled, the run lasts ``seconds``;
+    unthrottled, every implementation publishes the same ``messages`` (within
+    ``seconds``), and the run lasts until every receiver has caught up (or
+    ``timeout``, or ``stall`` seconds without a delivery).
+    """
+    throttled = publisher == "throttled"
+    name = (
+        "fanout" + ("-async" if handler == "async" else "") + ("" if throttled else "-unthrottled")
+    )
+    title = f"room fan-out, 1 publisher → 200 clients, {handler} handler, publisher {publisher}"
+    metrics = [
+        Metric("rate", "deliveries/s"),
+        Metric("server_cpu_us_per_op", "server CPU µs/delivery", "{:,.2f}", False),
+        Metric("client_cpu_us_per_op", "client CPU µs/delivery", "{:,.2f}", False),
+    ]
+    if not throttled:
+        metrics.append(Metric("published_per_s", "messages published/s (flood)"))
+    metrics += [
+        Metric("lost", "deliveries lost", higher_is_better=False),
+        Metric("out_of_order_or_repeated", "deliveries out of order or repeated", "{:,.0f}", False),
+        Metric("disconnects", "receiver disconnects", higher_is_better=False),
+    ]
+    common = {"handler": handler, "publisher": publisher, "publish_in_flight": 1_000}
+    full = {
+        "receivers": 200,
+        "messages": 5_000 if throttled else 1_000,
+        "seconds": 5.0 if throttled else 10.0,
+        "warmup": 50,
+        "window": 32,
+        "timeout": 60,
+        "stall": 10,
+    }
+    quick = {
+        "receivers": 20,
+        "messages": 100,
+        "seconds": 0.3,
+        "warmup": 5,
+        "window": 16,
+        "timeout": 10,
+        "stall": 5,
+    }
+    return Scenario(
+        name,
+        title,
+        tuple(metrics),
+        full=common | full,
+        quick=common | quick,
+        run=_runner("fanout"),
+        client="fanout",
+    )
+
+
+_FANOUT = [_fanout(h, p) for p in ("throttled", "unthrottled") for h in ("sync", "async")]
+FANOUT_SCENARIOS = tuple(s.name for s in _FANOUT)
+"""``fanout``, ``fanout-async``, ``fanout-unthrottled``, ``fanout-async-unthrottled``."""
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
@@ -300,32 +367,7 @@ SCENARIOS: dict[str, Scenario] = {
             quick={"count": 500, "seconds": 0.3, "warmup": 50, "window": 100},
             run=_runner("pipelined"),
         ),
-        Scenario(
-            "fanout",
-            "room fan-out, 1 publisher → 200 clients",
-            (
-                Metric("rate", "deliveries/s"),
-                Metric("server_cpu_us_per_op", "server CPU µs/delivery", "{:,.2f}", False),
-                Metric("client_cpu_us_per_op", "client CPU µs/delivery", "{:,.2f}", False),
-            ),
-            full={
-                "receivers": 200,
-                "messages": 5_000,
-                "seconds": 5.0,
-                "warmup": 50,
-                "window": 32,
-                "timeout": 60,
-            },
-            quick={
-                "receivers": 20,
-                "messages": 100,
-                "seconds": 0.3,
-                "warmup": 5,
-                "window": 16,
-                "timeout": 10,
-            },
-            run=_runner("fanout"),
-        ),
+        *_FANOUT,
         Scenario(
             "publish",
             "acked publish to a room of 10, 100 in flight",

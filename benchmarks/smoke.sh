@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Smoke run of the benchmark command for CI: every scenario, every implementation,
-# tiny counts, implementations side by side (about 20 s). It checks that the
+# Smoke run of the benchmark command for CI: every scenario (the four fan-out
+# variants too), every implementation, tiny counts, implementations side by side
+# (a minute or so on 2 cores, mostly starting processes). It checks that the
 # harness still works; its numbers mean nothing and nothing here asserts a speed.
 # Exit status: 0 when every run finished, 1 when any failed.
 set -euo pipefail

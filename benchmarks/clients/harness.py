@@ -20,7 +20,6 @@ from benchmarks.common import PAYLOAD, Meter, emit, read_commands, summary
 
 __all__ = [
     "Budget",
-    "FanoutTracker",
     "Holder",
     "StormRecord",
     "Tally",
@@ -102,94 +101,6 @@ class Tally:
         finally:
             self._target = None
         return True
-
-
-class FanoutTracker:
-    """Counts deliveries per message; gives the publisher credit as each completes.
-
-    A message is complete when every receiver has it. The publisher keeps at
-    most ``window`` incomplete messages outstanding, so no implementation
-    piles data up in buffers: the rate measured is the end-to-end one.
-    The measured window opens when ``warmup`` messages are complete and
-    closes when the last message published is complete.
-    """
-
-    def __init__(self, receivers: int, total: int, window: int, warmup: int, meter: Meter) -> None:
-        self.receivers = receivers
-        self.total = total
-        self.warmup = warmup
-        self.counts = [0] * total
-        self.delivered = 0
-        self.complete = 0
-        self.published: int | None = None
-        self.credits = asyncio.Semaphore(window)
-        self.done = asyncio.Event()
-        self.meter = meter
-        if warmup == 0:
-            meter.start()
-
-    def deliver(self, seq: int) -> None:
-        """A receiver got message ``seq``."""
-        self.delivered += 1
-        count = self.counts[seq] + 1
-        self.counts[seq] = count
-        if count == self.receivers:
-            self.complete += 1
-            self.credits.release()
-            if self.complete == self.warmup:
-                self.meter.start()
-            if self.complete == self.published:
-                self.done.set()
-
-    async def publish_all(
-        self, publish: Callable[[int], Awaitable[object]], seconds: float, workers: int = 1
-    ) -> None:
-        """Publish 0, 1, 2... within the credit window, until ``total`` or ``seconds``.
-
-        ``workers`` tasks share the sequence: more than one when ``publish``
-        waits for the server's acknowledgement.
-        """
-        deadline = time.perf_counter() + seconds
-        next_seq = 0
-
-        async def worker() -> None:
-            nonlocal next_seq
-            while True:
-                await self.credits.acquire()
-                if next_seq >= self.total or (
-                    next_seq >= self.warmup + 1 and time.perf_counter() >= deadline
-                ):
-                    self.credits.release()
-                    return
-                seq = next_seq
-                next_seq += 1
-                await publish(seq)
-
-        await asyncio.gather(*(worker() for _ in range(workers)))
-        self.published = next_seq
-        if self.complete >= next_seq:
-            self.done.set()
-
-    async def run(
-        self,
-        publish: Callable[[int], Awaitable[object]],
-        seconds: float,
-        timeout: float,
-        workers: int = 1,
-    ) -> dict[str, Any]:
-        """Publish, then wait (bounded) for the last message to reach everyone."""
-        timed_out = False
-        try:
-            await asyncio.wait_for(self.publish_all(publish, seconds, workers), seconds + timeout)
-            await asyncio.wait_for(self.done.wait(), timeout)
-        except TimeoutError:
-            timed_out = True
-        measured = max(0, self.complete - self.warmup) * self.receivers
-        result: dict[str, Any] = dict(self.meter.stop(measured, "deliveries"))
-        result["timed_out"] = timed_out
-        result["messages_complete"] = self.complete
-        result["deliveries_total"] = self.delivered
-        return result
 
 
 class Holder(Protocol):

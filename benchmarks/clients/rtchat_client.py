@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
+from benchmarks.clients.fanout import FanoutTracker
 from benchmarks.clients.harness import (
-    FanoutTracker,
     Measured,
     StormRecord,
     Tally,
@@ -66,11 +67,12 @@ async def _pipelined(url: str, params: dict[str, Any], server_pid: int) -> dict[
         return dict(meter.stop(done, "replies"))
 
 
-async def _receivers(url: str, n: int, on_message: Any) -> list[Client]:
+async def _receivers(url: str, n: int, handler: Callable[[int], Any]) -> list[Client]:
+    """``n`` clients in the room; client ``i`` calls ``handler(i)`` for each message."""
     clients: list[Client] = []
-    for _ in range(n):
+    for i in range(n):
         client = await _connected(url)
-        client.on("msg")(on_message)
+        client.on("msg")(handler(i))
         await client.join(ROOM)
         clients.append(client)
     return clients
@@ -81,15 +83,15 @@ async def _close(clients: list[Client]) -> None:
 
 
 async def _fanout(url: str, params: dict[str, Any], server_pid: int) -> dict[str, Any]:
-    receivers = int(params["receivers"])
-    total = int(params["messages"])
-    window = int(params["window"])
-    tracker = FanoutTracker(receivers, total, window, int(params["warmup"]), Meter(server_pid))
-
-    def on_message(data: dict[str, Any]) -> None:
-        tracker.deliver(data["n"])
-
-    clients = await _receivers(url, receivers, on_message)
+    """Throttled: ``window`` publishes in flight, each waiting for credit from the tracker.
+    Unthrottled: ``publish_in_flight`` acknowledged publishes in flight (the client's own
+    ``max_in_flight`` default), none waiting for a receiver."""
+    tracker = FanoutTracker.from_params(params, server_pid)
+    is_async = FanoutTracker.async_handler(params)
+    clients = await _receivers(
+        url, int(params["receivers"]), lambda i: tracker.handler(i, is_async)
+    )
+    receivers = list(clients)
     try:
         publisher = await _connected(url)
         clients.append(publisher)
@@ -98,9 +100,14 @@ async def _fanout(url: str, params: dict[str, Any], server_pid: int) -> dict[str
         async def publish(seq: int) -> object:
             return await publisher.publish(ROOM, "msg", payload(seq))
 
-        return await tracker.run(
-            publish, float(params["seconds"]), float(params["timeout"]), workers=window
+        workers = int(params["window"] if tracker.throttled else params["publish_in_flight"])
+        result = await tracker.run(
+            publish, float(params["seconds"]), float(params["timeout"]), workers
         )
+        counters = [c.counters for c in receivers]
+        result["disconnects"] = sum(max(0, c.get("connections", 1) - 1) for c in counters)
+        result["gaps"] = sum(c.get("gaps", 0) for c in counters)
+        return result
     finally:
         await _close(clients)
 
@@ -114,7 +121,7 @@ async def _publish(url: str, params: dict[str, Any], server_pid: int) -> dict[st
     def on_message(data: dict[str, Any]) -> None:
         got.add()
 
-    clients = await _receivers(url, receivers, on_message)
+    clients = await _receivers(url, receivers, lambda i: on_message)
     try:
         publisher = await _connected(url)
         clients.append(publisher)

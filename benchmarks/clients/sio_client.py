@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import socketio  # type: ignore[import-untyped,import-not-found,unused-ignore]
 
+from benchmarks.clients.fanout import FanoutTracker
 from benchmarks.clients.harness import (
-    FanoutTracker,
     Measured,
     StormRecord,
     Tally,
@@ -80,11 +81,16 @@ async def _pipelined(url: str, params: dict[str, Any], server_pid: int) -> dict[
         await sio.disconnect()
 
 
-async def _receivers(url: str, n: int, on_message: Any) -> list[Any]:
+async def _receivers(
+    url: str, n: int, handler: Callable[[int], Any], on_disconnect: Any = None
+) -> list[Any]:
+    """``n`` clients in the room; client ``i`` calls ``handler(i)`` for each message."""
     clients: list[Any] = []
-    for _ in range(n):
+    for i in range(n):
         sio = await _connected(url, reconnection=False)
-        sio.on("msg", on_message)
+        sio.on("msg", handler(i))
+        if on_disconnect is not None:
+            sio.on("disconnect", on_disconnect)
         await sio.call("join", ROOM, timeout=30)
         clients.append(sio)
     return clients
@@ -99,16 +105,16 @@ def _ignore(*args: Any) -> None:
 
 
 async def _fanout(url: str, params: dict[str, Any], server_pid: int) -> dict[str, Any]:
-    receivers = int(params["receivers"])
-    total = int(params["messages"])
-    tracker = FanoutTracker(
-        receivers, total, int(params["window"]), int(params["warmup"]), Meter(server_pid)
+    """``emit()`` with an ack callback nobody waits for; unthrottled, as fast as it returns."""
+    tracker = FanoutTracker.from_params(params, server_pid)
+    is_async = FanoutTracker.async_handler(params)
+
+    async def on_disconnect(*reason: Any) -> None:
+        tracker.disconnected(*reason)
+
+    clients = await _receivers(
+        url, int(params["receivers"]), lambda i: tracker.handler(i, is_async), on_disconnect
     )
-
-    def on_message(data: dict[str, Any]) -> None:
-        tracker.deliver(data["n"])
-
-    clients = await _receivers(url, receivers, on_message)
     try:
         publisher = await _connected(url, reconnection=False)
         clients.append(publisher)
@@ -133,7 +139,7 @@ async def _publish(url: str, params: dict[str, Any], server_pid: int) -> dict[st
         acked.add()
         window.release()
 
-    clients = await _receivers(url, receivers, lambda data: got.add())
+    clients = await _receivers(url, receivers, lambda i: lambda data: got.add())
     try:
         publisher = await _connected(url, reconnection=False)
         clients.append(publisher)

@@ -12,14 +12,15 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import backoff
 from websockets.exceptions import ConnectionClosed
 
+from benchmarks.clients.fanout import FanoutTracker
 from benchmarks.clients.harness import (
-    FanoutTracker,
     Measured,
     StormRecord,
     Tally,
@@ -115,11 +116,29 @@ class _RoomConn:
         json.loads(await ws.recv())
         return cls(ws)
 
-    def read(self, on_message: Any) -> None:
+    def read(
+        self,
+        on_message: Callable[[Any], Any],
+        awaited: bool = False,
+        on_close: Callable[..., object] | None = None,
+    ) -> None:
+        """A reader task: ``on_message`` for each JSON message.
+
+        ``awaited``: ``on_message`` is an ``async def``, awaited in the reader
+        (the leanest way to run one). ``on_close``: called with the close code
+        and reason if the link goes down under us.
+        """
+
         async def loop() -> None:
             with contextlib.suppress(ConnectionClosed):
-                async for message in self.ws:
-                    on_message(json.loads(message))
+                if awaited:
+                    async for message in self.ws:
+                        await on_message(json.loads(message))
+                else:
+                    async for message in self.ws:
+                        on_message(json.loads(message))
+            if on_close is not None:  # not cancelled: the connection ended under us
+                on_close(f"close code {self.ws.close_code}", self.ws.close_reason or "")
 
         self.task = asyncio.ensure_future(loop())
 
@@ -137,21 +156,20 @@ async def _close(conns: list[_RoomConn]) -> None:
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
 
+def _frame_seq(frame: Any) -> int:
+    n: int = frame["d"]["n"]
+    return n
+
+
 async def _fanout(url: str, params: dict[str, Any], server_pid: int) -> dict[str, Any]:
-    receivers = int(params["receivers"])
-    total = int(params["messages"])
-    tracker = FanoutTracker(
-        receivers, total, int(params["window"]), int(params["warmup"]), Meter(server_pid)
-    )
-
-    def on_message(frame: dict[str, Any]) -> None:
-        tracker.deliver(frame["d"]["n"])
-
+    """One publisher socket; unthrottled, it sends as fast as ``send()`` returns."""
+    tracker = FanoutTracker.from_params(params, server_pid)
+    is_async = FanoutTracker.async_handler(params)
     conns: list[_RoomConn] = []
     try:
-        for _ in range(receivers):
+        for i in range(int(params["receivers"])):
             conn = await _RoomConn.joined(url, params)
-            conn.read(on_message)
+            conn.read(tracker.handler(i, is_async, _frame_seq), is_async, tracker.disconnected)
             conns.append(conn)
         publisher = await _RoomConn.joined(url, params)
         conns.append(publisher)
