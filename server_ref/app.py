@@ -23,6 +23,8 @@ from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import RemoteError, ValidationFailed
 from rtchat_sdk.events import Event, event_name, validate_payload
 
+from .errors import HandlerFailure
+
 if TYPE_CHECKING:
     from .server import Server
 
@@ -32,16 +34,6 @@ log = logging.getLogger("server_ref")
 
 F = TypeVar("F", bound=Callable[..., Any])
 JoinCheck = Callable[["Context", str], "bool | Awaitable[bool]"]
-
-
-class HandlerFailure(Exception):
-    """A handler could not produce a reply; carries the error frame's fields."""
-
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details
 
 
 @dataclass(slots=True)

@@ -38,8 +38,9 @@ from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import ValidationFailed
 from rtchat_sdk.events import Event, event_name
 
-from .app import Context, HandlerFailure, Namespace
-from .broker import Broker, MemoryBroker, SessionRecord, StreamEntry
+from .app import Context, Namespace
+from .broker import Broker, Draft, MemoryBroker, SessionRecord, StreamEntry
+from .errors import FrameTooLarge, HandlerFailure
 from .session import ConnectionCore, error_frame, reply_frame, unsendable_answer
 
 __all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig"]
@@ -48,10 +49,6 @@ log = logging.getLogger("server_ref")
 
 Authenticator = Callable[[dict[str, Any] | None], "str | Awaitable[str | None] | None"]
 """Gets ``hello.auth``; returns the user identity, or None to refuse."""
-
-
-class FrameTooLarge(ValueError):
-    """A delivery would exceed ``max_frame_bytes``; nothing was appended."""
 
 
 @dataclass(slots=True)
@@ -157,7 +154,10 @@ class Server:
             history_size=self.config.history_size,
             history_seconds=self.config.history_seconds,
             dedupe_size=self.config.dedupe_size,
+            clock=clock,
         )
+        self.node = secrets.token_hex(8)
+        """This node's id: the owner of the sessions whose connections it holds."""
         self._authenticate = authenticate
         self._clock = clock
         self._namespaces: dict[str, Namespace] = {p.DEFAULT_NAMESPACE: Namespace("/")}
@@ -212,7 +212,8 @@ class Server:
     async def start(self, host: str = "127.0.0.1", port: int = 8765) -> None:
         """Start listening; returns once the socket is bound."""
         self._loop = asyncio.get_running_loop()
-        await self.broker.start()
+        await self.broker.start(self._clock)
+        await self.broker.watch_replaced(self.node, self._replaced)
         self._ws_server = await serve(
             self._handle,
             host,
@@ -271,6 +272,7 @@ class Server:
         for session in self._sessions.values():
             if session.expiry is not None:
                 session.expiry.cancel()
+        await self.broker.unwatch_replaced(self.node)
         await self.broker.close()
 
     async def __aenter__(self) -> Server:
@@ -321,14 +323,14 @@ class Server:
         if (ns, room) not in session.record.rooms:
             session.record.rooms[(ns, room)] = (epoch, offset)
             await self.broker.save_session(session.record, None)
-            self._add_member(stream, session)
+            await self._add_member(stream, session)
         return epoch, offset
 
     async def leave_session(self, session_id: str, ns: str, room: str) -> None:
         session = self._sessions[session_id]
         if session.record.rooms.pop((ns, room), None) is not None:
             await self.broker.save_session(session.record, None)
-            self._remove_member(p.room_stream(ns, room), session)
+            await self._remove_member(p.room_stream(ns, room), session)
 
     def session_ids(self) -> list[str]:
         return list(self._sessions)
@@ -343,51 +345,39 @@ class Server:
         *,
         sender: str | None,
         echo: bool = False,
+        key: str | None = None,
     ) -> StreamEntry:
-        name = event_name(event)
-        payload = p.jsonable(event if isinstance(event, Event) else data)
-
-        def build(epoch: str, offset: int) -> str:
-            text = p.encode(
-                p.MessageFrame(
-                    stream=stream,
-                    epoch=epoch,
-                    offset=offset,
-                    ns=ns,
-                    room=room,
-                    event=name,
-                    data=payload,
-                    sender=sender,
-                )
-            )
-            size = p.wire_size(text)
-            if size > self.config.max_frame_bytes:
-                raise FrameTooLarge(
-                    f"the delivery would be {size} bytes; "
-                    f"the limit is {self.config.max_frame_bytes}"
-                )
-            return text
-
-        return await self.broker.append(stream, build, sender=sender, echo=echo)
+        draft = Draft.message(
+            stream,
+            ns=ns,
+            room=room,
+            event=event_name(event),
+            data=p.jsonable(event if isinstance(event, Event) else data),
+            sender=sender,
+            echo=echo,
+            max_bytes=self.config.max_frame_bytes,
+        )
+        return await self.broker.append(stream, draft, key=key)
 
     # ------------------------------------------------------------------
     # Membership and fan-out
 
-    def _add_member(self, stream: str, session: _Session) -> None:
+    async def _add_member(self, stream: str, session: _Session) -> None:
         members = self._members.get(stream)
         if members is None:
             members = self._members[stream] = set()
-            self.broker.subscribe(stream, self._deliver)
+            members.add(session)
+            await self.broker.subscribe(stream, self._deliver)
         members.add(session)
 
-    def _remove_member(self, stream: str, session: _Session) -> None:
+    async def _remove_member(self, stream: str, session: _Session) -> None:
         members = self._members.get(stream)
         if members is None:
             return
         members.discard(session)
         if not members:
             del self._members[stream]
-            self.broker.unsubscribe(stream, self._deliver)
+            await self.broker.unsubscribe(stream, self._deliver)
 
     def _deliver(self, entry: StreamEntry) -> None:
         """Write one appended entry to every local member that should get it."""
@@ -609,14 +599,20 @@ class Server:
             if not self._closing:
                 await self.broker.delete_session(session.record)
             else:
+                session.record.owner = None
                 await self.broker.save_session(session.record, self.config.session_ttl)
-            self._drop_local(session)
+            await self._drop_local(session)
             return
+        session.record.owner = None
         await self.broker.save_session(session.record, self.config.session_ttl)
         loop = asyncio.get_running_loop()
-        session.expiry = loop.call_later(self.config.session_ttl, self._drop_local, session)
+        session.expiry = loop.call_later(self.config.session_ttl, self._expire_local, session)
 
-    def _drop_local(self, session: _Session) -> None:
+    def _expire_local(self, session: _Session) -> None:
+        session.expiry = None
+        self._spawn(self._drop_local(session))
+
+    async def _drop_local(self, session: _Session) -> None:
         """Forget this node's live state of a session (its record expires on its own)."""
         if session.expiry is not None:
             session.expiry.cancel()
@@ -625,8 +621,20 @@ class Server:
             return  # resumed meanwhile
         self._sessions.pop(session.id, None)
         for ns, room in list(session.record.rooms):
-            self._remove_member(p.room_stream(ns, room), session)
-        self._remove_member(session.inbox, session)
+            await self._remove_member(p.room_stream(ns, room), session)
+        await self._remove_member(session.inbox, session)
+
+    def _replaced(self, session_id: str) -> None:
+        """Another node resumed one of our sessions: close its connection here with 4006."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            return
+        old, session.conn = session.conn, None
+        if old is not None:
+            old.session = None
+            old.core.close(p.CloseCode.SESSION_REPLACED, "session resumed on another connection")
+            self._spawn(self._close_connection(old))
+        self._spawn(self._drop_local(session))
 
     async def _hello(self, conn: _Connection, hello: p.HelloFrame) -> None:
         conn.batching = hello.batch
@@ -646,14 +654,18 @@ class Server:
                 refused = await self._restore_rooms(record, hello.resume)
                 if hello.resume.session is not None:
                     record.previous.append(hello.resume.session)
+            record.owner = self.node
             await self.broker.save_session(record, None)
-            session = self._local_session(record)
+            session = await self._local_session(record)
             await self._attach(
                 conn, session, resumed=False, now=now, resume=hello.resume, refused=refused
             )
             return
+        previous_owner, record.owner = record.owner, self.node
         await self.broker.save_session(record, None)
-        session = self._local_session(record)
+        if previous_owner is not None and previous_owner != self.node:
+            await self.broker.replace(previous_owner, record.id)
+        session = await self._local_session(record)
         old = session.conn
         if old is not None and old is not conn:
             old.session = None
@@ -694,14 +706,14 @@ class Server:
             log.exception("join check for %r in %r raised", room, ns.path)
             return False
 
-    def _local_session(self, record: SessionRecord) -> _Session:
+    async def _local_session(self, record: SessionRecord) -> _Session:
         """This node's live session for a record, made (with memberships) if new here."""
         session = self._sessions.get(record.id)
         if session is None:
             session = self._sessions[record.id] = _Session(record)
-            self._add_member(session.inbox, session)
+            await self._add_member(session.inbox, session)
             for ns, room in record.rooms:
-                self._add_member(p.room_stream(ns, room), session)
+                await self._add_member(p.room_stream(ns, room), session)
         else:
             session.record = record
         if session.expiry is not None:
@@ -910,6 +922,7 @@ class Server:
                     frame.data,
                     sender=session.id,
                     echo=frame.echo,
+                    key=f"{session.id}:{frame.id}",
                 )
                 data = {"stream": stream, "epoch": entry.epoch, "offset": entry.offset}
             return reply_frame(frame.id, data)
