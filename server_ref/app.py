@@ -15,7 +15,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
+from typing import Any, Protocol, TypeVar, get_type_hints
 
 from pydantic import BaseModel
 
@@ -25,10 +25,7 @@ from rtchat_sdk.events import Event, event_name, validate_payload
 
 from .errors import HandlerFailure
 
-if TYPE_CHECKING:
-    from .server import Server
-
-__all__ = ["Context", "HandlerFailure", "JoinCheck", "Namespace"]
+__all__ = ["Context", "HandlerFailure", "Host", "JoinCheck", "Namespace"]
 
 log = logging.getLogger("server_ref")
 
@@ -36,11 +33,34 @@ F = TypeVar("F", bound=Callable[..., Any])
 JoinCheck = Callable[["Context", str], "bool | Awaitable[bool]"]
 
 
+class Host(Protocol):
+    """What a Context needs of the server (``Server`` is one): no import of it, no cycle."""
+
+    async def join_session(self, session_id: str, ns: str, room: str) -> tuple[str, int]: ...
+
+    async def leave_session(self, session_id: str, ns: str, room: str) -> None: ...
+
+    async def publish(
+        self,
+        room: str,
+        event: str | Event,
+        data: Any = None,
+        *,
+        ns: str = ...,
+        sender: str | None = None,
+        echo: bool = False,
+    ) -> int: ...
+
+    async def send_to(
+        self, session_id: str, event: str | Event, data: Any = None, *, ns: str = ...
+    ) -> int: ...
+
+
 @dataclass(slots=True)
 class Context:
     """What a handler knows about the caller, and what it can do for it."""
 
-    server: Server
+    server: Host
     session_id: str
     user: str | None
     ns: str

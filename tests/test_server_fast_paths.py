@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from rtchat_sdk import protocol as p
 from server_ref.broker import MemoryBroker
-from server_ref.session import error_frame, ping_frame, pong_frame, reply_frame
+from server_ref.core.connection import error_frame, ping_frame, pong_frame, reply_frame
 from tests.conftest import make_server
 
 pytestmark = pytest.mark.timeout(10)

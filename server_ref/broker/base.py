@@ -170,7 +170,7 @@ class Broker(ABC):
     # Streams
 
     @abstractmethod
-    async def append(self, stream: str, draft: Draft, *, key: str | None = None) -> StreamEntry:
+    async def append(self, stream: str, draft: Draft, key: str | None = None) -> StreamEntry:
         """Number, store and fan out one entry, atomically; idempotent by ``key``.
 
         Raises ``FrameTooLarge`` (nothing numbered) when the rendered frame is

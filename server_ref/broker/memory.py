@@ -100,7 +100,7 @@ class MemoryBroker(Broker):
         while entries and entries[0].at < horizon:
             entries.popleft()
 
-    async def append(self, stream: str, draft: Draft, *, key: str | None = None) -> StreamEntry:
+    async def append(self, stream: str, draft: Draft, key: str | None = None) -> StreamEntry:
         if key is not None:
             earlier = self._appended.get(key)
             if earlier is not None:
