@@ -6,3 +6,5 @@ heartbeats) and the fast encoders of the frames the server writes most;
 resuming client missed; ``hub`` ties them together: it takes inputs with
 ``now`` and returns commands for its driver (``commands``).
 """
+
+__all__: list[str] = []
