@@ -9,7 +9,8 @@ import logging
 
 from .app import Context, Namespace
 from .broker import Broker, MemoryBroker
-from .server import Server, ServerConfig
+from .config import ServerConfig
+from .server import Server
 
 __all__ = ["Broker", "Context", "MemoryBroker", "Namespace", "Server", "ServerConfig"]
 

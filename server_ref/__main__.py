@@ -32,7 +32,8 @@ from typing import Any, get_type_hints
 from rtchat_sdk import protocol as p
 
 from .app import Context
-from .server import Server, ServerConfig
+from .config import ServerConfig
+from .server import Server
 
 __all__ = ["build_parser", "config_from_args", "main"]
 

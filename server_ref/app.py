@@ -15,7 +15,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
+from typing import Any, Protocol, TypeVar, get_type_hints
 
 from pydantic import BaseModel
 
@@ -23,10 +23,9 @@ from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import RemoteError, ValidationFailed
 from rtchat_sdk.events import Event, event_name, validate_payload
 
-if TYPE_CHECKING:
-    from .server import Server
+from .errors import HandlerFailure
 
-__all__ = ["Context", "HandlerFailure", "JoinCheck", "Namespace"]
+__all__ = ["Context", "HandlerFailure", "Host", "JoinCheck", "Namespace"]
 
 log = logging.getLogger("server_ref")
 
@@ -34,21 +33,34 @@ F = TypeVar("F", bound=Callable[..., Any])
 JoinCheck = Callable[["Context", str], "bool | Awaitable[bool]"]
 
 
-class HandlerFailure(Exception):
-    """A handler could not produce a reply; carries the error frame's fields."""
+class Host(Protocol):
+    """What a Context needs of the server (``Server`` is one): no import of it, no cycle."""
 
-    def __init__(self, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details
+    async def join_session(self, session_id: str, ns: str, room: str) -> tuple[str, int]: ...
+
+    async def leave_session(self, session_id: str, ns: str, room: str) -> None: ...
+
+    async def publish(
+        self,
+        room: str,
+        event: str | Event,
+        data: Any = None,
+        *,
+        ns: str = ...,
+        sender: str | None = None,
+        echo: bool = False,
+    ) -> int: ...
+
+    async def send_to(
+        self, session_id: str, event: str | Event, data: Any = None, *, ns: str = ...
+    ) -> int: ...
 
 
 @dataclass(slots=True)
 class Context:
     """What a handler knows about the caller, and what it can do for it."""
 
-    server: Server
+    server: Host
     session_id: str
     user: str | None
     ns: str

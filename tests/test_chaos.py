@@ -50,6 +50,7 @@ import pytest
 
 from rtchat_sdk import Client, ConnectionState, Delivery, GapReported, ReconnectPolicy
 from server_ref import Context, Server, ServerConfig
+from server_ref.transports.websocket import WebSocketListener
 from tests.conftest import make_server
 from tests.faultproxy import FaultProxy
 
@@ -289,8 +290,9 @@ def narrow_send_buffers(server: Server) -> None:
     buffer while live messages arrive, which is where ordering bugs live.
     Accepted sockets inherit the listening socket's buffer size.
     """
-    assert server._ws_server is not None
-    for sock in server._ws_server.sockets:
+    listener = server._listener
+    assert isinstance(listener, WebSocketListener)
+    for sock in listener.sockets:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SERVER_SEND_BUFFER)
 
 

@@ -7,17 +7,23 @@ from websockets.extensions.permessage_deflate import PerMessageDeflate
 
 from rtchat_sdk import Client
 from server_ref import Server, ServerConfig
+from server_ref.transports.websocket import WebSocketTransport
 
 from .conftest import make_server
 
 pytestmark = pytest.mark.timeout(20)
 
 
+def connections(server: Server) -> list[WebSocketTransport]:
+    """The server's open WebSocket connections."""
+    return [t for t in server._transports.values() if isinstance(t, WebSocketTransport)]
+
+
 def negotiated(server: Server) -> list[bool]:
     """For each open connection on the server: is permessage-deflate in use?"""
     return [
         any(isinstance(e, PerMessageDeflate) for e in conn.ws.protocol.extensions)
-        for conn in server._connections
+        for conn in connections(server)
     ]
 
 

@@ -22,7 +22,7 @@ from rtchat_sdk import Client, HandlerError, RemoteError, ValidationFailed
 from rtchat_sdk import protocol as p
 from rtchat_sdk.core import ClientSession, ProtocolViolation, Replied
 from server_ref import Context, Server
-from server_ref.session import error_frame, reply_frame
+from server_ref.core.connection import error_frame, reply_frame
 
 from .conftest import make_server
 from .helpers import Inbox, open_session, reply

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from rtchat_sdk import protocol as p
-from server_ref.session import ConnectionCore, ConnectionPhase
+from server_ref.core.connection import ConnectionCore, ConnectionPhase
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -19,8 +19,9 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from rtchat_sdk import protocol as p
 from server_ref.broker import MemoryBroker
-from server_ref.session import error_frame, ping_frame, pong_frame, reply_frame
+from server_ref.core.connection import error_frame, ping_frame, pong_frame, reply_frame
 from tests.conftest import make_server
+from tests.test_compression import connections
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -230,7 +231,7 @@ async def test_a_client_that_does_not_read_its_replies_stops_the_server_reading(
 
         sender = asyncio.create_task(flood())
         try:
-            (conn,) = srv._connections
+            (conn,) = connections(srv)
 
             def every_buffer_full() -> bool:
                 """Each side stopped reading, and each side's writes wait for the other."""

@@ -10,7 +10,7 @@ from websockets.asyncio.client import connect
 
 from rtchat_sdk import protocol as p
 from server_ref import Server
-from server_ref.session import ConnectionCore
+from server_ref.core.connection import ConnectionCore
 
 pytestmark = pytest.mark.timeout(20)
 

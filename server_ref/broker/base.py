@@ -4,13 +4,24 @@ Three kinds of state, and the server knows each only through this interface,
 so one node can keep them in memory and several nodes can share them through
 Redis:
 
-* streams: history and offsets. Appending is atomic and numbers the entry
-  (epoch, offset); listeners of a stream get every appended entry in offset
-  order, on every node;
-* resumable sessions: who a token belongs to and which rooms it is in, kept
-  for a TTL after its connection drops;
+* streams: history and offsets. ``append`` is one atomic step that numbers
+  the entry (epoch, offset), stores it and fans it out; given a key (the
+  sender's session and message id) it is idempotent: appending the same key
+  again returns the first append's entry and stores nothing. Nothing of the
+  caller runs inside it: the entry comes as data (a ``Draft``), so a Lua
+  script can do the same. Subscribers of a stream get every appended entry in
+  offset order, on every node; ``subscribe`` returns once that holds. The
+  publisher's reply and the subscribers' deliveries are not ordered against
+  each other: callers must not rely on either coming first;
+* resumable sessions: who a token belongs to, which rooms it is in, and which
+  node holds its live connection (``owner``), kept for a TTL after its
+  connection drops. ``replace`` tells the owning node, wherever it is, that
+  another connection took the session over (close code 4006);
 * dedupe records: per session, which message ids were processed and the
   replies they got, so a resent message is answered again, not run again.
+
+Time is the server's: ``start(clock)`` hands the broker the clock the server
+uses, so TTLs and history ages agree with the server's own deadlines.
 """
 
 from __future__ import annotations
@@ -19,7 +30,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["Broker", "FrameBuilder", "Listener", "Replay", "SessionRecord", "StreamEntry"]
+from pydantic_core import to_json
+
+from rtchat_sdk import protocol as p
+
+from ..errors import FrameTooLarge
+
+__all__ = [
+    "Broker",
+    "Clock",
+    "Draft",
+    "Listener",
+    "Replay",
+    "ReplacedListener",
+    "SessionRecord",
+    "StreamEntry",
+]
+
+Clock = Callable[[], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +61,67 @@ class StreamEntry:
     sender: str | None
     echo: bool
     at: float
+
+
+_MARK_EPOCH = "\x00epoch"
+_MARK = ',"epoch":"\\u0000epoch","offset":1,'
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """An entry before it is numbered: its delivery frame around the epoch and offset.
+
+    ``render(epoch, offset)`` is string concatenation, so a broker can number
+    and store an entry atomically without running caller code (a Redis Lua
+    script concatenates the same pieces).
+    """
+
+    head: str
+    tail: str
+    sender: str | None
+    echo: bool
+    max_bytes: int
+    """The delivery frame's size limit: a larger one is refused (``FrameTooLarge``)."""
+
+    @classmethod
+    def message(
+        cls,
+        stream: str,
+        *,
+        ns: str,
+        room: str | None,
+        event: str,
+        data: object,
+        sender: str | None,
+        echo: bool,
+        max_bytes: int,
+    ) -> Draft:
+        """The draft of a delivery frame; raises ``ValidationFailed`` for NaN or infinity."""
+        text = p.encode(
+            p.MessageFrame(
+                stream=stream,
+                epoch=_MARK_EPOCH,
+                offset=1,
+                ns=ns,
+                room=room,
+                event=event,
+                data=data,
+                sender=sender,
+            )
+        )
+        head, mark, tail = text.partition(_MARK)
+        assert mark, "MessageFrame's fields are stream, epoch, offset, then the rest"
+        return cls(head, tail, sender, echo, max_bytes)
+
+    def render(self, epoch: str, offset: int) -> str:
+        """The delivery frame at (epoch, offset); raises ``FrameTooLarge`` past the limit."""
+        text = f'{self.head},"epoch":{to_json(epoch).decode()},"offset":{offset},{self.tail}'
+        size = p.wire_size(text)
+        if size > self.max_bytes:
+            raise FrameTooLarge(
+                f"the delivery would be {size} bytes; the limit is {self.max_bytes}"
+            )
+        return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,28 +148,34 @@ class SessionRecord:
     """(namespace, room) -> the room stream's (epoch, offset) when joined."""
     previous: list[str] = field(default_factory=list)
     """Ids of lost sessions this one replaced: their publishes are this client's own."""
+    owner: str | None = None
+    """The node holding the session's live connection, None while detached."""
 
-
-FrameBuilder = Callable[[str, int], str]
-"""Builds the encoded delivery frame once the entry's (epoch, offset) is known."""
 
 Listener = Callable[[StreamEntry], None]
+ReplacedListener = Callable[[str], None]
+"""Called with a session id another connection took over."""
 
 
 class Broker(ABC):
     """Stream storage and fan-out. Methods are async so a networked store fits."""
 
-    async def start(self) -> None:
-        """Connect to whatever backs the broker."""
+    async def start(self, clock: Clock | None = None) -> None:
+        """Connect to whatever backs the broker; ``clock`` is the server's."""
 
     async def close(self) -> None:
         """Release connections; the broker is not used afterwards."""
 
+    # ------------------------------------------------------------------
+    # Streams
+
     @abstractmethod
-    async def append(
-        self, stream: str, build: FrameBuilder, *, sender: str | None, echo: bool = False
-    ) -> StreamEntry:
-        """Atomically number and store one entry, then hand it to listeners."""
+    async def append(self, stream: str, draft: Draft, key: str | None = None) -> StreamEntry:
+        """Number, store and fan out one entry, atomically; idempotent by ``key``.
+
+        Raises ``FrameTooLarge`` (nothing numbered) when the rendered frame is
+        over ``draft.max_bytes``.
+        """
 
     @abstractmethod
     async def position(self, stream: str) -> tuple[str, int]:
@@ -95,11 +190,11 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    def subscribe(self, stream: str, listener: Listener) -> None:
-        """Call ``listener`` with every entry appended to ``stream`` from now on."""
+    async def subscribe(self, stream: str, listener: Listener) -> None:
+        """Call ``listener`` with every entry appended to ``stream`` once this returns."""
 
     @abstractmethod
-    def unsubscribe(self, stream: str, listener: Listener) -> None:
+    async def unsubscribe(self, stream: str, listener: Listener) -> None:
         """Stop calling ``listener`` for ``stream``."""
 
     # ------------------------------------------------------------------
@@ -116,6 +211,18 @@ class Broker(ABC):
     @abstractmethod
     async def delete_session(self, record: SessionRecord) -> None:
         """Forget the session and its dedupe records."""
+
+    @abstractmethod
+    async def watch_replaced(self, node: str, listener: ReplacedListener) -> None:
+        """Call ``listener`` with each session of ``node`` that ``replace`` takes over."""
+
+    @abstractmethod
+    async def unwatch_replaced(self, node: str) -> None:
+        """Stop the calls ``watch_replaced`` set up for ``node``."""
+
+    @abstractmethod
+    async def replace(self, owner: str, session_id: str) -> None:
+        """Tell node ``owner`` that another connection took ``session_id`` over."""
 
     # ------------------------------------------------------------------
     # Dedupe records

@@ -5,7 +5,10 @@ Each stream keeps its newest ``history_size`` entries, none older than
 first used, so after a restart every client's old positions are recognisably
 stale and clients are told of the gap instead of silently missing messages.
 Sessions expire lazily at their TTL; each keeps the replies to its newest
-``dedupe_size`` processed messages.
+``dedupe_size`` processed messages, and the newest ``dedupe_size`` append keys
+are remembered with the entry they made. Subscribers are called inside
+``append``, before it returns. Several servers in one process may share one
+``MemoryBroker`` as several nodes share a Redis.
 """
 
 from __future__ import annotations
@@ -13,13 +16,18 @@ from __future__ import annotations
 import heapq
 import secrets
 import time
-from collections import deque
-from typing import TYPE_CHECKING
+from collections import OrderedDict, deque
 
-from .base import Broker, FrameBuilder, Listener, Replay, SessionRecord, StreamEntry
-
-if TYPE_CHECKING:
-    from collections.abc import Callable
+from .base import (
+    Broker,
+    Clock,
+    Draft,
+    Listener,
+    ReplacedListener,
+    Replay,
+    SessionRecord,
+    StreamEntry,
+)
 
 __all__ = ["MemoryBroker"]
 
@@ -59,18 +67,26 @@ class MemoryBroker(Broker):
         history_size: int = 1_000,
         history_seconds: float = 300.0,
         dedupe_size: int = 2_000,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock | None = None,
     ) -> None:
         if history_size < 1 or history_seconds <= 0 or dedupe_size < 1:
             raise ValueError("history and dedupe limits must be positive")
         self.history_size = history_size
         self.history_seconds = history_seconds
         self.dedupe_size = dedupe_size
-        self._clock = clock
+        self._clock: Clock = clock or time.monotonic
+        self._own_clock = clock is not None
         self._streams: dict[str, _Stream] = {}
         self._sessions: dict[str, tuple[SessionRecord, float | None]] = {}
         self._dedupe: dict[str, _Dedupe] = {}
         self._expiries: list[tuple[float, str]] = []
+        self._appended: OrderedDict[str, StreamEntry] = OrderedDict()
+        self._watchers: dict[str, ReplacedListener] = {}
+
+    async def start(self, clock: Clock | None = None) -> None:
+        """Take the server's clock, unless one was given when the broker was made."""
+        if clock is not None and not self._own_clock:
+            self._clock = clock
 
     def _stream(self, name: str) -> _Stream:
         stream = self._streams.get(name)
@@ -84,16 +100,22 @@ class MemoryBroker(Broker):
         while entries and entries[0].at < horizon:
             entries.popleft()
 
-    async def append(
-        self, stream: str, build: FrameBuilder, *, sender: str | None, echo: bool = False
-    ) -> StreamEntry:
+    async def append(self, stream: str, draft: Draft, key: str | None = None) -> StreamEntry:
+        if key is not None:
+            earlier = self._appended.get(key)
+            if earlier is not None:
+                return earlier
         s = self._stream(stream)
         now = self._clock()
-        text = build(s.epoch, s.offset + 1)  # may raise: then nothing is numbered
+        text = draft.render(s.epoch, s.offset + 1)  # may raise: then nothing is numbered
         s.offset += 1
-        entry = StreamEntry(stream, s.epoch, s.offset, text, sender, echo, now)
+        entry = StreamEntry(stream, s.epoch, s.offset, text, draft.sender, draft.echo, now)
         s.entries.append(entry)
         self._trim(s, now)
+        if key is not None:
+            self._appended[key] = entry
+            if len(self._appended) > self.dedupe_size:
+                self._appended.popitem(last=False)
         for listener in tuple(s.listeners):
             listener(entry)
         return entry
@@ -116,10 +138,10 @@ class MemoryBroker(Broker):
         entries = [s.entries[i] for i in range(offset + 1 - oldest, len(s.entries))]
         return Replay(entries, s.epoch, s.offset, gap, offset)
 
-    def subscribe(self, stream: str, listener: Listener) -> None:
+    async def subscribe(self, stream: str, listener: Listener) -> None:
         self._stream(stream).listeners.append(listener)
 
-    def unsubscribe(self, stream: str, listener: Listener) -> None:
+    async def unsubscribe(self, stream: str, listener: Listener) -> None:
         s = self._streams.get(stream)
         if s is not None and listener in s.listeners:
             s.listeners.remove(listener)
@@ -156,6 +178,17 @@ class MemoryBroker(Broker):
         if found is not None and found[0] is record:
             del self._sessions[record.token]
         self._dedupe.pop(record.id, None)
+
+    async def watch_replaced(self, node: str, listener: ReplacedListener) -> None:
+        self._watchers[node] = listener
+
+    async def unwatch_replaced(self, node: str) -> None:
+        self._watchers.pop(node, None)
+
+    async def replace(self, owner: str, session_id: str) -> None:
+        listener = self._watchers.get(owner)
+        if listener is not None:
+            listener(session_id)
 
     async def recall_reply(self, session_id: str, message_id: int) -> tuple[bool, str | None]:
         dedupe = self._dedupe.get(session_id)

@@ -1,0 +1,121 @@
+"""What the hub asks of its driver: plain data, executed in the order given.
+
+Sync commands (``Send``, ``Deliver``, ``Close``, ``Batching``, ``Finished``)
+are carried out at once. A ``Call`` needs a result: the driver runs it (a
+broker method, or an app hook: authenticate, authorize_join, a handler) and
+gives the outcome back with ``Hub.call_done(call.op, result, now)`` or
+``Hub.call_failed(call.op, exc, now)``. Each operation has at most one call
+outstanding, so ``op`` names both; an operation yields a call with ``op``
+unset and the hub numbers it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "Authenticate",
+    "Batching",
+    "BrokerCall",
+    "Call",
+    "Close",
+    "Command",
+    "Deliver",
+    "Finished",
+    "Handle",
+    "MayJoin",
+    "Send",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Write these encoded frames to connection ``conn``, in order."""
+
+    conn: int
+    frames: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """Write one delivery frame to each of ``conns`` (encoded once for all of them).
+
+    The driver reports a recipient whose unsent data is past its limit with
+    ``Hub.connection_slow`` instead of writing to it.
+    """
+
+    text: str
+    conns: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close connection ``conn`` with ``code`` after what was sent to it."""
+
+    conn: int
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """Connection ``conn`` accepts batches: frames of one write may go as one message."""
+
+    conn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Operation ``op`` that the driver started (``Hub.join``...) ended with ``result``."""
+
+    op: int
+    result: Any
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class BrokerCall:
+    """Await ``broker.<method>(*args)``; its return value is the result."""
+
+    method: str
+    args: tuple[Any, ...]
+    op: int = 0
+
+
+@dataclass(slots=True)
+class Authenticate:
+    """Run the app's authenticator on ``hello.auth``; the result is the user or None."""
+
+    auth: dict[str, Any] | None
+    op: int = 0
+
+
+@dataclass(slots=True)
+class MayJoin:
+    """Run namespace ``ns``'s join check for the session; the result is a bool."""
+
+    ns: str
+    session_id: str
+    user: str | None
+    room: str
+    op: int = 0
+
+
+@dataclass(slots=True)
+class Handle:
+    """Run the handler of ``event`` in ``ns``; the result is the JSON-ready reply.
+
+    It raises ``HandlerFailure`` for an error reply (``Namespace.call``).
+    """
+
+    ns: str
+    session_id: str
+    user: str | None
+    event: str
+    data: Any
+    op: int = 0
+
+
+Call = BrokerCall | Authenticate | MayJoin | Handle
+Command = Send | Deliver | Close | Batching | Finished | Call

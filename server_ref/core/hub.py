@@ -1,0 +1,578 @@
+"""The server hub: every decision of the server, sans I/O.
+
+The hub takes inputs with the time (a connection opened, a text frame, a
+connection closed with the peer's close code, the result of a call it asked
+for, an entry appended to a stream it follows, a session replaced on another
+node, a timer) and answers with commands (``commands.py``) that its driver
+takes with ``take_commands()``: frames to write, connections to close, and
+calls (broker methods, app hooks) whose results come back through
+``call_done`` / ``call_failed``. ``get_timer()`` is the next deadline
+(heartbeats, handshake timeouts, session expiry); the driver arms one timer
+for it and calls ``handle_timer(now)``, as aioquic's connection does.
+
+Multi-step work (a hello: authenticate, load the session, replay; a message:
+recall its dedupe record, run it, remember the reply, answer) is an
+*operation*: a generator that yields one call at a time and receives its
+result (or has its exception thrown in), so each reads top to bottom as the
+asyncio code it replaces did, and the hub stays a plain object. An operation
+runs until its next call, then waits; ``_ops`` maps its number to it.
+
+Ordering rules kept here:
+
+1. A session's messages (and its detach) are operations run one at a time in
+   arrival order (``Session.queue``), whatever connection they came on.
+2. While a session replays, live entries for it are held and sent after the
+   replay, minus those it covered (``replay.py``).
+3. One echo rule for live and replayed entries (``sessions.wants``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import secrets
+from collections.abc import Callable, Container, Generator
+from typing import Any
+
+from rtchat_sdk import protocol as p
+
+from ..broker.base import SessionRecord, StreamEntry
+from ..config import ServerConfig
+from .commands import (
+    Batching,
+    BrokerCall,
+    Call,
+    Close,
+    Command,
+    Deliver,
+    Finished,
+    Send,
+)
+from .connection import ConnectionCore, error_frame
+from .replay import Covered, gap_frame, release_held, replay
+from .sessions import Session, Sessions, wants
+from .steps import MessageFrame, identify, process, restore_rooms
+
+__all__ = ["Hub", "Op"]
+
+log = logging.getLogger("server_ref")
+
+Op = Generator[Call, Any, Any]
+"""An operation: yields calls, receives their results, returns its own."""
+
+
+class _Conn:
+    __slots__ = ("busy", "core", "early", "id", "scheduled", "session")
+
+    def __init__(self, conn_id: int, core: ConnectionCore) -> None:
+        self.id = conn_id
+        self.core = core
+        self.session: Session | None = None
+        self.busy = 0
+        """Operations of this connection's messages running or waiting."""
+        self.scheduled: float | None = None
+        """The deadline this connection has in the hub's timer heap."""
+        self.early: list[str | bytes] | None = None
+        """While its hello is handled: frames that came after it, read once it is."""
+
+
+class _Running:
+    __slots__ = ("conn", "gen", "id", "report", "session")
+
+    def __init__(
+        self, op_id: int, gen: Op, session: Session | None, conn: _Conn | None, report: bool
+    ) -> None:
+        self.id = op_id
+        self.gen = gen
+        self.session = session
+        """Set for a session-ordered operation: the next one starts when it ends."""
+        self.conn = conn
+        self.report = report
+        """Started by the driver: its end is reported with ``Finished``."""
+
+
+class Hub:
+    """All sessions, rooms and connections of one node."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        namespaces: Container[str],
+        node: str,
+        authenticates: bool = False,
+        new_session: Callable[[], tuple[str, str]] | None = None,
+    ) -> None:
+        self.config = config
+        self.node = node
+        self._namespaces = namespaces
+        self._authenticates = authenticates
+        self._new_session = new_session or (
+            lambda: (secrets.token_hex(8), secrets.token_urlsafe(32))
+        )
+        self.sessions = Sessions()
+        self._conns: dict[int, _Conn] = {}
+        self._ops: dict[int, _Running] = {}
+        self._out: list[Command] = []
+        self._timers: list[tuple[float, int, Any]] = []
+        self._seq = 0
+        self._now = 0.0
+        self.closing = False
+        self._heartbeat = p.HeartbeatInfo(
+            interval=config.heartbeat_interval, timeout=config.heartbeat_timeout
+        )
+        self._limits = p.Limits(
+            max_frame_bytes=config.max_frame_bytes,
+            max_in_flight=config.max_in_flight,
+            history_size=config.history_size,
+            history_seconds=config.history_seconds,
+            session_ttl=config.session_ttl,
+        )
+
+    # ------------------------------------------------------------------
+    # Output
+
+    def take_commands(self) -> list[Command]:
+        """The commands produced since the last call, oldest first."""
+        out, self._out = self._out, []
+        return out
+
+    def session_ids(self) -> list[str]:
+        return list(self.sessions.by_id)
+
+    def connection_count(self) -> int:
+        return len(self._conns)
+
+    # ------------------------------------------------------------------
+    # Connections
+
+    def connection_opened(self, now: float) -> int:
+        """A transport accepted a connection; returns its id (refused ones are closed)."""
+        self._now = now
+        self._seq += 1
+        conn_id = self._seq
+        if self.closing:
+            self._out.append(Close(conn_id, p.CloseCode.GOING_AWAY, "server shutting down"))
+            return conn_id
+        if len(self._conns) >= self.config.max_connections:
+            retry = self.config.overload_retry_after
+            notice = error_frame(
+                p.ErrorCode.OVERLOADED,
+                f"server is at its limit of {self.config.max_connections} connections",
+                retry_after=retry,
+            )
+            self._out.append(Send(conn_id, [notice]))
+            self._out.append(
+                Close(conn_id, p.CloseCode.TRY_AGAIN_LATER, f"overloaded; retry after {retry}s")
+            )
+            return conn_id
+        core = ConnectionCore(
+            now,
+            heartbeat=self._heartbeat,
+            handshake_timeout=self.config.handshake_timeout,
+            max_bad_frames=self.config.max_bad_frames,
+        )
+        c = self._conns[conn_id] = _Conn(conn_id, core)
+        self._schedule(c)
+        return conn_id
+
+    def text_received(self, conn_id: int, text: str | bytes, now: float) -> None:
+        """One text frame from the peer."""
+        self._now = now
+        c = self._conns.get(conn_id)
+        if c is None:
+            return
+        if c.early is not None:
+            c.early.append(text)
+            return
+        self._receive(c, text, now)
+
+    def _receive(self, c: _Conn, text: str | bytes, now: float) -> None:
+        frame = c.core.receive_text(text, now)
+        if frame is not None:
+            if isinstance(frame, p.HelloFrame):
+                c.early = []
+                self._start(self._handshake(c, frame), conn=c)
+            else:
+                session = c.session
+                assert session is not None  # the core lets messages through only after hello
+                assert not isinstance(frame, p.PingFrame | p.PongFrame)
+                c.busy += 1
+                self._enqueue(session, self._message(c, session, frame))
+        self._flush(c)
+
+    def connection_closed(self, conn_id: int, peer_code: int | None, now: float) -> None:
+        """The connection is gone; ``peer_code`` is the close code the peer sent, if any."""
+        self._now = now
+        c = self._conns.pop(conn_id, None)
+        if c is None:
+            return
+        c.core.close(p.CloseCode.NORMAL, "closed")  # nothing more is sent or read
+        session = c.session
+        if session is None or session.conn is not c:
+            return
+        session.conn = None
+        goodbye = peer_code == p.CloseCode.NORMAL
+        self._enqueue(session, self._detach(session, goodbye))
+
+    def connection_slow(self, conn_id: int, now: float) -> None:
+        """The transport holds more unsent data for the connection than allowed."""
+        self._now = now
+        c = self._conns.get(conn_id)
+        if c is not None:
+            c.core.close(p.CloseCode.SLOW_CONSUMER, "too much unsent data; resume to catch up")
+            self._flush(c)
+
+    def shutdown(self, now: float) -> None:
+        """Refuse new connections; tell every connection to go, and close it."""
+        self._now = now
+        self.closing = True
+        notice = error_frame(
+            p.ErrorCode.SHUTTING_DOWN,
+            "server is shutting down",
+            retry_after=self.config.shutdown_retry_after,
+        )
+        for c in list(self._conns.values()):
+            if c.core.close_code is None:
+                self._out.append(Send(c.id, [notice]))
+                c.core.close(p.CloseCode.GOING_AWAY, "server shutting down")
+            self._flush(c)
+
+    def _flush(self, c: _Conn) -> None:
+        """Turn what the connection's core produced into commands."""
+        core = c.core
+        frames = core.data_to_send()
+        if frames:
+            self._out.append(Send(c.id, frames))
+        if core.close_code is not None:
+            if self._conns.pop(c.id, None) is not None:  # closed now: say so once
+                self._out.append(Close(c.id, core.close_code, core.close_reason))
+                c.scheduled = None
+                self._closed(c)
+            return
+        self._schedule(c)
+
+    def _closed(self, c: _Conn) -> None:
+        """The hub closed the connection: it counts as gone, as if the peer had left."""
+        session = c.session
+        if session is not None and session.conn is c:
+            session.conn = None
+            self._enqueue(session, self._detach(session, goodbye=False))
+
+    def _send(self, c: _Conn | None, text: str) -> None:
+        if c is not None and c.core.close_code is None:
+            self._out.append(Send(c.id, [text]))
+
+    # ------------------------------------------------------------------
+    # Streams
+
+    def entry_appended(self, entry: StreamEntry) -> None:
+        """An entry of a stream this node follows: deliver it to its local members."""
+        members = self.sessions.members.get(entry.stream)
+        if not members:
+            return
+        conns: list[int] = []
+        for session in members:
+            if not wants(session, entry):
+                continue
+            if session.replaying:
+                session.held.append(entry)
+                continue
+            c = session.conn
+            if c is None or c.core.close_code is not None:
+                continue  # detached or cut off: it replays from history on resume
+            conns.append(c.id)
+        if conns:
+            self._out.append(Deliver(entry.text, conns))
+
+    def session_replaced(self, session_id: str, now: float) -> None:
+        """Another node resumed one of our sessions: close its connection here with 4006."""
+        self._now = now
+        session = self.sessions.by_id.get(session_id)
+        if session is None:
+            return
+        old, session.conn = session.conn, None
+        if old is not None:
+            old.session = None
+            old.core.close(p.CloseCode.SESSION_REPLACED, "session resumed on another connection")
+            self._flush(old)
+        self._enqueue(session, self.sessions.drop_local(session))
+
+    # ------------------------------------------------------------------
+    # Operations the driver starts (Context.join / leave); each ends with Finished
+
+    def join(self, session_id: str, ns: str, room: str, now: float) -> int:
+        """Put a session in a room; ``Finished.result`` is the stream's (epoch, offset)."""
+        self._now = now
+        return self._start(
+            self.sessions.join(self.sessions.by_id[session_id], ns, room), report=True
+        )
+
+    def leave(self, session_id: str, ns: str, room: str, now: float) -> int:
+        self._now = now
+        return self._start(
+            self.sessions.leave(self.sessions.by_id[session_id], ns, room), report=True
+        )
+
+    # ------------------------------------------------------------------
+    # Running operations
+
+    def call_done(self, op_id: int, result: Any, now: float) -> None:
+        """The result of operation ``op_id``'s outstanding call."""
+        self._now = now
+        running = self._ops.pop(op_id)
+        self._step(running, result, None)
+
+    def call_failed(self, op_id: int, error: BaseException, now: float) -> None:
+        """Operation ``op_id``'s outstanding call raised ``error``."""
+        self._now = now
+        running = self._ops.pop(op_id)
+        self._step(running, None, error)
+
+    def _start(
+        self,
+        gen: Op,
+        *,
+        session: Session | None = None,
+        conn: _Conn | None = None,
+        report: bool = False,
+    ) -> int:
+        self._seq += 1
+        running = _Running(self._seq, gen, session, conn, report)
+        self._step(running, None, None)
+        return running.id
+
+    def _enqueue(self, session: Session, gen: Op) -> None:
+        """Run ``gen`` after the session's earlier operations."""
+        if session.busy:
+            session.queue.append(gen)
+            return
+        session.busy = True
+        self._start(gen, session=session)
+
+    def _step(self, running: _Running, value: Any, error: BaseException | None) -> None:
+        try:
+            call = running.gen.send(value) if error is None else running.gen.throw(error)
+        except StopIteration as stop:
+            self._ended(running, stop.value, None)
+            return
+        except Exception as exc:  # a bug in an operation: report it, keep serving
+            log.exception("server operation failed")
+            self._ended(running, None, exc)
+            return
+        call.op = running.id
+        self._ops[running.id] = running
+        self._out.append(call)
+
+    def _ended(self, running: _Running, result: Any, error: BaseException | None) -> None:
+        if running.report:
+            self._out.append(Finished(running.id, result, error))
+        session = running.session
+        if session is None:
+            return
+        if session.queue:
+            self._start(session.queue.popleft(), session=session)
+        else:
+            session.busy = False
+
+    # ------------------------------------------------------------------
+    # Timers
+
+    def _schedule(self, c: _Conn) -> None:
+        when = c.core.get_timer()
+        if when is not None and (c.scheduled is None or when < c.scheduled):
+            c.scheduled = when
+            self._seq += 1
+            heapq.heappush(self._timers, (when, self._seq, c))
+
+    def _schedule_expiry(self, session: Session, when: float) -> None:
+        session.expires = when
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, session))
+
+    def get_timer(self) -> float | None:
+        """The next deadline, or None (it may be early: then nothing is due at it)."""
+        return self._timers[0][0] if self._timers else None
+
+    def handle_timer(self, now: float) -> None:
+        """Handle every deadline at or before ``now``."""
+        self._now = now
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, item = heapq.heappop(timers)
+            if isinstance(item, Session):
+                if item.expires == when and item.conn is None:
+                    item.expires = None
+                    self._enqueue(item, self.sessions.drop_local(item))
+                continue
+            c: _Conn = item
+            if c.scheduled != when or c.id not in self._conns:
+                continue  # superseded by an earlier deadline, or gone
+            c.scheduled = None
+            if c.busy:
+                c.core.keepalive(now)  # a slow handler, not a silent peer
+            c.core.handle_timer(now)
+            self._flush(c)
+
+    # ------------------------------------------------------------------
+    # Hello: the handshake decision
+
+    def _handshake(self, c: _Conn, hello: p.HelloFrame) -> Op:
+        """The hello, then the frames that came while it was handled, in order."""
+        try:
+            yield from self._hello(c, hello)
+        finally:
+            early, c.early = c.early or [], None
+            for text in early:
+                if c.early is not None:  # a second hello: it queues the rest itself
+                    c.early.append(text)
+                elif c.id in self._conns:
+                    self._receive(c, text, self._now)
+
+    def _hello(self, c: _Conn, hello: p.HelloFrame) -> Op:
+        if hello.batch:
+            self._out.append(Batching(c.id))
+        user = yield from identify(c.core, hello, self._authenticates)
+        if c.core.close_code is not None:
+            self._flush(c)
+            return
+        record: SessionRecord | None = None
+        if hello.resume is not None:
+            record = yield BrokerCall("load_session", (hello.resume.token,))
+            if record is not None and record.user != user:
+                record = None  # a token is bound to its user: nobody else resumes it
+        if record is None:
+            session_id, token = self._new_session()
+            record = SessionRecord(session_id, token, user)
+            refused: list[p.StreamPosition] = []
+            if hello.resume is not None:
+                refused = yield from restore_rooms(record, hello.resume, self._namespaces)
+                if hello.resume.session is not None:
+                    record.previous.append(hello.resume.session)
+            record.owner = self.node
+            yield BrokerCall("save_session", (record, None))
+            session = yield from self.sessions.attach_record(record)
+            yield from self._attach(c, session, False, hello.resume, refused)
+            return
+        previous_owner, record.owner = record.owner, self.node
+        yield BrokerCall("save_session", (record, None))
+        if previous_owner is not None and previous_owner != self.node:
+            yield BrokerCall("replace", (previous_owner, record.id))
+        session = yield from self.sessions.attach_record(record)
+        old = session.conn
+        if old is not None and old is not c:
+            old.session = None
+            session.conn = None
+            old.core.close(p.CloseCode.SESSION_REPLACED, "session resumed on another connection")
+            self._flush(old)
+        assert hello.resume is not None
+        yield BrokerCall("forget_replies", (record.id, hello.resume.last_reply))
+        yield from self._attach(c, session, True, hello.resume, [])
+
+    def _attach(
+        self,
+        c: _Conn,
+        session: Session,
+        resumed: bool,
+        resume: p.ResumeInfo | None,
+        refused: list[p.StreamPosition],
+    ) -> Op:
+        if c.core.close_code is not None:
+            # The connection went while the session was looked up: detach it at once.
+            if session.conn is None:
+                self._enqueue(session, self._detach(session, goodbye=False))
+            return
+        c.session = session
+        session.conn = c
+        session.replaying = True
+        session.held = []
+        try:
+            inbox_epoch, inbox_offset = yield BrokerCall("position", (session.inbox,))
+            c.core.accept(
+                p.WelcomeFrame(
+                    protocol=p.PROTOCOL_VERSION,
+                    session=session.id,
+                    token=session.record.token,
+                    resumed=resumed,
+                    heartbeat=self._heartbeat,
+                    limits=self._limits,
+                    inbox=p.StreamPosition(
+                        stream=session.inbox, epoch=inbox_epoch, offset=inbox_offset
+                    ),
+                ),
+                self._now,
+            )
+            self._flush(c)
+            for position in refused:
+                self._send(
+                    c,
+                    gap_frame(
+                        position.stream,
+                        position.ns or p.DEFAULT_NAMESPACE,
+                        position.room,
+                        position.epoch,
+                        position.offset,
+                        "not_rejoined",
+                    ),
+                )
+            covered: Covered = {session.inbox: (inbox_epoch, inbox_offset)}
+            if resume is not None:
+                if resume.session is not None:
+                    session.own.add(resume.session)
+                covered.update((yield from replay(session, resume, lambda t: self._send(c, t))))
+            release_held(session, covered, lambda t: self._send(c, t))
+        finally:
+            session.replaying = False
+            session.held = []
+
+    # ------------------------------------------------------------------
+    # Sessions
+
+    def _detach(self, session: Session, goodbye: bool) -> Op:
+        """The session's connection is gone: keep the session for resume, or end it."""
+        if session.conn is not None:
+            return  # resumed meanwhile
+        if goodbye and not self.closing:
+            yield BrokerCall("delete_session", (session.record,))
+            yield from self.sessions.drop_local(session)
+            return
+        # Not a goodbye (or this node is stopping): the record stays in the broker
+        # for its TTL, so this node or another can resume it.
+        session.record.owner = None
+        yield BrokerCall("save_session", (session.record, self.config.session_ttl))
+        if self.closing:
+            yield from self.sessions.drop_local(session)
+        elif session.conn is None:
+            self._schedule_expiry(session, self._now + self.config.session_ttl)
+
+    # ------------------------------------------------------------------
+    # Messages
+
+    def _message(self, c: _Conn, session: Session, frame: MessageFrame) -> Op:
+        """Dedupe, carry out and answer one client message."""
+        try:
+            processed, stored = yield BrokerCall("recall_reply", (session.id, frame.id))
+            if processed:
+                self._send(
+                    c,
+                    stored
+                    if stored is not None
+                    else error_frame(
+                        p.ErrorCode.DUPLICATE_ID,
+                        f"message {frame.id} was already processed and its reply is no longer held",
+                        frame.id,
+                    ),
+                )
+                return
+            reply = yield from process(
+                session,
+                frame,
+                namespaces=self._namespaces,
+                max_frame_bytes=self.config.max_frame_bytes,
+                join=self.sessions.join,
+                leave=self.sessions.leave,
+            )
+            yield BrokerCall("remember_reply", (session.id, frame.id, reply))
+            self._send(c, reply)
+        finally:
+            c.busy -= 1

@@ -1,0 +1,167 @@
+"""The one owner of sessions, room membership and subscriptions on this node.
+
+A session's rooms live in its ``SessionRecord`` (what the broker keeps);
+``members`` is the index from a stream to the local sessions following it,
+changed only here, together with the record, so the two cannot disagree; the
+node subscribes to a stream while it has local members (``following``). The
+steps that change them are generators in the hub's operation style: they
+yield the broker calls (subscribe, position, save_session...) they need. The
+echo rule is here too, once, for live deliveries and replays alike.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from rtchat_sdk import protocol as p
+
+from ..broker.base import SessionRecord, StreamEntry
+from .commands import BrokerCall, Call
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    Step = Generator[Call, Any, Any]
+
+__all__ = ["Session", "Sessions", "wants"]
+
+
+class Session:
+    """A session as this node holds it: the shared record plus local live state."""
+
+    __slots__ = (
+        "busy",
+        "conn",
+        "expires",
+        "held",
+        "id",
+        "inbox",
+        "own",
+        "queue",
+        "record",
+        "replaying",
+    )
+
+    def __init__(self, record: SessionRecord) -> None:
+        self.record = record
+        self.id = record.id
+        self.inbox = p.inbox_stream(record.id)
+        self.own = {record.id, *record.previous}
+        """Sender ids whose entries are this client's own publishes."""
+        self.conn: Any = None
+        """The hub's connection attached to the session, if any."""
+        self.expires: float | None = None
+        """When this node forgets the detached session."""
+        self.replaying = False
+        self.held: list[StreamEntry] = []
+        """Live entries that arrived during a replay, sent after it."""
+        self.busy = False
+        """An operation of the session is running: the next waits in ``queue``."""
+        self.queue: deque[Generator[Any, Any, Any]] = deque()
+
+
+def wants(session: Session, entry: StreamEntry) -> bool:
+    """The echo rule: a client gets its own publishes only when it asked for echo."""
+    return entry.echo or entry.sender not in session.own
+
+
+class Sessions:
+    """Local sessions by id, and the streams each follows."""
+
+    __slots__ = ("by_id", "following", "members")
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Session] = {}
+        self.members: dict[str, set[Session]] = {}
+        self.following: set[str] = set()
+        """Streams this node subscribed to."""
+
+    def _local(self, record: SessionRecord) -> tuple[Session, list[str]]:
+        """This node's session for ``record`` (made if new here).
+
+        Returns it with the streams that got their first local member.
+        """
+        session = self.by_id.get(record.id)
+        if session is not None:
+            session.record = record
+            session.own.update(record.previous)
+            session.expires = None
+            return session, []
+        session = self.by_id[record.id] = Session(record)
+        streams = [session.inbox, *(p.room_stream(ns, room) for ns, room in record.rooms)]
+        return session, [s for s in streams if self._add(s, session)]
+
+    def attach_record(self, record: SessionRecord) -> Generator[Call, Any, Session]:
+        """This node's session for ``record``, following its streams."""
+        session, streams = self._local(record)
+        for stream in streams:
+            yield from self._follow(stream)
+        return session
+
+    def join(self, session: Session, ns: str, room: str) -> Generator[Call, Any, tuple[str, int]]:
+        """Put the session in a room; returns the room stream's (epoch, offset)."""
+        stream = p.room_stream(ns, room)
+        if (ns, room) in session.record.rooms:
+            position: tuple[str, int] = yield BrokerCall("position", (stream,))
+            return position
+        # Follow the stream before reading its position, so no entry after it is missed.
+        yield from self._follow(stream)
+        position = yield BrokerCall("position", (stream,))
+        if (ns, room) not in session.record.rooms:
+            session.record.rooms[(ns, room)] = position
+            self._add(stream, session)
+            yield BrokerCall("save_session", (session.record, None))
+        return position
+
+    def leave(self, session: Session, ns: str, room: str) -> Step:
+        if session.record.rooms.pop((ns, room), None) is None:
+            return
+        stream = p.room_stream(ns, room)
+        self._remove(stream, session)
+        yield BrokerCall("save_session", (session.record, None))
+        yield from self._unfollow(stream)
+
+    def drop_local(self, session: Session) -> Step:
+        """Forget this node's live state of a session (its record expires on its own)."""
+        if session.conn is not None or self.by_id.get(session.id) is not session:
+            return  # resumed meanwhile, or already dropped
+        session.expires = None
+        for stream in self._drop(session):
+            yield from self._unfollow(stream)
+
+    def _follow(self, stream: str) -> Step:
+        """Subscribe to a stream this node does not follow yet (once, whoever asks)."""
+        if stream not in self.following:
+            self.following.add(stream)
+            yield BrokerCall("subscribe", (stream,))
+
+    def _unfollow(self, stream: str) -> Step:
+        """Unsubscribe from a stream no local session follows any more."""
+        if stream in self.following and not self.members.get(stream):
+            self.following.discard(stream)
+            yield BrokerCall("unsubscribe", (stream,))
+
+    def _drop(self, session: Session) -> list[str]:
+        """Forget the session here; returns the streams left without local members."""
+        self.by_id.pop(session.id, None)
+        streams = [session.inbox, *(p.room_stream(ns, r) for ns, r in session.record.rooms)]
+        return [s for s in streams if self._remove(s, session)]
+
+    def _add(self, stream: str, session: Session) -> bool:
+        members = self.members.get(stream)
+        if members is None:
+            self.members[stream] = {session}
+            return True
+        members.add(session)
+        return False
+
+    def _remove(self, stream: str, session: Session) -> bool:
+        members = self.members.get(stream)
+        if members is None or session not in members:
+            return False
+        members.discard(session)
+        if members:
+            return False
+        del self.members[stream]
+        return True

@@ -1,0 +1,137 @@
+"""Steps of the hub's operations that need no hub state: identify, restore rooms, process.
+
+Each is a generator in the hub's operation style (yields calls, receives
+their results, returns its own) and takes what it needs as arguments, so
+``hub.py`` keeps the state and the ordering and these keep the rules of the
+handshake and of carrying out one client message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Container, Generator
+from typing import Any
+
+from rtchat_sdk import protocol as p
+from rtchat_sdk.errors import ValidationFailed
+
+from ..broker.base import Draft, SessionRecord
+from ..errors import FrameTooLarge, HandlerFailure
+from .commands import Authenticate, BrokerCall, Call, Handle, MayJoin
+from .connection import ConnectionCore, error_frame, reply_frame, unsendable_answer
+from .sessions import Session
+
+__all__ = ["MessageFrame", "identify", "process", "restore_rooms"]
+
+log = logging.getLogger("server_ref")
+
+MessageFrame = p.EmitFrame | p.RequestFrame | p.JoinFrame | p.LeaveFrame | p.PublishFrame
+Step = Generator[Call, Any, Any]
+
+
+def identify(
+    core: ConnectionCore, hello: p.HelloFrame, authenticates: bool
+) -> Generator[Call, Any, str | None]:
+    """The user a hello speaks for; refuses the connection (4001) when there is none."""
+    if not authenticates:
+        user = (hello.auth or {}).get("user")
+        return user if isinstance(user, str) else None
+    try:
+        result = yield Authenticate(hello.auth)
+    except Exception as exc:  # an authenticator bug must not kill the server
+        log.exception("authenticate raised")
+        result = None
+        reason = f"authentication failed: {type(exc).__name__}"
+    else:
+        reason = "credentials were refused"
+    if result is None:
+        core.refuse(p.ErrorCode.UNAUTHORIZED, reason, p.CloseCode.UNAUTHORIZED)
+    return result  # type: ignore[no-any-return]
+
+
+def restore_rooms(
+    record: SessionRecord, resume: p.ResumeInfo, namespaces: Container[str]
+) -> Generator[Call, Any, list[p.StreamPosition]]:
+    """Put a new session in the rooms a client followed under its lost session.
+
+    Each room is checked like a join; returns the positions refused.
+    """
+    refused: list[p.StreamPosition] = []
+    for position in resume.streams:
+        if position.room is None or position.ns is None:
+            continue
+        allowed = False
+        if position.ns in namespaces and position.stream == p.room_stream(
+            position.ns, position.room
+        ):
+            try:
+                allowed = yield MayJoin(position.ns, record.id, record.user, position.room)
+            except Exception:  # a join check that raises refuses the join
+                log.exception("join check for %r in %r raised", position.room, position.ns)
+        if not allowed:
+            refused.append(position)
+            continue
+        record.rooms[(position.ns, position.room)] = (position.epoch, position.offset)
+    return refused
+
+
+def process(
+    session: Session,
+    frame: MessageFrame,
+    *,
+    namespaces: Container[str],
+    max_frame_bytes: int,
+    join: Callable[[Session, str, str], Generator[Call, Any, tuple[str, int]]],
+    leave: Callable[[Session, str, str], Step],
+) -> Generator[Call, Any, str]:
+    """Carry out one client message; returns the encoded reply or error frame."""
+    if frame.ns not in namespaces:
+        return error_frame(
+            p.ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {frame.ns!r} on this server", frame.id
+        )
+    user = session.record.user
+    try:
+        data: Any = None
+        if isinstance(frame, p.RequestFrame):
+            data = yield Handle(frame.ns, session.id, user, frame.event, frame.data)
+        elif isinstance(frame, p.EmitFrame):
+            yield Handle(frame.ns, session.id, user, frame.event, frame.data)
+        elif isinstance(frame, p.JoinFrame):
+            if not (yield MayJoin(frame.ns, session.id, user, frame.room)):
+                raise HandlerFailure(p.ErrorCode.UNAUTHORIZED, f"may not join {frame.room!r}")
+            epoch, offset = yield from join(session, frame.ns, frame.room)
+            data = {"stream": p.room_stream(frame.ns, frame.room), "epoch": epoch, "offset": offset}
+        elif isinstance(frame, p.LeaveFrame):
+            yield from leave(session, frame.ns, frame.room)
+        else:
+            if (frame.ns, frame.room) not in session.record.rooms:
+                raise HandlerFailure(
+                    p.ErrorCode.NOT_IN_ROOM, f"join room {frame.room!r} before publishing to it"
+                )
+            stream = p.room_stream(frame.ns, frame.room)
+            draft = Draft.message(
+                stream,
+                ns=frame.ns,
+                room=frame.room,
+                event=frame.event,
+                data=p.jsonable(frame.data),
+                sender=session.id,
+                echo=frame.echo,
+                max_bytes=max_frame_bytes,
+            )
+            # Keyed by sender and message id: a resend on another node gets this entry back.
+            entry = yield BrokerCall("append", (stream, draft, f"{session.id}:{frame.id}"))
+            data = {"stream": stream, "epoch": entry.epoch, "offset": entry.offset}
+        return reply_frame(frame.id, data)
+    except HandlerFailure as exc:
+        try:
+            return error_frame(exc.code, exc.message, frame.id, details=exc.details)
+        except ValidationFailed as bad:
+            return unsendable_answer(frame, f"its error details: {bad}")
+    except FrameTooLarge as exc:
+        return error_frame(p.ErrorCode.TOO_LARGE, str(exc), frame.id)
+    except ValidationFailed as exc:  # NaN or an infinity, from the encoders
+        return unsendable_answer(frame, str(exc))
+    except Exception as exc:  # never let one message kill the connection
+        log.exception("processing %s %s failed", frame.type, frame.id)
+        return error_frame(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)

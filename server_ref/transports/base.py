@@ -1,0 +1,87 @@
+"""The transport seam: how frames reach the server, whatever carries them.
+
+A transport knows nothing of rooms, ids or sessions. It implements two small
+interfaces:
+
+* ``Transport``, one per client connection: ``write`` queues one encoded
+  frame (what one event-loop pass queued leaves in one write, as one batch
+  message when ``batching`` is set), ``pending_bytes`` reports backpressure
+  (unsent bytes, which the server holds against ``max_pending_bytes``),
+  ``close(code, reason)`` ends it after what was written, ``abort`` drops it;
+* ``Listener``, the accepting side: ``start(host, port)``, ``port``,
+  ``stop_accepting``, ``wait_closed``.
+
+and calls the server's ``Endpoint`` for each connection: ``opened`` once,
+``received`` for each text frame (awaited: a transport reads the next frame
+only after it, so a client's frames are taken in order and a busy server
+pushes back), ``closed`` once with the close code the peer sent, if any.
+The websockets transport (``websocket.py``) is the first; long polling and
+ASGI implement the same two interfaces.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Protocol
+
+__all__ = ["Endpoint", "Listener", "Transport"]
+
+
+class Transport(ABC):
+    """One client connection, as the server sees it."""
+
+    batching: bool = False
+    """The client accepts batches (a JSON array of frames) in one message."""
+
+    @abstractmethod
+    def write(self, data: bytes) -> None:
+        """Queue one encoded frame; it leaves with the others of this loop pass."""
+
+    @abstractmethod
+    def pending_bytes(self) -> int:
+        """Bytes queued or buffered and not yet sent: the backpressure report."""
+
+    @abstractmethod
+    async def close(self, code: int, reason: str) -> None:
+        """Close after what was written, with ``code``; returns once closed."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop the connection now, unsent data and all."""
+
+
+class Endpoint(Protocol):
+    """What the server offers a transport."""
+
+    def opened(self, transport: Transport) -> int:
+        """A connection was accepted; returns its id for the calls below."""
+        ...
+
+    async def received(self, conn: int, text: str | bytes) -> None:
+        """One text frame; the next is read after this returns."""
+        ...
+
+    async def closed(self, conn: int, peer_code: int | None) -> None:
+        """The connection ended; ``peer_code`` is the code the peer closed with."""
+        ...
+
+
+class Listener(ABC):
+    """Accepts connections for an ``Endpoint``."""
+
+    @abstractmethod
+    async def start(self, host: str, port: int) -> None:
+        """Listen; returns once bound."""
+
+    @property
+    @abstractmethod
+    def port(self) -> int:
+        """The port actually bound."""
+
+    @abstractmethod
+    def stop_accepting(self) -> None:
+        """Accept no more connections; the open ones carry on."""
+
+    @abstractmethod
+    async def wait_closed(self) -> None:
+        """Return once every connection has ended and been reported ``closed``."""

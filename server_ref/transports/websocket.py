@@ -1,0 +1,207 @@
+"""The WebSocket transport, over websockets' asyncio server.
+
+Writes take one path: ``write`` frames the data at once (or adds it to the
+connection's batch) and the connection's bytes reach the socket at the end
+of the event-loop pass, so what one pass produced for a connection (the
+replies to messages that arrived together, the deliveries of a batch of
+publishes) leaves in one ``send()`` system call instead of one each, and,
+for a client that accepts batches, in one WebSocket message of at most
+``max_frame_bytes``. The reader waits for the socket to drain when the
+transport says its buffer is full, as ``ws.send()`` did for each frame.
+websockets' exceptions stop here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+from websockets.asyncio.server import Server as WsServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+from rtchat_sdk import protocol as p
+
+from .base import Endpoint, Listener, Transport
+
+__all__ = ["WebSocketListener", "WebSocketTransport"]
+
+log = logging.getLogger("server_ref")
+
+_WRITE_NOW_BYTES = 64 * 1024
+"""Unwritten bytes past which ``write`` writes at once instead of at the end of the pass."""
+
+
+class _Writer:
+    """The end-of-pass write for every connection of one listener."""
+
+    __slots__ = ("_loop", "_unwritten")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._unwritten: list[WebSocketTransport] = []
+
+    def due(self, transport: WebSocketTransport) -> None:
+        if not self._unwritten:
+            self._loop.call_soon(self._write_pending)
+        self._unwritten.append(transport)
+
+    def _write_pending(self) -> None:
+        transports, self._unwritten = self._unwritten, []
+        for transport in transports:
+            transport.write_out()
+
+
+class WebSocketTransport(Transport):
+    """One websockets connection."""
+
+    __slots__ = ("_writer", "batch", "batch_bytes", "max_frame_bytes", "unwritten", "ws")
+
+    def __init__(self, ws: ServerConnection, writer: _Writer, max_frame_bytes: int) -> None:
+        self.ws = ws
+        self._writer = writer
+        self.max_frame_bytes = max_frame_bytes
+        self.batching = False
+        self.unwritten = 0
+        """Bytes framed (or batched) and not yet handed to the socket."""
+        self.batch: list[bytes] = []
+        self.batch_bytes = 0
+
+    def write(self, data: bytes) -> None:
+        protocol = self.ws.protocol
+        if protocol.state is not State.OPEN:
+            return  # as ws.send() would refuse
+        if self.batching:
+            if self.batch and self.batch_bytes + len(data) + 2 > self.max_frame_bytes:
+                self._seal()
+            self.batch.append(data)
+            self.batch_bytes += len(data) + 1
+        else:
+            protocol.send_text(data)
+        if not self.unwritten:  # the first frame since the last write: one is due
+            self._writer.due(self)
+        self.unwritten += len(data)
+        if self.unwritten >= _WRITE_NOW_BYTES:
+            self.write_out()
+
+    def pending_bytes(self) -> int:
+        transport = self.ws.transport
+        if transport is None:
+            return 0
+        return transport.get_write_buffer_size() + self.unwritten
+
+    def _seal(self) -> None:
+        """Frame the batched frames as one WebSocket message (a lone frame as itself)."""
+        batch = self.batch
+        if not batch:
+            return
+        protocol = self.ws.protocol
+        if protocol.state is State.OPEN:
+            protocol.send_text(batch[0] if len(batch) == 1 else p.encode_batch(batch))
+        batch.clear()
+        self.batch_bytes = 0
+
+    def write_out(self) -> None:
+        """Hand everything framed for the connection to the socket, in one write."""
+        if self.unwritten == 0:
+            return  # written already (a large batch, or back-pressure)
+        self.unwritten = 0
+        self._seal()
+        ws = self.ws
+        transport = ws.transport
+        # One frame per item; ws.send_data() would make one write (one send()
+        # system call) of each. An empty item asks for a half-close after the
+        # data (websockets writes its own at once, so it is hardly ever here).
+        chunks = ws.protocol.data_to_send()
+        try:
+            if all(chunks):
+                transport.write(b"".join(chunks))
+                return
+            for chunk in chunks:
+                if chunk:
+                    transport.write(chunk)
+                elif transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+        except Exception:  # as websockets does: a connection we cannot write to is dead
+            log.debug("write failed", exc_info=True)
+            transport.abort()
+
+    async def close(self, code: int, reason: str) -> None:
+        self._seal()  # what was queued goes before the close frame
+        await self.ws.close(code, reason)
+
+    def abort(self) -> None:
+        if self.ws.transport is not None:
+            self.ws.transport.abort()
+
+    async def drain(self) -> None:
+        """Wait while the socket's buffer is above its high-water mark."""
+        if self.ws.paused:
+            self.write_out()
+            try:
+                await self.ws.drain()
+            except Exception:  # the connection was lost: the reader sees it next
+                log.debug("connection lost while draining", exc_info=True)
+
+
+class WebSocketListener(Listener):
+    """websockets' server feeding an ``Endpoint``."""
+
+    def __init__(self, endpoint: Endpoint, *, max_frame_bytes: int, compression: bool) -> None:
+        self._endpoint = endpoint
+        self._max_frame_bytes = max_frame_bytes
+        self._compression = compression
+        self._server: WsServer | None = None
+        self._writer: _Writer | None = None
+        self._port: int | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._writer = _Writer(asyncio.get_running_loop())
+        self._server = await serve(
+            self._handle,
+            host,
+            port,
+            max_size=self._max_frame_bytes,
+            ping_interval=None,  # rtchat's own heartbeats run at the app level
+            compression="deflate" if self._compression else None,
+        )
+        self._port = next(iter(self._server.sockets)).getsockname()[1]
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("server is not started")
+        return self._port
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets (to tune their options)."""
+        return [] if self._server is None else list(self._server.sockets)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close(close_connections=False)
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert self._writer is not None  # set by start(), before any connection
+        transport = WebSocketTransport(ws, self._writer, self._max_frame_bytes)
+        endpoint = self._endpoint
+        conn = endpoint.opened(transport)
+        try:
+            async for text in ws:
+                await endpoint.received(conn, text)
+                if ws.paused:  # the socket is above its high-water mark: back-pressure
+                    await transport.drain()
+        except ConnectionClosed:
+            pass
+        finally:
+            goodbye = ws.protocol.close_rcvd
+            await endpoint.closed(conn, None if goodbye is None else goodbye.code)

@@ -1,0 +1,223 @@
+"""The Broker contract, run on every implementation (memory now) with a fake clock.
+
+Each test takes ``make``: it builds a broker of the implementation under test
+with the given limits and clock. A new broker adds itself to ``IMPLEMENTATIONS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from rtchat_sdk import protocol as p
+from server_ref.broker import Broker, Draft, MemoryBroker, SessionRecord, StreamEntry
+from server_ref.errors import FrameTooLarge
+
+pytestmark = pytest.mark.timeout(10)
+
+Make = Callable[..., Broker]
+IMPLEMENTATIONS: dict[str, Make] = {"memory": MemoryBroker}
+
+
+@pytest.fixture(params=sorted(IMPLEMENTATIONS))
+def make(request: pytest.FixtureRequest) -> Make:
+    return IMPLEMENTATIONS[request.param]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def draft(stream: str, data: Any = None, *, sender: str | None = "s", echo: bool = False) -> Draft:
+    return Draft.message(
+        stream,
+        ns="/",
+        room="r",
+        event="e",
+        data=data,
+        sender=sender,
+        echo=echo,
+        max_bytes=1 << 20,
+    )
+
+
+async def fill(broker: Broker, stream: str, count: int) -> list[StreamEntry]:
+    return [await broker.append(stream, draft(stream)) for _ in range(count)]
+
+
+def model_text(entry: StreamEntry, data: Any, sender: str | None) -> str:
+    return p.encode(
+        p.MessageFrame(
+            stream=entry.stream,
+            epoch=entry.epoch,
+            offset=entry.offset,
+            ns="/",
+            room="r",
+            event="e",
+            data=data,
+            sender=sender,
+        )
+    )
+
+
+async def test_append_numbers_entries_and_renders_their_frame_as_the_model_does(
+    make: Make,
+) -> None:
+    broker = make()
+    first = await broker.append("a", draft("a", {"x": "é"}, sender="x", echo=True))
+    second = await broker.append("a", draft("a", [1, 2], sender=None))
+    other = await broker.append("b", draft("b", sender=None))
+    assert (first.offset, second.offset, other.offset) == (1, 2, 1)
+    assert first.epoch == second.epoch != other.epoch
+    assert (first.sender, first.echo) == ("x", True)
+    assert first.text == model_text(first, {"x": "é"}, "x")
+    assert second.text == model_text(second, [1, 2], None)
+    assert await broker.position("a") == (first.epoch, 2)
+
+
+async def test_append_is_idempotent_by_key(make: Make) -> None:
+    broker = make()
+    first = await broker.append("a", draft("a", 1), key="s:1")
+    again = await broker.append("a", draft("a", 1), key="s:1")
+    second = await broker.append("a", draft("a", 2), key="s:2")
+    assert again == first
+    assert (first.offset, second.offset) == (1, 2)
+    assert [e.offset for e in (await broker.read_since("a", first.epoch, 0)).entries] == [1, 2]
+
+
+async def test_append_over_the_size_limit_numbers_nothing(make: Make) -> None:
+    broker = make()
+    big = Draft.message(
+        "a", ns="/", room="r", event="e", data="x" * 200, sender=None, echo=False, max_bytes=200
+    )
+    with pytest.raises(FrameTooLarge):
+        await broker.append("a", big)
+    assert (await broker.position("a"))[1] == 0
+    assert (await broker.append("a", draft("a"))).offset == 1
+
+
+async def test_the_servers_clock_is_used_when_started_with_it(make: Make) -> None:
+    clock = FakeClock()
+    broker = make(history_seconds=60)
+    await broker.start(clock)
+    old = await fill(broker, "a", 1)
+    clock.now += 61
+    replay = await broker.read_since("a", old[0].epoch, 0)
+    assert (replay.gap, replay.gap_offset) == ("trimmed", 1)
+
+
+async def test_replace_reaches_the_owning_node_only(make: Make) -> None:
+    broker = make()
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    await broker.watch_replaced("a", seen["a"].append)
+    await broker.watch_replaced("b", seen["b"].append)
+    await broker.replace("a", "s1")
+    await broker.unwatch_replaced("b")
+    await broker.replace("b", "s2")
+    assert seen == {"a": ["s1"], "b": []}
+    record = SessionRecord("id1", "token1", None, owner="a")
+    await broker.save_session(record, None)
+    loaded = await broker.load_session("token1")
+    assert loaded is not None
+    assert loaded.owner == "a"
+
+
+async def test_listeners_get_each_entry_in_order_until_unsubscribed(make: Make) -> None:
+    broker = make()
+    seen: list[int] = []
+
+    def listener(entry: StreamEntry) -> None:
+        seen.append(entry.offset)
+
+    await broker.subscribe("a", listener)
+    await fill(broker, "a", 3)
+    await broker.unsubscribe("a", listener)
+    await fill(broker, "a", 1)
+    assert seen == [1, 2, 3]
+
+
+async def test_read_since_returns_what_follows_a_position(make: Make) -> None:
+    broker = make()
+    entries = await fill(broker, "a", 5)
+    epoch = entries[0].epoch
+    replay = await broker.read_since("a", epoch, 2)
+    assert [e.offset for e in replay.entries] == [3, 4, 5]
+    assert (replay.gap, replay.offset) == (None, 5)
+    assert (await broker.read_since("a", epoch, 5)).entries == []
+
+
+async def test_history_bounded_by_count_reports_trimmed(make: Make) -> None:
+    broker = make(history_size=3)
+    entries = await fill(broker, "a", 10)
+    replay = await broker.read_since("a", entries[0].epoch, 2)
+    assert replay.gap == "trimmed"
+    assert replay.gap_offset == 7
+    assert [e.offset for e in replay.entries] == [8, 9, 10]
+
+
+async def test_history_bounded_by_age_reports_trimmed(make: Make) -> None:
+    clock = FakeClock()
+    broker = make(history_seconds=60, clock=clock)
+    old = await fill(broker, "a", 2)
+    clock.now += 61
+    await fill(broker, "a", 1)
+    replay = await broker.read_since("a", old[0].epoch, 0)
+    assert (replay.gap, replay.gap_offset) == ("trimmed", 2)
+    assert [e.offset for e in replay.entries] == [3]
+
+
+async def test_unknown_epoch_replays_the_whole_current_epoch_after_a_gap(make: Make) -> None:
+    broker = make()
+    await fill(broker, "a", 2)
+    replay = await broker.read_since("a", "from-a-previous-life", 40)
+    assert (replay.gap, replay.gap_offset) == ("epoch_changed", 0)
+    assert [e.offset for e in replay.entries] == [1, 2]
+
+
+async def test_sessions_expire_at_their_ttl_and_not_while_attached(make: Make) -> None:
+    clock = FakeClock()
+    broker = make(clock=clock)
+    record = SessionRecord("id1", "token1", "ann")
+    await broker.save_session(record, None)
+    clock.now += 10_000
+    assert await broker.load_session("token1") is record
+    await broker.save_session(record, 30)
+    clock.now += 29.9
+    assert await broker.load_session("token1") is record
+    clock.now += 0.1
+    assert await broker.load_session("token1") is None
+    assert await broker.load_session("unknown") is None
+
+
+async def test_dedupe_records_replies_and_evicts_the_oldest(make: Make) -> None:
+    broker = make(dedupe_size=2)
+    assert await broker.recall_reply("s", 1) == (False, None)
+    for i in (1, 2, 3):
+        await broker.remember_reply("s", i, f"reply{i}")
+    assert await broker.recall_reply("s", 3) == (True, "reply3")
+    assert await broker.recall_reply("s", 1) == (True, None)  # processed, reply evicted
+    assert await broker.recall_reply("s", 4) == (False, None)
+    await broker.forget_replies("s", 2)
+    assert await broker.recall_reply("s", 2) == (True, None)
+    assert await broker.recall_reply("other", 1) == (False, None)
+
+
+async def test_deleting_a_session_drops_its_dedupe_records(make: Make) -> None:
+    broker = make()
+    record = SessionRecord("id1", "token1", None)
+    await broker.save_session(record, None)
+    await broker.remember_reply("id1", 1, "r")
+    await broker.delete_session(record)
+    assert await broker.load_session("token1") is None
+    assert await broker.recall_reply("id1", 1) == (False, None)
+
+
+def test_limits_must_be_positive(make: Make) -> None:
+    with pytest.raises(ValueError, match="positive"):
+        make(history_size=0)

@@ -1,0 +1,261 @@
+"""The server hub on its own: a fake clock, the memory broker, calls answered by the test.
+
+No sockets and no asyncio: ``HubNet`` (tests/hubnet.py) carries out the
+hub's commands, and with ``auto=False`` the test decides when each call the
+hub asked for is answered, to put inputs in between.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from rtchat_sdk import protocol as p
+from server_ref.config import ServerConfig
+from server_ref.core.commands import BrokerCall, Handle
+from tests.hubnet import HubNet
+
+pytestmark = pytest.mark.timeout(10)
+
+ROOM = p.room_stream(p.DEFAULT_NAMESPACE, "r")
+
+
+def with_echo(net: HubNet) -> list[Any]:
+    """Register ``echo``, which records what it was given."""
+    seen: list[Any] = []
+
+    @net.namespaces["/"].on("echo")
+    def echo(ctx: object, data: Any) -> Any:
+        seen.append(data)
+        return data
+
+    return seen
+
+
+def request(i: int, data: Any = None) -> dict[str, Any]:
+    return {"type": "request", "id": i, "event": "echo", "data": data}
+
+
+def test_hello_gets_welcome_and_frames_sent_during_the_hello_wait_for_it() -> None:
+    net = HubNet(auto=False)
+    with_echo(net)
+    conn = net.open()
+    net.send(conn, {"type": "hello", "protocol": 1})
+    net.send(conn, request(1, "early"))  # before the hello is handled
+    assert net.frames(conn) == []
+    net.answer_all()
+    welcome, reply = net.frames(conn)
+    assert welcome["type"] == "welcome"
+    assert (reply["type"], reply["id"], reply["data"]) == ("reply", 1, "early")
+
+
+def test_a_sessions_messages_run_one_at_a_time_in_order() -> None:
+    net = HubNet()
+    seen = with_echo(net)
+    conn, _ = net.hello()
+    net.auto = False
+    net.send(conn, request(1, "a"))
+    net.send(conn, request(2, "b"))
+    # Only the first message's dedupe lookup is asked for; the second waits its turn.
+    assert [(c.method, c.args[1]) for c in net.pending if isinstance(c, BrokerCall)] == [
+        ("recall_reply", 1)
+    ]
+    net.answer_all()
+    assert seen == ["a", "b"]
+    assert [(f["id"], f["data"]) for f in net.frames(conn)] == [(1, "a"), (2, "b")]
+
+
+def test_a_resent_message_gets_its_first_reply_and_is_not_run_again() -> None:
+    net = HubNet()
+    seen = with_echo(net)
+    conn, _ = net.hello()
+    net.send(conn, request(1, "once"))
+    net.send(conn, request(1, "once"))
+    assert seen == ["once"]
+    first, again = net.frames(conn)
+    assert first == again
+
+
+def test_live_entries_during_a_replay_follow_it_without_duplicates() -> None:
+    net = HubNet()
+    conn, welcome = net.hello()
+    net.send(conn, {"type": "join", "id": 1, "ns": "/", "room": "r"})
+    (joined,) = net.frames(conn)
+    epoch = joined["data"]["epoch"]
+    for i in range(3):
+        net.publish(ROOM, f"before {i}")
+    net.close(conn, p.CloseCode.GOING_AWAY)  # dropped, not a goodbye
+    net.auto = False
+    resume = {
+        "token": welcome["token"],
+        "session": welcome["session"],
+        "streams": [{"stream": ROOM, "epoch": epoch, "offset": 1, "ns": "/", "room": "r"}],
+        "last_reply": 1,
+    }
+    conn = net.open()
+    net.send(conn, {"type": "hello", "protocol": 1, "resume": resume})
+    while not any(
+        isinstance(c, BrokerCall) and c.method == "read_since" and c.args[0] == ROOM
+        for c in net.pending
+    ):
+        net.answer()
+    net.publish(ROOM, "during 0")  # the replay has not read the room yet: covered by it
+    net.answer()  # the replay reads the room
+    net.publish(ROOM, "during 1")  # after the read, while the replay is not done: held
+    net.answer_all()
+    net.publish(ROOM, "after")
+    frames = net.frames(conn)
+    assert frames[0]["type"] == "welcome"
+    assert frames[0]["resumed"] is True
+    room = [(f["offset"], f["data"]) for f in frames if f.get("stream") == ROOM]
+    assert room == [
+        (2, "before 1"),
+        (3, "before 2"),
+        (4, "during 0"),
+        (5, "during 1"),
+        (6, "after"),
+    ]
+
+
+def test_own_publishes_come_back_only_with_echo() -> None:
+    net = HubNet()
+    conn, _ = net.hello()
+    net.send(conn, {"type": "join", "id": 1, "ns": "/", "room": "r"})
+    for i, echo in ((2, False), (3, True)):
+        net.send(
+            conn,
+            {"type": "publish", "id": i, "ns": "/", "room": "r", "event": "m", "echo": echo},
+        )
+    deliveries = [f["offset"] for f in net.frames(conn) if f["type"] == "message"]
+    assert deliveries == [2]
+
+
+def test_heartbeats_ping_a_silent_peer_then_close_it() -> None:
+    config = ServerConfig(heartbeat_interval=10, heartbeat_timeout=5)
+    net = HubNet(config)
+    conn, _ = net.hello()
+    net.advance(10)
+    assert [f["type"] for f in net.frames(conn)] == ["ping"]
+    assert conn not in net.closed
+    net.advance(5)
+    assert net.closed[conn] == p.CloseCode.HEARTBEAT_TIMEOUT
+
+
+def test_a_connection_without_hello_is_closed_at_the_handshake_timeout() -> None:
+    net = HubNet(ServerConfig(handshake_timeout=3))
+    conn = net.open()
+    net.advance(2.9)
+    assert conn not in net.closed
+    net.advance(0.1)
+    assert net.closed[conn] == p.CloseCode.HANDSHAKE_TIMEOUT
+
+
+def test_a_slow_handler_is_not_taken_for_a_silent_peer() -> None:
+    config = ServerConfig(heartbeat_interval=10, heartbeat_timeout=5)
+    net = HubNet(config)
+    with_echo(net)
+    conn, _ = net.hello()
+    net.auto = False
+    net.send(conn, request(1))
+    while not any(isinstance(c, Handle) for c in net.pending):
+        net.answer()
+    net.advance(60)  # the handler runs all this time
+    assert conn not in net.closed
+    net.answer_all()
+    assert [f["type"] for f in net.frames(conn)][-1] == "reply"
+
+
+def test_a_detached_session_is_resumable_until_its_ttl() -> None:
+    net = HubNet(ServerConfig(session_ttl=30))
+    conn, welcome = net.hello()
+    net.close(conn, p.CloseCode.GOING_AWAY)
+    net.advance(29)
+    assert net.hub.session_ids() == [welcome["session"]]
+    net.advance(1)
+    assert net.hub.session_ids() == []
+    resume = {"token": welcome["token"], "session": welcome["session"]}
+    net.now += 1
+    _, again = net.hello(resume=resume)
+    assert again["resumed"] is False
+    assert again["session"] != welcome["session"]
+
+
+def test_goodbye_ends_the_session() -> None:
+    net = HubNet()
+    conn, welcome = net.hello()
+    net.close(conn, p.CloseCode.NORMAL)
+    assert net.hub.session_ids() == []
+    _, again = net.hello(resume={"token": welcome["token"]})
+    assert again["resumed"] is False
+
+
+def test_a_session_resumed_on_a_new_connection_closes_the_old_one_with_4006() -> None:
+    net = HubNet()
+    old, welcome = net.hello()
+    new, again = net.hello(resume={"token": welcome["token"], "session": welcome["session"]})
+    assert again["resumed"] is True
+    assert net.closed == {old: p.CloseCode.SESSION_REPLACED}
+    net.publish(p.inbox_stream(welcome["session"]), "direct")
+    assert [f["data"] for f in net.frames(new) if f["type"] == "message"] == ["direct"]
+    assert net.frames(old) == []
+
+
+def test_a_slow_consumer_is_closed_with_4005_and_sent_nothing_more() -> None:
+    net = HubNet()
+    conn, _ = net.hello()
+    net.send(conn, {"type": "join", "id": 1, "ns": "/", "room": "r"})
+    net.frames(conn)
+    net.hub.connection_slow(conn, net.now)
+    net.run()
+    assert net.closed == {conn: p.CloseCode.SLOW_CONSUMER}
+    net.publish(ROOM, "late")
+    assert net.sent[conn] == []
+
+
+def test_past_max_connections_a_connection_is_told_to_come_back_later() -> None:
+    net = HubNet(ServerConfig(max_connections=1))
+    net.hello()
+    refused = net.open()
+    (notice,) = net.frames(refused)
+    assert (notice["type"], notice["code"]) == ("error", "overloaded")
+    assert net.closed[refused] == p.CloseCode.TRY_AGAIN_LATER
+
+
+def test_shutdown_tells_every_connection_and_closes_it_going_away() -> None:
+    net = HubNet()
+    conn, _ = net.hello()
+    net.hub.shutdown(net.now)
+    net.run()
+    (notice,) = net.frames(conn)
+    assert notice["code"] == "shutting_down"
+    assert net.closed == {conn: p.CloseCode.GOING_AWAY}
+    late = net.open()
+    assert net.closed[late] == p.CloseCode.GOING_AWAY
+
+
+def test_an_unknown_user_is_refused_with_4001() -> None:
+    net = HubNet(users={"good": "ann"})
+    conn = net.open()
+    net.send(conn, {"type": "hello", "protocol": 1, "auth": {"token": "bad"}})
+    (refusal,) = net.frames(conn)
+    assert refusal["code"] == "unauthorized"
+    assert net.closed[conn] == p.CloseCode.UNAUTHORIZED
+    ok, welcome = net.hello(auth={"token": "good"})
+    assert ok not in net.closed
+    assert welcome["resumed"] is False
+
+
+def test_leaving_a_room_stops_its_deliveries_and_its_subscription() -> None:
+    net = HubNet()
+    conn, _ = net.hello()
+    net.send(conn, {"type": "join", "id": 1, "ns": "/", "room": "r"})
+    net.send(conn, {"type": "leave", "id": 2, "ns": "/", "room": "r"})
+    net.publish(ROOM, "not for us")
+    assert [f["type"] for f in net.frames(conn)] == ["reply", "reply"]
+    subscriptions = [
+        (c.method, c.args[0])
+        for c in net.calls
+        if isinstance(c, BrokerCall) and c.method.endswith("subscribe") and c.args[0] == ROOM
+    ]
+    assert subscriptions == [("subscribe", ROOM), ("unsubscribe", ROOM)]
