@@ -26,8 +26,8 @@ from typing import Any
 from rtchat_sdk import protocol as p
 from rtchat_sdk.events import Event, event_name
 
-from .app import Context, Namespace
-from .broker import Broker, Draft, MemoryBroker, StreamEntry
+from .app import Context, Host, Namespace
+from .broker import Broker, Draft, EntryListener, MemoryBroker, StreamEntry
 from .config import ServerConfig
 from .core.commands import (
     Authenticate,
@@ -46,7 +46,7 @@ from .errors import FrameTooLarge
 from .transports.base import Listener, Transport
 from .transports.websocket import WebSocketListener
 
-__all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig"]
+__all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig", "run_call"]
 
 log = logging.getLogger("server_ref")
 
@@ -54,6 +54,38 @@ Authenticator = Callable[[dict[str, Any] | None], "str | Awaitable[str | None] |
 """Gets ``hello.auth``; returns the user identity, or None to refuse."""
 
 _WITH_LISTENER = frozenset({"subscribe", "unsubscribe"})
+
+
+async def run_call(
+    call: Call,
+    *,
+    broker: Broker,
+    namespaces: dict[str, Namespace],
+    host: Host,
+    authenticate: Authenticator | None,
+    listener: EntryListener,
+) -> Any:
+    """Carry out one call the hub asked for; its result (or its exception).
+
+    The one place a call becomes app or broker code: the server's driver and
+    the tests' (tests/hubnet.py) both use it.
+    """
+    if isinstance(call, BrokerCall):
+        method = getattr(broker, call.method)
+        if call.method in _WITH_LISTENER:
+            return await method(*call.args, listener)
+        return await method(*call.args)
+    if isinstance(call, Handle):
+        ctx = Context(host, call.session_id, call.user, call.ns)
+        return await namespaces[call.ns].call(ctx, call.event, call.data)
+    if isinstance(call, MayJoin):
+        ctx = Context(host, call.session_id, call.user, call.ns)
+        return await namespaces[call.ns].may_join(ctx, call.room)
+    assert authenticate is not None  # the hub asks only when there is an authenticator
+    result = authenticate(call.auth)
+    if isinstance(result, Awaitable):
+        result = await result
+    return result
 
 
 class Server:
@@ -380,23 +412,15 @@ class Server:
         await self._call(call)
         await self._pump()
 
-    async def _outcome(self, call: Call) -> Any:
-        if isinstance(call, BrokerCall):
-            method = getattr(self.broker, call.method)
-            if call.method in _WITH_LISTENER:
-                return await method(*call.args, self._on_entry)
-            return await method(*call.args)
-        if isinstance(call, Handle):
-            ctx = Context(self, call.session_id, call.user, call.ns)
-            return await self._namespaces[call.ns].call(ctx, call.event, call.data)
-        if isinstance(call, MayJoin):
-            ctx = Context(self, call.session_id, call.user, call.ns)
-            return await self._namespaces[call.ns].may_join(ctx, call.room)
-        assert self._authenticate is not None  # the hub asks only when there is one
-        result = self._authenticate(call.auth)
-        if isinstance(result, Awaitable):
-            result = await result
-        return result
+    def _outcome(self, call: Call) -> Awaitable[Any]:
+        return run_call(
+            call,
+            broker=self.broker,
+            namespaces=self._namespaces,
+            host=self,
+            authenticate=self._authenticate,
+            listener=self._on_entry,
+        )
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
