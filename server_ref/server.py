@@ -36,7 +36,6 @@ from .core.commands import (
     Call,
     Close,
     Deliver,
-    Finished,
     Handle,
     MayJoin,
     Send,
@@ -344,45 +343,37 @@ class Server:
         Calls after the first (commands of independent operations) run in tasks.
         """
         first: Call | None = None
-        commands = self.hub.take_commands()
         transports = self._transports
-        for cmd in commands:
-            kind = type(cmd)
-            if kind is Send:
-                assert isinstance(cmd, Send)
+        for cmd in self.hub.take_commands():
+            if isinstance(cmd, Send):
                 t = transports.get(cmd.conn)
                 if t is not None:
                     for text in cmd.frames:
                         t.write(text.encode())
-            elif kind is Deliver:
-                assert isinstance(cmd, Deliver)
+            elif isinstance(cmd, BrokerCall | Handle | MayJoin | Authenticate):
+                if first is None and not spawn_calls:
+                    first = cmd
+                else:
+                    self._spawn(self._call_then_pump(cmd))
+            elif isinstance(cmd, Deliver):
                 self._deliver(cmd)
-            elif kind is Close:
-                assert isinstance(cmd, Close)
+            elif isinstance(cmd, Close):
                 t = transports.get(cmd.conn)
                 if t is not None:
                     task = asyncio.ensure_future(t.close(cmd.code, cmd.reason))
                     self._closes.add(task)
                     task.add_done_callback(self._closes.discard)
-            elif kind is Batching:
-                assert isinstance(cmd, Batching)
+            elif isinstance(cmd, Batching):
                 t = transports.get(cmd.conn)
                 if t is not None:
                     t.batching = True
-            elif kind is Finished:
-                assert isinstance(cmd, Finished)
+            else:
                 future = self._finished.pop(cmd.op, None)
                 if future is not None and not future.done():
                     if cmd.error is not None:
                         future.set_exception(cmd.error)
                     else:
                         future.set_result(cmd.result)
-            else:
-                assert isinstance(cmd, BrokerCall | Authenticate | MayJoin | Handle)
-                if first is None and not spawn_calls:
-                    first = cmd
-                else:
-                    self._spawn(self._call_then_pump(cmd))
         return first
 
     def _deliver(self, cmd: Deliver) -> None:
@@ -402,7 +393,14 @@ class Server:
     async def _call(self, call: Call) -> None:
         """Run one call and hand its outcome back to the hub."""
         try:
-            result = await self._outcome(call)
+            # The two common cases first, without run_call's dispatch.
+            if type(call) is BrokerCall and call.method not in _WITH_LISTENER:
+                result = await getattr(self.broker, call.method)(*call.args)
+            elif type(call) is Handle:
+                ctx = Context(self, call.session_id, call.user, call.ns)
+                result = await self._namespaces[call.ns].call(ctx, call.event, call.data)
+            else:
+                result = await self._outcome(call)
         except Exception as exc:
             self.hub.call_failed(call.op, exc, self._clock())
         else:
