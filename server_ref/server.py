@@ -26,8 +26,8 @@ from typing import Any
 from rtchat_sdk import protocol as p
 from rtchat_sdk.events import Event, event_name
 
-from .app import Context, Namespace
-from .broker import Broker, Draft, MemoryBroker, StreamEntry
+from .app import Context, Host, Namespace
+from .broker import Broker, Draft, EntryListener, MemoryBroker, StreamEntry
 from .config import ServerConfig
 from .core.commands import (
     Authenticate,
@@ -36,7 +36,6 @@ from .core.commands import (
     Call,
     Close,
     Deliver,
-    Finished,
     Handle,
     MayJoin,
     Send,
@@ -46,7 +45,7 @@ from .errors import FrameTooLarge
 from .transports.base import Listener, Transport
 from .transports.websocket import WebSocketListener
 
-__all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig"]
+__all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig", "run_call"]
 
 log = logging.getLogger("server_ref")
 
@@ -54,6 +53,38 @@ Authenticator = Callable[[dict[str, Any] | None], "str | Awaitable[str | None] |
 """Gets ``hello.auth``; returns the user identity, or None to refuse."""
 
 _WITH_LISTENER = frozenset({"subscribe", "unsubscribe"})
+
+
+async def run_call(
+    call: Call,
+    *,
+    broker: Broker,
+    namespaces: dict[str, Namespace],
+    host: Host,
+    authenticate: Authenticator | None,
+    listener: EntryListener,
+) -> Any:
+    """Carry out one call the hub asked for; its result (or its exception).
+
+    The one place a call becomes app or broker code: the server's driver and
+    the tests' (tests/hubnet.py) both use it.
+    """
+    if isinstance(call, BrokerCall):
+        method = getattr(broker, call.method)
+        if call.method in _WITH_LISTENER:
+            return await method(*call.args, listener)
+        return await method(*call.args)
+    if isinstance(call, Handle):
+        ctx = Context(host, call.session_id, call.user, call.ns)
+        return await namespaces[call.ns].call(ctx, call.event, call.data)
+    if isinstance(call, MayJoin):
+        ctx = Context(host, call.session_id, call.user, call.ns)
+        return await namespaces[call.ns].may_join(ctx, call.room)
+    assert authenticate is not None  # the hub asks only when there is an authenticator
+    result = authenticate(call.auth)
+    if isinstance(result, Awaitable):
+        result = await result
+    return result
 
 
 class Server:
@@ -312,45 +343,37 @@ class Server:
         Calls after the first (commands of independent operations) run in tasks.
         """
         first: Call | None = None
-        commands = self.hub.take_commands()
         transports = self._transports
-        for cmd in commands:
-            kind = type(cmd)
-            if kind is Send:
-                assert isinstance(cmd, Send)
+        for cmd in self.hub.take_commands():
+            if isinstance(cmd, Send):
                 t = transports.get(cmd.conn)
                 if t is not None:
                     for text in cmd.frames:
                         t.write(text.encode())
-            elif kind is Deliver:
-                assert isinstance(cmd, Deliver)
+            elif isinstance(cmd, BrokerCall | Handle | MayJoin | Authenticate):
+                if first is None and not spawn_calls:
+                    first = cmd
+                else:
+                    self._spawn(self._call_then_pump(cmd))
+            elif isinstance(cmd, Deliver):
                 self._deliver(cmd)
-            elif kind is Close:
-                assert isinstance(cmd, Close)
+            elif isinstance(cmd, Close):
                 t = transports.get(cmd.conn)
                 if t is not None:
                     task = asyncio.ensure_future(t.close(cmd.code, cmd.reason))
                     self._closes.add(task)
                     task.add_done_callback(self._closes.discard)
-            elif kind is Batching:
-                assert isinstance(cmd, Batching)
+            elif isinstance(cmd, Batching):
                 t = transports.get(cmd.conn)
                 if t is not None:
                     t.batching = True
-            elif kind is Finished:
-                assert isinstance(cmd, Finished)
+            else:
                 future = self._finished.pop(cmd.op, None)
                 if future is not None and not future.done():
                     if cmd.error is not None:
                         future.set_exception(cmd.error)
                     else:
                         future.set_result(cmd.result)
-            else:
-                assert isinstance(cmd, BrokerCall | Authenticate | MayJoin | Handle)
-                if first is None and not spawn_calls:
-                    first = cmd
-                else:
-                    self._spawn(self._call_then_pump(cmd))
         return first
 
     def _deliver(self, cmd: Deliver) -> None:
@@ -370,7 +393,14 @@ class Server:
     async def _call(self, call: Call) -> None:
         """Run one call and hand its outcome back to the hub."""
         try:
-            result = await self._outcome(call)
+            # The two common cases first, without run_call's dispatch.
+            if type(call) is BrokerCall and call.method not in _WITH_LISTENER:
+                result = await getattr(self.broker, call.method)(*call.args)
+            elif type(call) is Handle:
+                ctx = Context(self, call.session_id, call.user, call.ns)
+                result = await self._namespaces[call.ns].call(ctx, call.event, call.data)
+            else:
+                result = await self._outcome(call)
         except Exception as exc:
             self.hub.call_failed(call.op, exc, self._clock())
         else:
@@ -380,23 +410,15 @@ class Server:
         await self._call(call)
         await self._pump()
 
-    async def _outcome(self, call: Call) -> Any:
-        if isinstance(call, BrokerCall):
-            method = getattr(self.broker, call.method)
-            if call.method in _WITH_LISTENER:
-                return await method(*call.args, self._on_entry)
-            return await method(*call.args)
-        if isinstance(call, Handle):
-            ctx = Context(self, call.session_id, call.user, call.ns)
-            return await self._namespaces[call.ns].call(ctx, call.event, call.data)
-        if isinstance(call, MayJoin):
-            ctx = Context(self, call.session_id, call.user, call.ns)
-            return await self._namespaces[call.ns].may_join(ctx, call.room)
-        assert self._authenticate is not None  # the hub asks only when there is one
-        result = self._authenticate(call.auth)
-        if isinstance(result, Awaitable):
-            result = await result
-        return result
+    def _outcome(self, call: Call) -> Awaitable[Any]:
+        return run_call(
+            call,
+            broker=self.broker,
+            namespaces=self._namespaces,
+            host=self,
+            authenticate=self._authenticate,
+            listener=self._on_entry,
+        )
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)

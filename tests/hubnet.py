@@ -17,22 +17,19 @@ from collections.abc import Coroutine
 from typing import Any
 
 from rtchat_sdk import protocol as p
-from server_ref.app import Context, Namespace
+from server_ref.app import Namespace
 from server_ref.broker import MemoryBroker, StreamEntry
 from server_ref.config import ServerConfig
 from server_ref.core.commands import (
-    Authenticate,
     Batching,
-    BrokerCall,
     Call,
     Close,
     Deliver,
     Finished,
-    Handle,
-    MayJoin,
     Send,
 )
 from server_ref.core.hub import Hub
+from server_ref.server import run_call
 
 __all__ = ["HubNet", "run_now"]
 
@@ -74,7 +71,9 @@ class HubNet:
             namespaces=self.namespaces,
             node="node-1",
             authenticates=users is not None,
+            new_session=self._new_session,
         )
+        self._sessions_made = 0
         self.auto = auto
         """Answer every call at once; when False they wait in ``pending``."""
         self.sent: dict[int, list[str]] = defaultdict(list)
@@ -84,6 +83,11 @@ class HubNet:
         self.pending: list[Call] = []
         self.calls: list[Call] = []
         """Every call the hub asked for, in order."""
+
+    def _new_session(self) -> tuple[str, str]:
+        """Numbered session ids and tokens, so runs replay exactly."""
+        self._sessions_made += 1
+        return f"session-{self._sessions_made}", f"token-{self._sessions_made}"
 
     # ------------------------------------------------------------------
     # Inputs
@@ -198,21 +202,19 @@ class HubNet:
         while self.pending:
             self.answer(0)
 
-    async def _outcome(self, call: Call) -> Any:
-        if isinstance(call, BrokerCall):
-            method = getattr(self.broker, call.method)
-            if call.method in ("subscribe", "unsubscribe"):
-                return await method(*call.args, self._on_entry)
-            return await method(*call.args)
-        if isinstance(call, Handle):
-            ctx = Context(_NoHost(), call.session_id, call.user, call.ns)
-            return await self.namespaces[call.ns].call(ctx, call.event, call.data)
-        if isinstance(call, MayJoin):
-            ctx = Context(_NoHost(), call.session_id, call.user, call.ns)
-            return await self.namespaces[call.ns].may_join(ctx, call.room)
-        assert isinstance(call, Authenticate)
+    def _outcome(self, call: Call) -> Coroutine[Any, Any, Any]:
+        return run_call(
+            call,
+            broker=self.broker,
+            namespaces=self.namespaces,
+            host=_NoHost(),
+            authenticate=self._authenticate if self.users is not None else None,
+            listener=self._on_entry,
+        )
+
+    def _authenticate(self, auth: dict[str, Any] | None) -> str | None:
         assert self.users is not None
-        return self.users.get((call.auth or {}).get("token", ""))
+        return self.users.get((auth or {}).get("token", ""))
 
     def _on_entry(self, entry: StreamEntry) -> None:
         self.hub.entry_appended(entry)

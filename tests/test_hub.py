@@ -57,13 +57,30 @@ def test_a_sessions_messages_run_one_at_a_time_in_order() -> None:
     net.auto = False
     net.send(conn, request(1, "a"))
     net.send(conn, request(2, "b"))
-    # Only the first message's dedupe lookup is asked for; the second waits its turn.
-    assert [(c.method, c.args[1]) for c in net.pending if isinstance(c, BrokerCall)] == [
-        ("recall_reply", 1)
-    ]
+    # Only the first message's handler is asked for; the second waits its turn.
+    assert [(type(c).__name__, getattr(c, "data", None)) for c in net.pending] == [("Handle", "a")]
     net.answer_all()
     assert seen == ["a", "b"]
     assert [(f["id"], f["data"]) for f in net.frames(conn)] == [(1, "a"), (2, "b")]
+
+
+def test_a_session_from_another_node_asks_the_dedupe_records_for_every_message() -> None:
+    net = HubNet()
+    seen = with_echo(net)
+    conn, welcome = net.hello()
+    net.send(conn, request(1, "here"))
+    assert not any(isinstance(c, BrokerCall) and c.method == "recall_reply" for c in net.calls)
+    net.close(conn, p.CloseCode.GOING_AWAY)
+    record = net.hub.sessions.by_id[welcome["session"]].record
+    record.owner = "another-node"  # as if it had been resumed there since
+    conn, _ = net.hello(resume={"token": welcome["token"], "session": welcome["session"]})
+    net.send(conn, request(1, "here"))  # resent: answered from the records, not run
+    net.send(conn, request(2, "next"))
+    recalls = [
+        c.args[1] for c in net.calls if isinstance(c, BrokerCall) and c.method == "recall_reply"
+    ]
+    assert recalls == [1, 2]
+    assert seen == ["here", "next"]
 
 
 def test_a_resent_message_gets_its_first_reply_and_is_not_run_again() -> None:

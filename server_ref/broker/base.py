@@ -40,7 +40,7 @@ __all__ = [
     "Broker",
     "Clock",
     "Draft",
-    "Listener",
+    "EntryListener",
     "Replay",
     "ReplacedListener",
     "SessionRecord",
@@ -152,7 +152,7 @@ class SessionRecord:
     """The node holding the session's live connection, None while detached."""
 
 
-Listener = Callable[[StreamEntry], None]
+EntryListener = Callable[[StreamEntry], None]
 ReplacedListener = Callable[[str], None]
 """Called with a session id another connection took over."""
 
@@ -190,11 +190,11 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    async def subscribe(self, stream: str, listener: Listener) -> None:
+    async def subscribe(self, stream: str, listener: EntryListener) -> None:
         """Call ``listener`` with every entry appended to ``stream`` once this returns."""
 
     @abstractmethod
-    async def unsubscribe(self, stream: str, listener: Listener) -> None:
+    async def unsubscribe(self, stream: str, listener: EntryListener) -> None:
         """Stop calling ``listener`` for ``stream``."""
 
     # ------------------------------------------------------------------

@@ -22,7 +22,7 @@ from .base import (
     Broker,
     Clock,
     Draft,
-    Listener,
+    EntryListener,
     ReplacedListener,
     Replay,
     SessionRecord,
@@ -39,7 +39,7 @@ class _Stream:
         self.epoch = secrets.token_hex(8)
         self.offset = 0
         self.entries: deque[StreamEntry] = deque(maxlen=history_size)
-        self.listeners: list[Listener] = []
+        self.listeners: list[EntryListener] = []
 
 
 class _Dedupe:
@@ -138,10 +138,10 @@ class MemoryBroker(Broker):
         entries = [s.entries[i] for i in range(offset + 1 - oldest, len(s.entries))]
         return Replay(entries, s.epoch, s.offset, gap, offset)
 
-    async def subscribe(self, stream: str, listener: Listener) -> None:
+    async def subscribe(self, stream: str, listener: EntryListener) -> None:
         self._stream(stream).listeners.append(listener)
 
-    async def unsubscribe(self, stream: str, listener: Listener) -> None:
+    async def unsubscribe(self, stream: str, listener: EntryListener) -> None:
         s = self._streams.get(stream)
         if s is not None and listener in s.listeners:
             s.listeners.remove(listener)

@@ -199,7 +199,7 @@ class Hub:
                 assert not isinstance(frame, p.PingFrame | p.PongFrame)
                 c.busy += 1
                 self._enqueue(session, self._message(c, session, frame))
-        self._flush(c)
+        self._flush(c, received=True)
 
     def connection_closed(self, conn_id: int, peer_code: int | None, now: float) -> None:
         """The connection is gone; ``peer_code`` is the close code the peer sent, if any."""
@@ -238,8 +238,12 @@ class Hub:
                 c.core.close(p.CloseCode.GOING_AWAY, "server shutting down")
             self._flush(c)
 
-    def _flush(self, c: _Conn) -> None:
-        """Turn what the connection's core produced into commands."""
+    def _flush(self, c: _Conn, received: bool = False) -> None:
+        """Turn what the connection's core produced into commands.
+
+        ``received``: after a frame from the peer, which only moves the
+        connection's deadlines later, so a deadline already in the heap stands.
+        """
         core = c.core
         frames = core.data_to_send()
         if frames:
@@ -250,7 +254,8 @@ class Hub:
                 c.scheduled = None
                 self._closed(c)
             return
-        self._schedule(c)
+        if not (received and c.scheduled is not None):
+            self._schedule(c)
 
     def _closed(self, c: _Conn) -> None:
         """The hub closed the connection: it counts as gone, as if the peer had left."""
@@ -356,13 +361,21 @@ class Hub:
         except StopIteration as stop:
             self._ended(running, stop.value, None)
             return
-        except Exception as exc:  # a bug in an operation: report it, keep serving
+        except Exception as exc:  # a bug, or a broker that failed: report it, keep serving
             log.exception("server operation failed")
+            self._abandon(running, exc)
             self._ended(running, None, exc)
             return
         call.op = running.id
         self._ops[running.id] = running
         self._out.append(call)
+
+    def _abandon(self, running: _Running, exc: Exception) -> None:
+        """Failed half-way: close with 1011, so the client resends what has no answer."""
+        c = running.conn or (running.session.conn if running.session is not None else None)
+        if c is not None and c.core.close_code is None:
+            c.core.close(p.CloseCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+            self._flush(c)
 
     def _ended(self, running: _Running, result: Any, error: BaseException | None) -> None:
         if running.report:
@@ -452,6 +465,7 @@ class Hub:
             record.owner = self.node
             yield BrokerCall("save_session", (record, None))
             session = yield from self.sessions.attach_record(record)
+            session.highest = 0  # made here: every message it processes, this node sees
             yield from self._attach(c, session, False, hello.resume, refused)
             return
         previous_owner, record.owner = record.owner, self.node
@@ -459,6 +473,8 @@ class Hub:
         if previous_owner is not None and previous_owner != self.node:
             yield BrokerCall("replace", (previous_owner, record.id))
         session = yield from self.sessions.attach_record(record)
+        if previous_owner is not None and previous_owner != self.node:
+            session.highest = None  # another node may have processed its messages
         old = session.conn
         if old is not None and old is not c:
             old.session = None
@@ -551,7 +567,10 @@ class Hub:
     def _message(self, c: _Conn, session: Session, frame: MessageFrame) -> Op:
         """Dedupe, carry out and answer one client message."""
         try:
-            processed, stored = yield BrokerCall("recall_reply", (session.id, frame.id))
+            if session.highest is not None and frame.id > session.highest:
+                processed, stored = False, None  # newer than all it processed: no lookup
+            else:
+                processed, stored = yield BrokerCall("recall_reply", (session.id, frame.id))
             if processed:
                 self._send(
                     c,
@@ -573,6 +592,8 @@ class Hub:
                 leave=self.sessions.leave,
             )
             yield BrokerCall("remember_reply", (session.id, frame.id, reply))
+            if session.highest is not None and frame.id > session.highest:
+                session.highest = frame.id
             self._send(c, reply)
         finally:
             c.busy -= 1

@@ -35,6 +35,7 @@ class Session:
         "conn",
         "expires",
         "held",
+        "highest",
         "id",
         "inbox",
         "own",
@@ -59,6 +60,9 @@ class Session:
         self.busy = False
         """An operation of the session is running: the next waits in ``queue``."""
         self.queue: deque[Generator[Any, Any, Any]] = deque()
+        self.highest: int | None = None
+        """The highest message id it processed, when all of them were processed here
+        (None: unknown, ask the broker's dedupe records for every message)."""
 
 
 def wants(session: Session, entry: StreamEntry) -> bool:
