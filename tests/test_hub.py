@@ -276,3 +276,30 @@ def test_leaving_a_room_stops_its_deliveries_and_its_subscription() -> None:
         if isinstance(c, BrokerCall) and c.method.endswith("subscribe") and c.args[0] == ROOM
     ]
     assert subscriptions == [("subscribe", ROOM), ("unsubscribe", ROOM)]
+
+
+def test_a_slow_resume_never_replaces_a_newer_connection_of_the_session() -> None:
+    """Two hellos resume one session; the older one's handshake ends last. It must
+    not close the newer connection with 4006 (the client would stop for good,
+    SessionReplaced being fatal): the stale connection is the one closed."""
+    net = HubNet()
+    with_echo(net)
+    first, welcome = net.hello()
+    net.close(first, peer_code=None)  # the link died: the session waits to be resumed
+    resume = {"token": welcome["token"], "session": welcome["session"], "last_reply": 0}
+    net.auto = False
+    older = net.open()
+    net.send(older, {"type": "hello", "protocol": 1, "resume": resume})
+    assert net.pending  # its handshake waits on the broker
+    newer = net.open()
+    net.send(newer, {"type": "hello", "protocol": 1, "resume": resume})
+    stalled = len(net.pending) - 1
+    while len(net.pending) > stalled:  # the newer handshake runs to its welcome first
+        net.answer(len(net.pending) - 1)
+    assert net.frames(newer)[0]["type"] == "welcome"
+    net.answer_all()  # then the older one finishes
+    assert net.closed.get(older) == p.CloseCode.SESSION_REPLACED
+    assert newer not in net.closed
+    net.auto = True
+    net.send(newer, request(1, "still here"))
+    assert [(f["type"], f.get("id")) for f in net.frames(newer)] == [("reply", 1)]

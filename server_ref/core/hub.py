@@ -363,19 +363,16 @@ class Hub:
             return
         except Exception as exc:  # a bug, or a broker that failed: report it, keep serving
             log.exception("server operation failed")
-            self._abandon(running, exc)
+            # Failed half-way: close with 1011, so the client resends what has no answer.
+            c = running.conn or (running.session.conn if running.session is not None else None)
+            if c is not None and c.core.close_code is None:
+                c.core.close(p.CloseCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
+                self._flush(c)
             self._ended(running, None, exc)
             return
         call.op = running.id
         self._ops[running.id] = running
         self._out.append(call)
-
-    def _abandon(self, running: _Running, exc: Exception) -> None:
-        """Failed half-way: close with 1011, so the client resends what has no answer."""
-        c = running.conn or (running.session.conn if running.session is not None else None)
-        if c is not None and c.core.close_code is None:
-            c.core.close(p.CloseCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
-            self._flush(c)
 
     def _ended(self, running: _Running, result: Any, error: BaseException | None) -> None:
         if running.report:
@@ -476,7 +473,11 @@ class Hub:
         if previous_owner is not None and previous_owner != self.node:
             session.highest = None  # another node may have processed its messages
         old = session.conn
-        if old is not None and old is not c:
+        if old is not None and old is not c and c.core.close_code is None:
+            if old.id > c.id:  # a newer connection (ids grow) holds the session: we are stale
+                c.core.close(p.CloseCode.SESSION_REPLACED, "session resumed on a newer connection")
+                self._flush(c)
+                return
             old.session = None
             session.conn = None
             old.core.close(p.CloseCode.SESSION_REPLACED, "session resumed on another connection")
