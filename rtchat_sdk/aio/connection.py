@@ -50,6 +50,10 @@ class ConnectionState(StrEnum):
 AttemptCallback = Callable[[int, str], Any]
 
 
+_LINK_EVENTS = frozenset({Welcomed, Refused, ServerNotice, LinkDead})
+"""The events ``Link._observe`` acts on: the ones that concern the connection itself."""
+
+
 class Link:
     """Connections to the server, one after another, for one client session."""
 
@@ -329,7 +333,8 @@ class Link:
     def after_io(self) -> None:
         """Act on the session's events, write what is due, re-arm the timer."""
         for event in self._session.events_received():
-            self._observe(event)
+            if type(event) in _LINK_EVENTS:  # deliveries and replies skip the match
+                self._observe(event)
             self._on_event(event)
         self._flush()
         if self.closing:

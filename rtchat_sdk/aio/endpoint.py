@@ -28,6 +28,7 @@ from websockets.exceptions import (
     InvalidURI,
     WebSocketException,
 )
+from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
 __all__ = ["ProxySetting", "check_url", "choose_proxy", "describe_failure"]
@@ -67,8 +68,6 @@ def choose_proxy(url: str, proxy: ProxySetting) -> str | None:
     """The proxy to dial ``url`` through, or None to connect directly."""
     if proxy is not True:
         return proxy
-    from websockets.proxy import get_proxy
-
     uri = parse_uri(url)
     chosen = get_proxy(uri)
     if chosen is None and not urllib.request.proxy_bypass(f"{uri.host}:{uri.port}"):
