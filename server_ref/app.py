@@ -81,6 +81,10 @@ class Context:
         return await self.server.send_to(session_id, event, data, ns=self.ns)
 
 
+_PLAIN = frozenset({dict, list, str, int, float, bool, type(None)})
+"""Types of the common replies, which are never awaitable (skips isawaitable's ABC check)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Handler:
     func: Callable[..., Any]
@@ -153,7 +157,7 @@ class Namespace:
                 raise HandlerFailure(p.ErrorCode.INVALID_PAYLOAD, str(exc)) from exc
         try:
             result = handler.func(ctx, payload) if handler.wants_data else handler.func(ctx)
-            if inspect.isawaitable(result):
+            if type(result) not in _PLAIN and inspect.isawaitable(result):
                 result = await result
         except RemoteError as exc:
             raise HandlerFailure(exc.code, exc.message, exc.details) from exc

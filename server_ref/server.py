@@ -30,7 +30,7 @@ from .app import Context, Host, Namespace
 from .broker import Broker, Draft, EntryListener, MemoryBroker, StreamEntry
 from .config import ServerConfig
 from .core.commands import (
-    Authenticate,
+    CALLS,
     Batching,
     BrokerCall,
     Call,
@@ -42,8 +42,8 @@ from .core.commands import (
 )
 from .core.hub import Hub
 from .errors import FrameTooLarge
-from .transports.base import Listener, Transport
-from .transports.websocket import WebSocketListener
+from .transports.base import Listener, ListenerFactory, Transport
+from .transports.websocket import websocket_listener
 
 __all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig", "run_call"]
 
@@ -101,8 +101,11 @@ class Server:
         broker: Broker | None = None,
         authenticate: Authenticator | None = None,
         clock: Callable[[], float] = time.monotonic,
+        transport: ListenerFactory = websocket_listener,
     ) -> None:
         self.config = config or ServerConfig()
+        self._make_listener = transport
+        """What ``start`` listens with (``transports/``): WebSocket unless told otherwise."""
         self.broker = broker or MemoryBroker(
             history_size=self.config.history_size,
             history_seconds=self.config.history_seconds,
@@ -161,11 +164,7 @@ class Server:
         """Start listening; returns once the socket is bound."""
         await self.broker.start(self._clock)
         await self.broker.watch_replaced(self.node, self._replaced)
-        listener = WebSocketListener(
-            self,
-            max_frame_bytes=self.config.max_frame_bytes,
-            compression=self.config.compression,
-        )
+        listener = self._make_listener(self, self.config)
         await listener.start(host, port)
         self._listener = listener
         log.debug("rtchat server listening on %s:%s", host, self.port)
@@ -325,11 +324,25 @@ class Server:
 
     async def _pump(self) -> None:
         """Carry out the hub's commands; await their calls here, in order."""
+        hub = self.hub
+        clock = self._clock
         while True:
-            call = self._execute(spawn_calls=False)
+            call = hub.take_call() or self._execute(spawn_calls=False)
             if call is None:
                 break
-            await self._call(call)
+            # The two common calls first, without _outcome's dispatch.
+            try:
+                if type(call) is Handle:
+                    ctx = Context(self, call.session_id, call.user, call.ns)
+                    result = await self._namespaces[call.ns].call(ctx, call.event, call.data)
+                elif type(call) is BrokerCall and call.method not in _WITH_LISTENER:
+                    result = await getattr(self.broker, call.method)(*call.args)
+                else:
+                    result = await self._outcome(call)
+            except Exception as exc:
+                hub.call_failed(call.op, exc, clock())
+            else:
+                hub.call_done(call.op, result, clock())
         self._arm()
 
     def _drain(self) -> None:
@@ -350,7 +363,7 @@ class Server:
                 if t is not None:
                     for text in cmd.frames:
                         t.write(text.encode())
-            elif isinstance(cmd, BrokerCall | Handle | MayJoin | Authenticate):
+            elif isinstance(cmd, CALLS):
                 if first is None and not spawn_calls:
                     first = cmd
                 else:
@@ -393,14 +406,7 @@ class Server:
     async def _call(self, call: Call) -> None:
         """Run one call and hand its outcome back to the hub."""
         try:
-            # The two common cases first, without run_call's dispatch.
-            if type(call) is BrokerCall and call.method not in _WITH_LISTENER:
-                result = await getattr(self.broker, call.method)(*call.args)
-            elif type(call) is Handle:
-                ctx = Context(self, call.session_id, call.user, call.ns)
-                result = await self._namespaces[call.ns].call(ctx, call.event, call.data)
-            else:
-                result = await self._outcome(call)
+            result = await self._outcome(call)
         except Exception as exc:
             self.hub.call_failed(call.op, exc, self._clock())
         else:

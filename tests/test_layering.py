@@ -89,7 +89,9 @@ def test_importing_the_protocol_loads_only_the_protocol() -> None:
         "rtchat_sdk.events",
         "rtchat_sdk.protocol",
         "rtchat_sdk.protocol.codec",
+        "rtchat_sdk.protocol.fastpath",
         "rtchat_sdk.protocol.frames",
+        "rtchat_sdk.protocol.heartbeat",
     }
 
 

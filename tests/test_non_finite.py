@@ -22,7 +22,6 @@ from rtchat_sdk import Client, HandlerError, RemoteError, ValidationFailed
 from rtchat_sdk import protocol as p
 from rtchat_sdk.core import ClientSession, ProtocolViolation, Replied
 from server_ref import Context, Server
-from server_ref.core.connection import error_frame, reply_frame
 
 from .conftest import make_server
 from .helpers import Inbox, open_session, reply
@@ -49,19 +48,19 @@ def test_the_servers_reply_and_message_encoders_refuse_non_finite_data(
 ) -> None:
     message = f"{where}: JSON has no NaN or Infinity"
     with pytest.raises(ValidationFailed) as info:
-        reply_frame(1, data)
+        p.encode_reply(1, data)
     assert str(info.value) == message
     with pytest.raises(ValidationFailed) as info:
         p.encode(p.MessageFrame(stream="s", epoch="e", offset=1, event="ev", data=data))
     assert str(info.value) == message
     with pytest.raises(ValidationFailed) as info:
-        error_frame("custom", "text", 1, details=data)
+        p.encode_error("custom", "text", 1, details=data)
     assert str(info.value) == message.replace("data", "details", 1)
 
 
 def test_finite_data_and_the_letters_in_strings_encode_as_before() -> None:
     data = {"NaN": "Infinity", "n": [1.5, -0.0, 1e308], "s": "-Infinity NaN"}
-    assert reply_frame(3, data) == (
+    assert p.encode_reply(3, data) == (
         '{"type":"reply","id":3,"data":{"NaN":"Infinity","n":[1.5,-0.0,1e+308],'
         '"s":"-Infinity NaN"}}'
     )
@@ -237,9 +236,9 @@ def test_the_fast_encoders_refuse_exactly_what_the_models_refuse(data: Any) -> N
         except ValidationFailed as exc:
             return f"refused: {exc}"
 
-    assert outcome(lambda: reply_frame(5, data)) == outcome(
+    assert outcome(lambda: p.encode_reply(5, data)) == outcome(
         lambda: p.encode(p.ReplyFrame(id=5, data=data))
     )
-    assert outcome(lambda: error_frame("c", "m", 5, details=data)) == outcome(
+    assert outcome(lambda: p.encode_error("c", "m", 5, details=data)) == outcome(
         lambda: p.encode(p.ErrorFrame(id=5, code="c", message="m", details=data))
     )

@@ -19,7 +19,6 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from rtchat_sdk import protocol as p
 from server_ref.broker import MemoryBroker
-from server_ref.core.connection import error_frame, ping_frame, pong_frame, reply_frame
 from tests.conftest import make_server
 from tests.test_compression import connections
 
@@ -111,7 +110,7 @@ _JSON = st.recursive(
 @pytest.mark.parametrize("data", _REPRESENTATIVE)
 def test_reply_frame_is_exactly_the_model_encoding(data: Any) -> None:
     for message_id in (1, 42, 2**53 + 1):
-        text = reply_frame(message_id, data)
+        text = p.encode_reply(message_id, data)
         assert text == p.encode(p.ReplyFrame(id=message_id, data=data))
         assert isinstance(p.decode_server_frame(text), p.ReplyFrame)
 
@@ -125,7 +124,7 @@ def test_error_frame_is_exactly_the_model_encoding(data: Any) -> None:
         (p.ErrorCode.SHUTTING_DOWN, "bye", None, 0.25),
     ]
     for code, message, message_id, retry_after in cases:
-        text = error_frame(code, message, message_id, details=data, retry_after=retry_after)
+        text = p.encode_error(code, message, message_id, details=data, retry_after=retry_after)
         model = p.ErrorFrame(
             id=message_id, code=code, message=message, details=data, retry_after=retry_after
         )
@@ -135,15 +134,15 @@ def test_error_frame_is_exactly_the_model_encoding(data: Any) -> None:
 
 def test_error_frame_still_refuses_what_the_model_refuses() -> None:
     with pytest.raises(ValidationError):
-        error_frame(123, "a code must be a string")  # type: ignore[arg-type]
+        p.encode_error(123, "a code must be a string")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("ts", [0, 1, 0.0, 1.5, 1e-7, 1e20, 123456.789, 5e-324])
 def test_ping_and_pong_frames_are_exactly_the_model_encoding(ts: float) -> None:
-    assert ping_frame(ts) == p.encode(p.PingFrame(ts=ts))
-    assert pong_frame(ts) == p.encode(p.PongFrame(ts=ts))
-    assert isinstance(p.decode_server_frame(ping_frame(ts)), p.PingFrame)
-    assert isinstance(p.decode_server_frame(pong_frame(ts)), p.PongFrame)
+    assert p.encode_ping(ts) == p.encode(p.PingFrame(ts=ts))
+    assert p.encode_pong(ts) == p.encode(p.PongFrame(ts=ts))
+    assert isinstance(p.decode_server_frame(p.encode_ping(ts)), p.PingFrame)
+    assert isinstance(p.decode_server_frame(p.encode_pong(ts)), p.PongFrame)
 
 
 @pytest.mark.parametrize("ts", [float("nan"), float("inf"), float("-inf")])
@@ -165,19 +164,19 @@ def test_a_ping_time_that_json_cannot_carry_is_refused(ts: float) -> None:
 def test_encoders_match_the_models_on_any_json_data(
     data: Any, message_id: int, message: str, ts: float
 ) -> None:
-    assert reply_frame(message_id, data) == p.encode(p.ReplyFrame(id=message_id, data=data))
-    assert error_frame("code", message, message_id, details=data) == p.encode(
+    assert p.encode_reply(message_id, data) == p.encode(p.ReplyFrame(id=message_id, data=data))
+    assert p.encode_error("code", message, message_id, details=data) == p.encode(
         p.ErrorFrame(id=message_id, code="code", message=message, details=data)
     )
-    assert ping_frame(ts) == p.encode(p.PingFrame(ts=ts))
-    assert pong_frame(ts) == p.encode(p.PongFrame(ts=ts))
+    assert p.encode_ping(ts) == p.encode(p.PingFrame(ts=ts))
+    assert p.encode_pong(ts) == p.encode(p.PongFrame(ts=ts))
 
 
 def test_an_unserializable_reply_fails_like_the_model() -> None:
     with pytest.raises(PydanticSerializationError):
         p.encode(p.ReplyFrame(id=1, data=object()))
     with pytest.raises(PydanticSerializationError):
-        reply_frame(1, object())
+        p.encode_reply(1, object())
 
 
 # --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from .codec import (
     require_finite,
     wire_size,
 )
+from .fastpath import encode_error, encode_message, encode_ping, encode_pong, encode_reply
 from .frames import (
     CLIENT_FRAME_TYPES,
     DEFAULT_NAMESPACE,
@@ -55,6 +56,7 @@ from .frames import (
     server_batch_adapter,
     server_frame_adapter,
 )
+from .heartbeat import Heartbeat
 
 __all__ = [
     "CLIENT_FRAME_TYPES",
@@ -70,6 +72,7 @@ __all__ = [
     "ErrorFrame",
     "FrameValidationError",
     "GapFrame",
+    "Heartbeat",
     "HeartbeatInfo",
     "HelloFrame",
     "JoinFrame",
@@ -91,6 +94,11 @@ __all__ = [
     "decode_server_message",
     "encode",
     "encode_batch",
+    "encode_error",
+    "encode_message",
+    "encode_ping",
+    "encode_pong",
+    "encode_reply",
     "inbox_stream",
     "json_schema",
     "jsonable",

@@ -1,5 +1,8 @@
 """Encoders of the hot frames that build no pydantic model, byte-identical to ``encode``.
 
+Both sides use them: the client for the messages it sends (``encode_message``)
+and its pings and pongs, the server for replies, errors, pings and pongs.
+
 Every frame the app sends has a fixed shape: an envelope (type, ns, event,
 room, echo) around an id and a payload. Building and validating a pydantic
 model per message costs more than the rest of sending it, so the envelope of
@@ -25,7 +28,7 @@ from ..errors import ValidationFailed
 from . import codec
 from . import frames as p
 
-__all__ = ["encode_message"]
+__all__ = ["encode_error", "encode_message", "encode_ping", "encode_pong", "encode_reply"]
 
 _MODELS: dict[str, type[BaseModel]] = {
     "emit": p.EmitFrame,
@@ -137,3 +140,58 @@ def _learn_envelope(
     if len(_ENVELOPES) >= _MAX_ENVELOPES:
         _ENVELOPES.clear()
     _ENVELOPES[key] = (head, middle, tail)
+
+
+# The frames of fixed shape. Each gives exactly the text ``encode(Model(...))``
+# gives (the same serializer, with the models' settings), without building and
+# validating a model: the fields are the models' own, in their order.
+# tests/test_server_fast_paths.py holds them to that. Like ``encode``, they
+# raise ``ValidationFailed`` for data holding NaN or an infinity.
+
+
+def _dump(obj: dict[str, Any]) -> str:
+    # Non-finite floats as constants, so that require_finite() sees them instead of a null.
+    return codec.require_finite(_to_json(obj).decode())
+
+
+def encode_reply(message_id: int, data: Any = None) -> str:
+    """``encode(ReplyFrame(id=message_id, data=data))``."""
+    return _dump({"type": "reply", "id": message_id, "data": data})
+
+
+def encode_ping(ts: float) -> str:
+    """``encode(PingFrame(ts=ts))``."""
+    return _dump({"type": "ping", "ts": float(ts)})
+
+
+def encode_pong(ts: float) -> str:
+    """``encode(PongFrame(ts=ts))``."""
+    return _dump({"type": "pong", "ts": float(ts)})
+
+
+def encode_error(
+    code: str,
+    message: str,
+    message_id: int | None = None,
+    *,
+    details: Any = None,
+    retry_after: float | None = None,
+) -> str:
+    """``encode(ErrorFrame(...))``."""
+    if not (isinstance(code, str) and isinstance(message, str)):
+        # Not what the model takes: let it say so, as it always did.
+        return codec.encode(
+            p.ErrorFrame(
+                id=message_id, code=code, message=message, details=details, retry_after=retry_after
+            )
+        )
+    return _dump(
+        {
+            "type": "error",
+            "id": message_id,
+            "code": code,
+            "message": message,
+            "details": details,
+            "retry_after": None if retry_after is None else float(retry_after),
+        }
+    )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "CALLS",
     "Authenticate",
     "Batching",
     "BrokerCall",
@@ -118,4 +119,6 @@ class Handle:
 
 
 Call = BrokerCall | Authenticate | MayJoin | Handle
+CALLS = (BrokerCall, Authenticate, MayJoin, Handle)
+"""The call types, for ``isinstance``."""
 Command = Send | Deliver | Close | Batching | Finished | Call

@@ -36,79 +36,23 @@ from rtchat_sdk import protocol as p
 
 __all__ = [
     "ConnectionCore",
+    "ClientMessage",
     "ConnectionPhase",
     "classify_decode_error",
-    "error_frame",
-    "ping_frame",
-    "pong_frame",
-    "reply_frame",
     "unsendable_answer",
 ]
 
 log = logging.getLogger("server_ref")
 
 
+ClientMessage = p.EmitFrame | p.RequestFrame | p.JoinFrame | p.LeaveFrame | p.PublishFrame
+"""A client frame the hub carries out (with an id, deduplicated, answered)."""
+
+
 class ConnectionPhase(StrEnum):
     AWAITING_HELLO = "awaiting_hello"
     OPEN = "open"
     CLOSED = "closed"
-
-
-# Encoders of the frames the server writes most. Each gives exactly the text
-# ``p.encode(Model(...))`` gives (the same serializer: pydantic-core's, with the
-# models' settings), without building and validating a model per frame: the
-# fields are the models' own, in their order, and the values the server's own.
-# tests/test_server_fast_paths.py holds them to that. Like ``p.encode``, they
-# raise ``ValidationFailed`` for data holding NaN or an infinity.
-
-
-def _dump(obj: dict[str, Any]) -> str:
-    # by_alias=False and inf/nan as constants: what the payload frames' model_dump_json()
-    # does, so that require_finite() sees a non-finite float instead of a null.
-    return p.require_finite(to_json(obj, by_alias=False, inf_nan_mode="constants").decode())
-
-
-def reply_frame(message_id: int, data: Any = None) -> str:
-    """Encode ``ReplyFrame(id=message_id, data=data)``."""
-    return _dump({"type": "reply", "id": message_id, "data": data})
-
-
-def ping_frame(ts: float) -> str:
-    """Encode ``PingFrame(ts=ts)``."""
-    return _dump({"type": "ping", "ts": float(ts)})
-
-
-def pong_frame(ts: float) -> str:
-    """Encode ``PongFrame(ts=ts)``."""
-    return _dump({"type": "pong", "ts": float(ts)})
-
-
-def error_frame(
-    code: str,
-    message: str,
-    message_id: int | None = None,
-    *,
-    details: Any = None,
-    retry_after: float | None = None,
-) -> str:
-    """Encode one error frame: ``ErrorFrame(...)``."""
-    if not (isinstance(code, str) and isinstance(message, str)):
-        # Not what the model takes: let it say so, as it always did.
-        return p.encode(
-            p.ErrorFrame(
-                id=message_id, code=code, message=message, details=details, retry_after=retry_after
-            )
-        )
-    return _dump(
-        {
-            "type": "error",
-            "id": message_id,
-            "code": code,
-            "message": message,
-            "details": details,
-            "retry_after": None if retry_after is None else float(retry_after),
-        }
-    )
 
 
 def unsendable_answer(
@@ -121,11 +65,11 @@ def unsendable_answer(
     details: ``handler_error``, logged as the app's bug it is.
     """
     if isinstance(frame, p.PublishFrame):
-        return error_frame(p.ErrorCode.INVALID_FRAME, f"cannot deliver it: {problem}", frame.id)
+        return p.encode_error(p.ErrorCode.INVALID_FRAME, f"cannot deliver it: {problem}", frame.id)
     message = f"the handler's answer cannot be sent: {problem}"
     event = getattr(frame, "event", None)
     log.error("%s %s (%r in %r): %s", frame.type, frame.id, event, frame.ns, message)
-    return error_frame(p.ErrorCode.HANDLER_ERROR, message, frame.id)
+    return p.encode_error(p.ErrorCode.HANDLER_ERROR, message, frame.id)
 
 
 def classify_decode_error(text: str | bytes, exc: ValidationError) -> tuple[str, str, int | None]:
@@ -170,17 +114,12 @@ class ConnectionCore:
     """Protocol state of one WebSocket connection on the server."""
 
     __slots__ = (
-        "_dead_at",
-        "_next_ping",
-        "_ping_spread",
-        "_random",
         "_to_send",
         "bad_frames",
+        "beat",
         "close_code",
         "close_reason",
-        "handshake_timeout",
         "heartbeat",
-        "last_received",
         "max_bad_frames",
         "phase",
     )
@@ -196,21 +135,22 @@ class ConnectionCore:
         random: Callable[[], float] = random.random,
     ) -> None:
         self.heartbeat = heartbeat
-        self._ping_spread = ping_spread
-        self._random = random
-        self.handshake_timeout = handshake_timeout
+        """The timings the welcome announces."""
+        self.beat = p.Heartbeat(ping_always=False, spread=ping_spread, random=random)
+        """Its deadlines (PROTOCOL §9), the same rules as the client's but for who pings."""
+        self.beat.connected(now, handshake_timeout)
         self.max_bad_frames = max_bad_frames
         self.phase = ConnectionPhase.AWAITING_HELLO
         self.bad_frames = 0
-        self.last_received = now
         self.close_code: int | None = None
         self.close_reason = ""
         self._to_send: list[str] = []
-        self._next_ping: float | None = None
-        self._dead_at: float | None = now + handshake_timeout
 
     def data_to_send(self) -> list[str]:
-        out, self._to_send = self._to_send, []
+        """The frames to write, oldest first (an empty list is the core's own: keep it as is)."""
+        out = self._to_send
+        if out:
+            self._to_send = []
         return out
 
     def send(self, text: str) -> None:
@@ -222,21 +162,18 @@ class ConnectionCore:
             self.phase = ConnectionPhase.CLOSED
             self.close_code = code
             self.close_reason = reason[:120]
-            self._next_ping = None
-            self._dead_at = None
+            self.beat.stopped()
 
     def refuse(self, code: str, message: str, close_code: int, **extra: Any) -> None:
         """Send an error frame about the connection, then close it."""
-        self._to_send.append(error_frame(code, message, **extra))
+        self._to_send.append(p.encode_error(code, message, **extra))
         self.close(close_code, message)
 
-    def receive_text(self, text: str | bytes, now: float) -> p.ClientFrame | None:
-        """Parse one frame; return it if the driver must act on it."""
+    def receive_text(self, text: str | bytes, now: float) -> p.HelloFrame | ClientMessage | None:
+        """Parse one frame; return it if the driver must act on it (a hello or a message)."""
         if self.phase is ConnectionPhase.CLOSED:
             return None
-        self.last_received = now
-        if self.phase is ConnectionPhase.OPEN:
-            self._dead_at = now + self.heartbeat.interval + self.heartbeat.timeout
+        self.beat.heard(now)
         try:
             frame = p.decode_client_frame(text)
         except ValidationError as exc:
@@ -261,30 +198,26 @@ class ConnectionCore:
                 )
                 return None
             return frame
-        if isinstance(frame, p.PingFrame):
-            self._to_send.append(pong_frame(frame.ts))
+        kind = type(frame)
+        if kind is p.PingFrame:
+            self._to_send.append(p.encode_pong(frame.ts))  # type: ignore[union-attr]
             return None
-        if isinstance(frame, p.PongFrame):
+        if kind is p.PongFrame:
             return None
-        if isinstance(frame, p.HelloFrame):
+        if kind is p.HelloFrame:
             self._bad_frame(p.ErrorCode.ALREADY_HANDSHAKEN, "hello was already accepted", None)
             return None
-        return frame
+        return frame  # type: ignore[return-value]  # a ClientMessage: the rest of ClientFrame
 
     def accept(self, welcome: p.WelcomeFrame, now: float) -> None:
         """The driver accepted the hello: send welcome and start heartbeats."""
         self.phase = ConnectionPhase.OPEN
         self._to_send.append(p.encode(welcome))
-        self._next_ping = now + self._ping_delay()
-        self._dead_at = now + self.heartbeat.interval + self.heartbeat.timeout
-
-    def _ping_delay(self) -> float:
-        """At most one interval, spread at random so pings of many connections fall apart."""
-        return p.ping_delay(self.heartbeat.interval, self._random(), self._ping_spread)
+        self.beat.opened(self.heartbeat.interval, self.heartbeat.timeout, now, first_ping_from=now)
 
     def _bad_frame(self, code: str, message: str, message_id: int | None) -> None:
         self.bad_frames += 1
-        self._to_send.append(error_frame(code, message, message_id))
+        self._to_send.append(p.encode_error(code, message, message_id))
         if self.bad_frames >= self.max_bad_frames:
             self.close(
                 p.CloseCode.TOO_MANY_BAD_FRAMES, f"{self.bad_frames} bad frames on this connection"
@@ -292,27 +225,18 @@ class ConnectionCore:
 
     def keepalive(self, now: float) -> None:
         """Count the peer as alive now (the driver is busy on its last frame)."""
-        self.last_received = now
-        if self.phase is ConnectionPhase.OPEN:
-            self._dead_at = now + self.heartbeat.interval + self.heartbeat.timeout
+        self.beat.heard(now)
 
     def get_timer(self) -> float | None:
-        times = [t for t in (self._next_ping, self._dead_at) if t is not None]
-        return min(times) if times else None
+        return self.beat.deadline()
 
     def handle_timer(self, now: float) -> None:
-        if self._dead_at is not None and now >= self._dead_at:
+        due = self.beat.due(now)
+        if due == "dead":
             if self.phase is ConnectionPhase.AWAITING_HELLO:
                 self.close(p.CloseCode.HANDSHAKE_TIMEOUT, "no hello in time")
             else:
-                silent = now - self.last_received
+                silent = self.beat.silent_for(now)
                 self.close(p.CloseCode.HEARTBEAT_TIMEOUT, f"silent for {silent:.1f}s")
-            return
-        if self._next_ping is not None and now >= self._next_ping:
-            if now - self.last_received < self.heartbeat.interval:
-                # Heard from the peer within an interval (its own pings, at least):
-                # the link works both ways, and a ping would only double the work.
-                self._next_ping = self.last_received + self.heartbeat.interval
-            else:
-                self._to_send.append(ping_frame(now))
-                self._next_ping = now + self._ping_delay()
+        elif due == "ping":
+            self._to_send.append(p.encode_ping(now))

@@ -32,6 +32,7 @@ import heapq
 import logging
 import secrets
 from collections.abc import Callable, Container, Generator
+from functools import partial
 from typing import Any
 
 from rtchat_sdk import protocol as p
@@ -39,6 +40,7 @@ from rtchat_sdk import protocol as p
 from ..broker.base import SessionRecord, StreamEntry
 from ..config import ServerConfig
 from .commands import (
+    CALLS,
     Batching,
     BrokerCall,
     Call,
@@ -48,10 +50,10 @@ from .commands import (
     Finished,
     Send,
 )
-from .connection import ConnectionCore, error_frame
+from .connection import ClientMessage, ConnectionCore
 from .replay import Covered, gap_frame, release_held, replay
 from .sessions import Session, Sessions, wants
-from .steps import MessageFrame, identify, process, restore_rooms
+from .steps import duplicate_answer, identify, process, restore_rooms
 
 __all__ = ["Hub", "Op"]
 
@@ -111,6 +113,13 @@ class Hub:
             lambda: (secrets.token_hex(8), secrets.token_urlsafe(32))
         )
         self.sessions = Sessions()
+        self._process = partial(
+            process,
+            namespaces=namespaces,
+            max_frame_bytes=config.max_frame_bytes,
+            join=self.sessions.join,
+            leave=self.sessions.leave,
+        )
         self._conns: dict[int, _Conn] = {}
         self._ops: dict[int, _Running] = {}
         self._out: list[Command] = []
@@ -137,6 +146,13 @@ class Hub:
         out, self._out = self._out, []
         return out
 
+    def take_call(self) -> Call | None:
+        """The one command waiting if it is a call (an operation's common step), else None."""
+        out = self._out
+        if len(out) == 1 and isinstance(out[0], CALLS):
+            return out.pop()  # type: ignore[return-value]
+        return None
+
     def session_ids(self) -> list[str]:
         return list(self.sessions.by_id)
 
@@ -156,7 +172,7 @@ class Hub:
             return conn_id
         if len(self._conns) >= self.config.max_connections:
             retry = self.config.overload_retry_after
-            notice = error_frame(
+            notice = p.encode_error(
                 p.ErrorCode.OVERLOADED,
                 f"server is at its limit of {self.config.max_connections} connections",
                 retry_after=retry,
@@ -196,7 +212,6 @@ class Hub:
             else:
                 session = c.session
                 assert session is not None  # the core lets messages through only after hello
-                assert not isinstance(frame, p.PingFrame | p.PongFrame)
                 c.busy += 1
                 self._enqueue(session, self._message(c, session, frame))
         self._flush(c, received=True)
@@ -227,7 +242,7 @@ class Hub:
         """Refuse new connections; tell every connection to go, and close it."""
         self._now = now
         self.closing = True
-        notice = error_frame(
+        notice = p.encode_error(
             p.ErrorCode.SHUTTING_DOWN,
             "server is shutting down",
             retry_after=self.config.shutdown_retry_after,
@@ -565,7 +580,7 @@ class Hub:
     # ------------------------------------------------------------------
     # Messages
 
-    def _message(self, c: _Conn, session: Session, frame: MessageFrame) -> Op:
+    def _message(self, c: _Conn, session: Session, frame: ClientMessage) -> Op:
         """Dedupe, carry out and answer one client message."""
         try:
             if session.highest is not None and frame.id > session.highest:
@@ -573,25 +588,9 @@ class Hub:
             else:
                 processed, stored = yield BrokerCall("recall_reply", (session.id, frame.id))
             if processed:
-                self._send(
-                    c,
-                    stored
-                    if stored is not None
-                    else error_frame(
-                        p.ErrorCode.DUPLICATE_ID,
-                        f"message {frame.id} was already processed and its reply is no longer held",
-                        frame.id,
-                    ),
-                )
+                self._send(c, duplicate_answer(frame.id, stored))
                 return
-            reply = yield from process(
-                session,
-                frame,
-                namespaces=self._namespaces,
-                max_frame_bytes=self.config.max_frame_bytes,
-                join=self.sessions.join,
-                leave=self.sessions.leave,
-            )
+            reply = yield from self._process(session, frame)
             yield BrokerCall("remember_reply", (session.id, frame.id, reply))
             if session.highest is not None and frame.id > session.highest:
                 session.highest = frame.id

@@ -18,14 +18,13 @@ from rtchat_sdk.errors import ValidationFailed
 from ..broker.base import Draft, SessionRecord
 from ..errors import FrameTooLarge, HandlerFailure
 from .commands import Authenticate, BrokerCall, Call, Handle, MayJoin
-from .connection import ConnectionCore, error_frame, reply_frame, unsendable_answer
+from .connection import ClientMessage, ConnectionCore, unsendable_answer
 from .sessions import Session
 
-__all__ = ["MessageFrame", "identify", "process", "restore_rooms"]
+__all__ = ["duplicate_answer", "identify", "process", "restore_rooms"]
 
 log = logging.getLogger("server_ref")
 
-MessageFrame = p.EmitFrame | p.RequestFrame | p.JoinFrame | p.LeaveFrame | p.PublishFrame
 Step = Generator[Call, Any, Any]
 
 
@@ -75,9 +74,20 @@ def restore_rooms(
     return refused
 
 
+def duplicate_answer(message_id: int, stored: str | None) -> str:
+    """The answer to a message processed before: its stored reply, or ``duplicate_id``."""
+    if stored is not None:
+        return stored
+    return p.encode_error(
+        p.ErrorCode.DUPLICATE_ID,
+        f"message {message_id} was already processed and its reply is no longer held",
+        message_id,
+    )
+
+
 def process(
     session: Session,
-    frame: MessageFrame,
+    frame: ClientMessage,
     *,
     namespaces: Container[str],
     max_frame_bytes: int,
@@ -86,7 +96,7 @@ def process(
 ) -> Generator[Call, Any, str]:
     """Carry out one client message; returns the encoded reply or error frame."""
     if frame.ns not in namespaces:
-        return error_frame(
+        return p.encode_error(
             p.ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {frame.ns!r} on this server", frame.id
         )
     user = session.record.user
@@ -122,16 +132,16 @@ def process(
             # Keyed by sender and message id: a resend on another node gets this entry back.
             entry = yield BrokerCall("append", (stream, draft, f"{session.id}:{frame.id}"))
             data = {"stream": stream, "epoch": entry.epoch, "offset": entry.offset}
-        return reply_frame(frame.id, data)
+        return p.encode_reply(frame.id, data)
     except HandlerFailure as exc:
         try:
-            return error_frame(exc.code, exc.message, frame.id, details=exc.details)
+            return p.encode_error(exc.code, exc.message, frame.id, details=exc.details)
         except ValidationFailed as bad:
             return unsendable_answer(frame, f"its error details: {bad}")
     except FrameTooLarge as exc:
-        return error_frame(p.ErrorCode.TOO_LARGE, str(exc), frame.id)
+        return p.encode_error(p.ErrorCode.TOO_LARGE, str(exc), frame.id)
     except ValidationFailed as exc:  # NaN or an infinity, from the encoders
         return unsendable_answer(frame, str(exc))
     except Exception as exc:  # never let one message kill the connection
         log.exception("processing %s %s failed", frame.type, frame.id)
-        return error_frame(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)
+        return p.encode_error(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)

@@ -11,7 +11,11 @@ interfaces:
 * ``Listener``, the accepting side: ``start(host, port)``, ``port``,
   ``stop_accepting``, ``wait_closed``.
 
-and calls the server's ``Endpoint`` for each connection: ``opened`` once,
+A ``ListenerFactory`` makes the listener from the server (its ``Endpoint``)
+and its ``ServerConfig``; ``Server(transport=...)`` takes one, and
+``websocket_listener`` is the default.
+
+A transport calls the server's ``Endpoint`` for each connection: ``opened`` once,
 ``received`` for each text frame (awaited: a transport reads the next frame
 only after it, so a client's frames are taken in order and a busy server
 pushes back), ``closed`` once with the close code the peer sent, if any.
@@ -22,9 +26,13 @@ ASGI implement the same two interfaces.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-__all__ = ["Endpoint", "Listener", "Transport"]
+if TYPE_CHECKING:
+    from ..config import ServerConfig
+
+__all__ = ["Endpoint", "Listener", "ListenerFactory", "Transport"]
 
 
 class Transport(ABC):
@@ -85,3 +93,7 @@ class Listener(ABC):
     @abstractmethod
     async def wait_closed(self) -> None:
         """Return once every connection has ended and been reported ``closed``."""
+
+
+ListenerFactory = Callable[[Endpoint, "ServerConfig"], Listener]
+"""Makes a server's listener: ``factory(endpoint, config)``."""

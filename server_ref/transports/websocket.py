@@ -24,9 +24,10 @@ from websockets.protocol import State
 
 from rtchat_sdk import protocol as p
 
+from ..config import ServerConfig
 from .base import Endpoint, Listener, Transport
 
-__all__ = ["WebSocketListener", "WebSocketTransport"]
+__all__ = ["WebSocketListener", "WebSocketTransport", "websocket_listener"]
 
 log = logging.getLogger("server_ref")
 
@@ -205,3 +206,10 @@ class WebSocketListener(Listener):
         finally:
             goodbye = ws.protocol.close_rcvd
             await endpoint.closed(conn, None if goodbye is None else goodbye.code)
+
+
+def websocket_listener(endpoint: Endpoint, config: ServerConfig) -> WebSocketListener:
+    """The default ``ListenerFactory``: WebSocket with the config's frame limit and compression."""
+    return WebSocketListener(
+        endpoint, max_frame_bytes=config.max_frame_bytes, compression=config.compression
+    )
