@@ -50,10 +50,10 @@ from .commands import (
     Finished,
     Send,
 )
-from .connection import ClientMessage, ConnectionCore
+from .connection import ConnectionCore
 from .replay import Covered, gap_frame, release_held, replay
 from .sessions import Session, Sessions, wants
-from .steps import duplicate_answer, identify, process, restore_rooms
+from .steps import answer, identify, restore_rooms
 
 __all__ = ["Hub", "Op"]
 
@@ -79,10 +79,16 @@ class _Conn:
 
 
 class _Running:
-    __slots__ = ("conn", "gen", "id", "report", "session")
+    __slots__ = ("answers", "conn", "gen", "id", "report", "session")
 
     def __init__(
-        self, op_id: int, gen: Op, session: Session | None, conn: _Conn | None, report: bool
+        self,
+        op_id: int,
+        gen: Op,
+        session: Session | None,
+        conn: _Conn | None,
+        report: bool,
+        answers: _Conn | None,
     ) -> None:
         self.id = op_id
         self.gen = gen
@@ -91,6 +97,8 @@ class _Running:
         self.conn = conn
         self.report = report
         """Started by the driver: its end is reported with ``Finished``."""
+        self.answers = answers
+        """For a client message: the connection it came on, which gets its answer."""
 
 
 class Hub:
@@ -113,8 +121,8 @@ class Hub:
             lambda: (secrets.token_hex(8), secrets.token_urlsafe(32))
         )
         self.sessions = Sessions()
-        self._process = partial(
-            process,
+        self._answer = partial(
+            answer,
             namespaces=namespaces,
             max_frame_bytes=config.max_frame_bytes,
             join=self.sessions.join,
@@ -213,7 +221,7 @@ class Hub:
                 session = c.session
                 assert session is not None  # the core lets messages through only after hello
                 c.busy += 1
-                self._enqueue(session, self._message(c, session, frame))
+                self._enqueue(session, self._answer(session, frame), answers=c)
         self._flush(c, received=True)
 
     def connection_closed(self, conn_id: int, peer_code: int | None, now: float) -> None:
@@ -356,19 +364,24 @@ class Hub:
         session: Session | None = None,
         conn: _Conn | None = None,
         report: bool = False,
+        answers: _Conn | None = None,
     ) -> int:
         self._seq += 1
-        running = _Running(self._seq, gen, session, conn, report)
+        running = _Running(self._seq, gen, session, conn, report, answers)
         self._step(running, None, None)
         return running.id
 
-    def _enqueue(self, session: Session, gen: Op) -> None:
-        """Run ``gen`` after the session's earlier operations."""
+    def _enqueue(self, session: Session, gen: Op, answers: _Conn | None = None) -> None:
+        """Run ``gen`` after the session's earlier operations.
+
+        ``answers``: the operation answers a message from this connection;
+        it gets the operation's result, and its count of busy messages drops.
+        """
         if session.busy:
-            session.queue.append(gen)
+            session.queue.append((gen, answers))
             return
         session.busy = True
-        self._start(gen, session=session)
+        self._start(gen, session=session, answers=answers)
 
     def _step(self, running: _Running, value: Any, error: BaseException | None) -> None:
         try:
@@ -392,11 +405,17 @@ class Hub:
     def _ended(self, running: _Running, result: Any, error: BaseException | None) -> None:
         if running.report:
             self._out.append(Finished(running.id, result, error))
+        c = running.answers
+        if c is not None:
+            c.busy -= 1
+            if error is None:
+                self._send(c, result)
         session = running.session
         if session is None:
             return
         if session.queue:
-            self._start(session.queue.popleft(), session=session)
+            gen, answers = session.queue.popleft()
+            self._start(gen, session=session, answers=answers)
         else:
             session.busy = False
 
@@ -576,24 +595,3 @@ class Hub:
             yield from self.sessions.drop_local(session)
         elif session.conn is None:
             self._schedule_expiry(session, self._now + self.config.session_ttl)
-
-    # ------------------------------------------------------------------
-    # Messages
-
-    def _message(self, c: _Conn, session: Session, frame: ClientMessage) -> Op:
-        """Dedupe, carry out and answer one client message."""
-        try:
-            if session.highest is not None and frame.id > session.highest:
-                processed, stored = False, None  # newer than all it processed: no lookup
-            else:
-                processed, stored = yield BrokerCall("recall_reply", (session.id, frame.id))
-            if processed:
-                self._send(c, duplicate_answer(frame.id, stored))
-                return
-            reply = yield from self._process(session, frame)
-            yield BrokerCall("remember_reply", (session.id, frame.id, reply))
-            if session.highest is not None and frame.id > session.highest:
-                session.highest = frame.id
-            self._send(c, reply)
-        finally:
-            c.busy -= 1

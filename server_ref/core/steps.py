@@ -21,7 +21,7 @@ from .commands import Authenticate, BrokerCall, Call, Handle, MayJoin
 from .connection import ClientMessage, ConnectionCore, unsendable_answer
 from .sessions import Session
 
-__all__ = ["duplicate_answer", "identify", "process", "restore_rooms"]
+__all__ = ["answer", "duplicate_answer", "identify", "restore_rooms"]
 
 log = logging.getLogger("server_ref")
 
@@ -85,7 +85,7 @@ def duplicate_answer(message_id: int, stored: str | None) -> str:
     )
 
 
-def process(
+def answer(
     session: Session,
     frame: ClientMessage,
     *,
@@ -94,25 +94,38 @@ def process(
     join: Callable[[Session, str, str], Generator[Call, Any, tuple[str, int]]],
     leave: Callable[[Session, str, str], Step],
 ) -> Generator[Call, Any, str]:
-    """Carry out one client message; returns the encoded reply or error frame."""
-    if frame.ns not in namespaces:
-        return p.encode_error(
-            p.ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {frame.ns!r} on this server", frame.id
-        )
+    """Dedupe, carry out and remember one client message; returns its answer.
+
+    The answer is the encoded reply or error frame; a message processed
+    before gets its stored reply again and is not carried out twice. (One
+    generator, no nested ones: it runs for every message.)
+    """
+    if session.highest is None or frame.id <= session.highest:
+        # Not newer than everything it processed here: ask the dedupe records.
+        processed, stored = yield BrokerCall("recall_reply", (session.id, frame.id))
+        if processed:
+            return duplicate_answer(frame.id, stored)
     user = session.record.user
     try:
-        data: Any = None
-        if isinstance(frame, p.RequestFrame):
+        if frame.ns not in namespaces:
+            reply = p.encode_error(
+                p.ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {frame.ns!r} on this server", frame.id
+            )
+        elif isinstance(frame, p.RequestFrame):
             data = yield Handle(frame.ns, session.id, user, frame.event, frame.data)
+            reply = p.encode_reply(frame.id, data)
         elif isinstance(frame, p.EmitFrame):
             yield Handle(frame.ns, session.id, user, frame.event, frame.data)
+            reply = p.encode_reply(frame.id)
         elif isinstance(frame, p.JoinFrame):
             if not (yield MayJoin(frame.ns, session.id, user, frame.room)):
                 raise HandlerFailure(p.ErrorCode.UNAUTHORIZED, f"may not join {frame.room!r}")
             epoch, offset = yield from join(session, frame.ns, frame.room)
-            data = {"stream": p.room_stream(frame.ns, frame.room), "epoch": epoch, "offset": offset}
+            stream = p.room_stream(frame.ns, frame.room)
+            reply = p.encode_reply(frame.id, {"stream": stream, "epoch": epoch, "offset": offset})
         elif isinstance(frame, p.LeaveFrame):
             yield from leave(session, frame.ns, frame.room)
+            reply = p.encode_reply(frame.id)
         else:
             if (frame.ns, frame.room) not in session.record.rooms:
                 raise HandlerFailure(
@@ -131,17 +144,21 @@ def process(
             )
             # Keyed by sender and message id: a resend on another node gets this entry back.
             entry = yield BrokerCall("append", (stream, draft, f"{session.id}:{frame.id}"))
-            data = {"stream": stream, "epoch": entry.epoch, "offset": entry.offset}
-        return p.encode_reply(frame.id, data)
+            position = {"stream": stream, "epoch": entry.epoch, "offset": entry.offset}
+            reply = p.encode_reply(frame.id, position)
     except HandlerFailure as exc:
         try:
-            return p.encode_error(exc.code, exc.message, frame.id, details=exc.details)
+            reply = p.encode_error(exc.code, exc.message, frame.id, details=exc.details)
         except ValidationFailed as bad:
-            return unsendable_answer(frame, f"its error details: {bad}")
+            reply = unsendable_answer(frame, f"its error details: {bad}")
     except FrameTooLarge as exc:
-        return p.encode_error(p.ErrorCode.TOO_LARGE, str(exc), frame.id)
+        reply = p.encode_error(p.ErrorCode.TOO_LARGE, str(exc), frame.id)
     except ValidationFailed as exc:  # NaN or an infinity, from the encoders
-        return unsendable_answer(frame, str(exc))
+        reply = unsendable_answer(frame, str(exc))
     except Exception as exc:  # never let one message kill the connection
         log.exception("processing %s %s failed", frame.type, frame.id)
-        return p.encode_error(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)
+        reply = p.encode_error(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)
+    yield BrokerCall("remember_reply", (session.id, frame.id, reply))
+    if session.highest is not None and frame.id > session.highest:
+        session.highest = frame.id
+    return reply
