@@ -49,6 +49,7 @@ from ..outbox import HandledPosition, Outbox, OutboxEntry
 from ..protocol.fastpath import encode_message
 from ..protocol.heartbeat import Heartbeat
 from .events import (
+    ConnectionState,
     Delivered,
     Dropped,
     Failed,
@@ -61,7 +62,6 @@ from .events import (
     ServerNotice,
     SessionCounters,
     SessionEvent,
-    SessionState,
     TimedOut,
     Welcomed,
 )
@@ -72,6 +72,7 @@ __all__ = ["ClientSession"]
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 1_000
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
+_HANDSHAKING = (ConnectionState.CONNECTING, ConnectionState.RECONNECTING)  # hello unanswered
 
 
 class ClientSession:
@@ -93,7 +94,8 @@ class ClientSession:
         self.auth = auth
         self.client_name = client_name
         self.handshake_timeout = handshake_timeout
-        self.state = SessionState.DISCONNECTED
+        self.state = ConnectionState.IDLE
+        """The connection as the core sees it (what each value means: ``ConnectionState``)."""
         self.session_id: str | None = None
         self.token: str | None = None
         self.streams: dict[str, HandledPosition] = {}
@@ -143,10 +145,11 @@ class ClientSession:
 
     def connection_made(self, now: float) -> None:
         """A transport is up: say hello (with resume info when we have a session)."""
-        if self.state is SessionState.CLOSED:
+        if self.state is ConnectionState.CLOSED:
             raise InvalidState("session is closed")
         self._now = now
-        self.state = SessionState.HANDSHAKING
+        again = self.counters.connections > 0
+        self.state = ConnectionState.RECONNECTING if again else ConnectionState.CONNECTING
         self._hello_at = now
         self.heartbeat.connected(now, self.handshake_timeout)
         self._timer_stale = True
@@ -183,9 +186,9 @@ class ClientSession:
 
     def connection_lost(self, now: float) -> None:
         """The transport is gone: everything unanswered will be written again."""
-        if self.state is SessionState.CLOSED:
+        if self.state is ConnectionState.CLOSED:
             return
-        self.state = SessionState.DISCONNECTED
+        self.state = ConnectionState.IDLE
         self._to_send.clear()
         self._window.restart()
         self.heartbeat.stopped()
@@ -194,7 +197,7 @@ class ClientSession:
 
     def close(self) -> None:
         """No more connections; pending entries stay in the outbox for the caller."""
-        self.state = SessionState.CLOSED
+        self.state = ConnectionState.CLOSED
         self._to_send.clear()
         self.heartbeat.stopped()
         self._timer_stale = True
@@ -206,7 +209,7 @@ class ClientSession:
 
     def ping(self, now: float) -> None:
         """Send a heartbeat now (its pong yields a RoundTrip event)."""
-        if self.state is SessionState.OPEN:
+        if self.state is ConnectionState.CONNECTED:
             self._to_send.append(p.encode(p.PingFrame(ts=now)))
 
     @property
@@ -218,11 +221,6 @@ class ClientSession:
     def in_flight(self) -> int:
         """How many messages are written on this connection and not answered."""
         return len(self._window)
-
-    @property
-    def max_in_flight(self) -> int:
-        """Our own bound on unanswered messages (the server's may be lower)."""
-        return self._window.max_in_flight
 
     # ------------------------------------------------------------------
     # Sending
@@ -267,7 +265,7 @@ class ClientSession:
         now: float,
         expires_in: float | None,
     ) -> tuple[int, list[Dropped]]:
-        if self.state is SessionState.CLOSED:
+        if self.state is ConnectionState.CLOSED:
             raise InvalidState("session is closed")
         self._now = max(self._now, now)
         window = self._window
@@ -294,7 +292,7 @@ class ClientSession:
 
     def _pump(self) -> None:
         """Write queued messages, in order, while the in-flight window (``Window``) allows."""
-        if self.state is not SessionState.OPEN:
+        if self.state is not ConnectionState.CONNECTED:
             return
         window = self._window
         while (entry := window.take()) is not None:
@@ -382,7 +380,7 @@ class ClientSession:
                 self._on_welcome(frame, now)
 
     def _on_welcome(self, frame: p.WelcomeFrame, now: float) -> None:
-        if self.state is not SessionState.HANDSHAKING:
+        if self.state not in _HANDSHAKING:
             self._events.append(ProtocolViolation("unexpected welcome"))
             return
         self.counters.connections += 1
@@ -413,7 +411,7 @@ class ClientSession:
                         f"{entry.size} bytes; the server accepts at most {self.max_frame_bytes}",
                     )
                 )
-        self.state = SessionState.OPEN
+        self.state = ConnectionState.CONNECTED
         self.session_id = frame.session
         self.token = frame.token
         self.outbox.save_session(self.session_id, self.token, self.rooms)
@@ -469,7 +467,7 @@ class ClientSession:
 
     def _on_error(self, frame: p.ErrorFrame) -> None:
         if frame.id is None:
-            if self.state is SessionState.HANDSHAKING:
+            if self.state in _HANDSHAKING:
                 fatal = refusal_error(frame.code, frame.message) is not None
                 self._events.append(Refused(frame.code, frame.message, fatal, frame.retry_after))
             else:
