@@ -41,10 +41,10 @@ from .events import Event
 from .protocol import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
-    from .aio import Client, ConnectionState, NamespaceClient
+    from .aio import Client, NamespaceClient
     from .aio.handlers import Delivery
     from .backoff import ReconnectPolicy
-    from .core import GapReported
+    from .core import ConnectionState, GapReported
     from .outbox import Outbox, OverflowPolicy
     from .sqlite_outbox import OutboxFileError, OutboxInUse, OutboxStorageError, SqliteOutbox
     from .sync import SyncClient
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 # sqlite3 and no tenacity (tests/test_layering.py).
 _LAZY = {
     "Client": "aio",
-    "ConnectionState": "aio",
+    "ConnectionState": "core",
     "NamespaceClient": "aio",
     "Delivery": "aio.handlers",
     "ReconnectPolicy": "backoff",

@@ -19,6 +19,7 @@ from websockets.http11 import Response
 from rtchat_sdk import (
     Client,
     ConnectionFailed,
+    ConnectionLost,
     ConnectionState,
     GaveUp,
     ReconnectPolicy,
@@ -252,6 +253,33 @@ async def test_an_http_server_that_is_not_rtchat_is_named() -> None:
 
 
 # -- counters ---------------------------------------------------------------------
+
+
+async def test_ping_with_no_connection_to_ping_over_raises_at_once(server: Server) -> None:
+    """From a lost connection to the next welcome ``ping()`` raises ConnectionLost:
+    it asks the core, which knows there is no connection, including during the
+    backoff wait before the next attempt reports ``reconnecting``."""
+    lost = asyncio.Event()
+
+    class OnLoss(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("connection lost"):
+                lost.set()  # logged as the link starts its backoff wait
+
+    handler = OnLoss()
+    logging.getLogger("rtchat_sdk").addHandler(handler)
+    try:
+        async with FaultProxy(server.port) as proxy:
+            slow = ReconnectPolicy(initial_delay=30.0, max_delay=30.0)
+            async with Client(proxy.url, reconnect=slow, proxy=None) as client:
+                assert await client.ping() >= 0.0
+                proxy.refuse(True)  # the next attempts fail: no welcome until the test ends
+                proxy.drop()
+                await asyncio.wait_for(lost.wait(), 5)
+                with pytest.raises(ConnectionLost, match="not connected"):
+                    await asyncio.wait_for(client.ping(), 5)
+    finally:
+        logging.getLogger("rtchat_sdk").removeHandler(handler)
 
 
 async def test_counters_count_connections_reconnects_and_failed_attempts(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from rtchat_sdk import BufferFull, Outbox, OverflowPolicy
 from rtchat_sdk import protocol as p
 from rtchat_sdk.core import (
     ClientSession,
+    ConnectionState,
     Delivered,
     Dropped,
     Failed,
@@ -17,6 +20,7 @@ from rtchat_sdk.core import (
     Refused,
     Replied,
     RoundTrip,
+    ServerNotice,
     TimedOut,
     Welcomed,
 )
@@ -325,6 +329,65 @@ def test_server_ping_is_answered() -> None:
     open_session(s)
     s.receive_text(p.encode(p.PingFrame(ts=42.0)), 1)
     assert frames(s) == [{"type": "pong", "ts": 42.0}]
+
+
+def test_the_core_state_follows_its_transports() -> None:
+    s = ClientSession()
+    seen = [s.state]
+    steps: list[Callable[[], None]] = [
+        lambda: s.connection_made(0),  # hello written, never welcomed: connecting
+        lambda: s.receive_text(welcome(), 0),
+        lambda: s.connection_lost(1),  # no transport: the driver's wait is its own
+        lambda: s.connection_made(2),  # welcomed before: reconnecting
+        lambda: s.receive_text(welcome(resumed=True), 2),
+        s.close,
+    ]
+    for step in steps:
+        step()
+        seen.append(s.state)
+    assert seen == [
+        ConnectionState.IDLE,
+        ConnectionState.CONNECTING,
+        ConnectionState.CONNECTED,
+        ConnectionState.IDLE,
+        ConnectionState.RECONNECTING,
+        ConnectionState.CONNECTED,
+        ConnectionState.CLOSED,
+    ]
+
+
+def test_only_a_handshake_takes_a_welcome_or_a_refusal() -> None:
+    refusal = p.encode(p.ErrorFrame(code="overloaded", message="later", retry_after=2.0))
+    s = ClientSession()
+    s.receive_text(welcome(), 0)  # no transport yet
+    s.receive_text(refusal, 0)
+    assert events(s) == [
+        ProtocolViolation("unexpected welcome"),
+        ServerNotice("overloaded", "later", 2.0),
+    ]
+    assert s.state is ConnectionState.IDLE
+    open_session(s)
+    s.connection_lost(1)
+    s.connection_made(1)
+    s.receive_text(refusal, 1)
+    assert events(s) == [Refused("overloaded", "later", False, 2.0)]
+
+
+def test_one_connection_state_enum_behind_every_import_path() -> None:
+    import rtchat_sdk
+    import rtchat_sdk.aio
+    import rtchat_sdk.aio.connection
+
+    assert rtchat_sdk.ConnectionState is ConnectionState
+    assert rtchat_sdk.aio.ConnectionState is ConnectionState
+    assert rtchat_sdk.aio.connection.ConnectionState is ConnectionState
+    assert [state.value for state in ConnectionState] == [
+        "idle",
+        "connecting",
+        "connected",
+        "reconnecting",
+        "closed",
+    ]
 
 
 def test_handshake_timeout_declares_the_link_dead() -> None:

@@ -104,6 +104,7 @@ from hypothesis.stateful import (
 from rtchat_sdk import protocol as p
 from rtchat_sdk.core import (
     ClientSession,
+    ConnectionState,
     Delivered,
     Dropped,
     Failed,
@@ -112,7 +113,6 @@ from rtchat_sdk.core import (
     Replied,
     RoundTrip,
     SessionEvent,
-    SessionState,
     TimedOut,
     Welcomed,
 )
@@ -851,7 +851,7 @@ class ClientAndServerOverLossyLink(RuleBasedStateMachine):
         assert self.link_up, "the link died while healing, with the clock standing still"
 
     def _check_everything_settled(self) -> None:
-        assert self.client.state is SessionState.OPEN
+        assert self.client.state is ConnectionState.CONNECTED
         assert len(self.client.outbox) == 0, f"still queued: {self.client.outbox.ids()}"
         runs: defaultdict[int, int] = defaultdict(int)
         for done in self.server.log:

@@ -8,7 +8,7 @@ that validates payloads and calls handlers; ``endpoint.py``: URL checks,
 proxy choice and the words for a failed dial.
 """
 
+from ..core import ConnectionState
 from .client import Client, NamespaceClient
-from .connection import ConnectionState
 
 __all__ = ["Client", "ConnectionState", "NamespaceClient"]

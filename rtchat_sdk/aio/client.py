@@ -24,6 +24,7 @@ from .. import protocol as p
 from ..backoff import ReconnectPolicy
 from ..core import (
     ClientSession,
+    ConnectionState,
     Delivered,
     Dropped,
     Failed,
@@ -48,7 +49,7 @@ from ..errors import (
 )
 from ..events import Event, event_name, validate_payload
 from ..outbox import Outbox, OverflowPolicy
-from .connection import AttemptCallback, ConnectionState, Link
+from .connection import AttemptCallback, Link
 from .dispatcher import Dispatcher, GapCallback
 from .endpoint import ProxySetting, check_url
 from .handlers import ErrorCallback, HandlerRegistry
@@ -252,6 +253,10 @@ class Client(NamespaceClient):
 
     @property
     def state(self) -> ConnectionState:
+        """What the client is doing about its connection: the value last passed to
+        ``on_state_change``. ``CONNECTING`` or ``RECONNECTING`` is reported as an
+        attempt starts, ``CONNECTED`` at the server's welcome, ``CLOSED`` once the
+        client has stopped."""
         return self._state
 
     @property
@@ -265,7 +270,7 @@ class Client(NamespaceClient):
 
     async def ping(self) -> float:
         """Measure one round trip to the server now, in seconds."""
-        if self._state is not ConnectionState.CONNECTED:
+        if self._session.state is not ConnectionState.CONNECTED:  # a connection to ping over
             raise ConnectionLost("not connected")
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._rtt_waiters.append(future)

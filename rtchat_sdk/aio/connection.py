@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from enum import StrEnum
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -23,7 +22,15 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
 from ..backoff import ReconnectPolicy, close_error, refusal_error
-from ..core import ClientSession, LinkDead, Refused, ServerNotice, SessionEvent, Welcomed
+from ..core import (
+    ClientSession,
+    ConnectionState,
+    LinkDead,
+    Refused,
+    ServerNotice,
+    SessionEvent,
+    Welcomed,
+)
 from ..errors import (
     ConnectionFailed,
     GaveUp,
@@ -35,16 +42,6 @@ from .endpoint import ProxySetting, choose_proxy, describe_failure
 __all__ = ["AttemptCallback", "ConnectionState", "Link"]
 
 log = logging.getLogger("rtchat_sdk")
-
-
-class ConnectionState(StrEnum):
-    """What the client is doing about its connection."""
-
-    IDLE = "idle"
-    CONNECTING = "connecting"
-    CONNECTED = "connected"
-    RECONNECTING = "reconnecting"
-    CLOSED = "closed"
 
 
 AttemptCallback = Callable[[int, str], Any]

@@ -5,6 +5,7 @@ frames and the time, and acts on the frames and events it returns.
 """
 
 from .events import (
+    ConnectionState,
     Delivered,
     Dropped,
     Failed,
@@ -17,7 +18,6 @@ from .events import (
     ServerNotice,
     SessionCounters,
     SessionEvent,
-    SessionState,
     TimedOut,
     Welcomed,
 )
@@ -25,6 +25,7 @@ from .session import ClientSession
 
 __all__ = [
     "ClientSession",
+    "ConnectionState",
     "Delivered",
     "Dropped",
     "Failed",
@@ -37,7 +38,6 @@ __all__ = [
     "ServerNotice",
     "SessionCounters",
     "SessionEvent",
-    "SessionState",
     "TimedOut",
     "Welcomed",
 ]

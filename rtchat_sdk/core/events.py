@@ -1,7 +1,8 @@
 """What the client core hands its driver: events, its state, its counters.
 
 Plain frozen dataclasses, so a test compares them with ``==`` and a driver
-matches on them.
+matches on them; ``ConnectionState`` is the one enum of connection state,
+the core's and the public ``client.state``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from .. import protocol as p
 
 __all__ = [
+    "ConnectionState",
     "Delivered",
     "Dropped",
     "Failed",
@@ -25,16 +27,34 @@ __all__ = [
     "ServerNotice",
     "SessionCounters",
     "SessionEvent",
-    "SessionState",
     "TimedOut",
     "Welcomed",
 ]
 
 
-class SessionState(StrEnum):
-    DISCONNECTED = "disconnected"
-    HANDSHAKING = "handshaking"
-    OPEN = "open"
+class ConnectionState(StrEnum):
+    """What the client is doing about its connection: ``client.state``, and the core's.
+
+    The client (``client.state``, public) and its core (``ClientSession.state``)
+    use these same values. The core sees only the transports it is handed;
+    the client also sees its own dialing and its waits between attempts.
+
+    * ``IDLE``: the client: ``connect()`` not called yet. The core: no
+      transport (none yet, or the last one was lost; whether and when another
+      comes is the driver's business).
+    * ``CONNECTING``: the client: from its first attempt to its first welcome.
+      The core: a transport is up and its ``hello`` waits for the ``welcome``,
+      and no connection of this session was welcomed before.
+    * ``CONNECTED``: welcomed; messages are written (both alike).
+    * ``RECONNECTING``: as ``CONNECTING``, once a connection was welcomed: the
+      client from its first attempt after that connection ended.
+    * ``CLOSED``: for good (both alike).
+    """
+
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
     CLOSED = "closed"
 
 

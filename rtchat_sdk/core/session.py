@@ -18,8 +18,9 @@ Rules:
    when the overflow policy drops it. Nothing is ever silently discarded:
    each exit produces an event.
 2. Frames other than ``hello`` are written only after ``welcome``. Then the
-   outbox is written in id order, at most ``max_in_flight`` unanswered, before
-   anything newer. After a reconnect everything unanswered is written again.
+   outbox is written in id order through the in-flight window of PROTOCOL
+   §10.2 (``window.Window``). After a reconnect everything unanswered is
+   written again.
    A message past its deadline is never written, even if the driver's timer
    has not fired yet: whichever call first sees the time expires it.
 3. A delivery whose offset is not above the stream's last handled offset is a
@@ -35,9 +36,7 @@ Rules:
 
 from __future__ import annotations
 
-import heapq
 import random
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +49,7 @@ from ..outbox import HandledPosition, Outbox, OutboxEntry
 from ..protocol.fastpath import encode_message
 from ..protocol.heartbeat import Heartbeat
 from .events import (
+    ConnectionState,
     Delivered,
     Dropped,
     Failed,
@@ -62,19 +62,17 @@ from .events import (
     ServerNotice,
     SessionCounters,
     SessionEvent,
-    SessionState,
     TimedOut,
     Welcomed,
 )
+from .window import Deadlines, Window
 
 __all__ = ["ClientSession"]
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 1_000
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
-
-
-"""Handshake refusals no retry can fix; any other refusal is retried."""
+_HANDSHAKING = (ConnectionState.CONNECTING, ConnectionState.RECONNECTING)  # hello unanswered
 
 
 class ClientSession:
@@ -92,48 +90,38 @@ class ClientSession:
         ping_spread: float = p.PING_SPREAD,
         random: Callable[[], float] = random.random,
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
         self.outbox = outbox if outbox is not None else Outbox()
         self.auth = auth
         self.client_name = client_name
-        self.max_in_flight = max_in_flight
         self.handshake_timeout = handshake_timeout
-        self.state = SessionState.DISCONNECTED
+        self.state = ConnectionState.IDLE
+        """The connection as the core sees it (what each value means: ``ConnectionState``)."""
         self.session_id: str | None = None
         self.token: str | None = None
         self.streams: dict[str, HandledPosition] = {}
         self.rooms: dict[tuple[str, str], str] = {}
         self.counters = SessionCounters()
         self.rtt: float | None = None
-        self._next_id = first_id
-        self._unsent: deque[int] = deque()
-        self._in_flight: set[int] = set()
         self._to_send: list[str] = []
         self._events: list[SessionEvent] = []
-        self._deadlines: list[tuple[float, int]] = []  # a heap; entries may be settled
         self._timer: float | None = None  # what get_timer() returns, unless _timer_stale
         self._timer_stale = True
         self.heartbeat = Heartbeat(ping_always=True, spread=ping_spread, random=random)
         """The deadlines of PROTOCOL §9: our pings, and when the server counts as gone."""
-        self._server_max_in_flight: int | None = None
         self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
         self._hello_at = 0.0
         self._ever_sent: set[int] = set()
         self._unlisted_rooms: list[str] = []
         self._now = float("-inf")  # the latest time any call told us
         saved = self.outbox.load_state()
-        self._oldest_id = min(self.outbox.ids(), default=first_id)
-        """No message below this id is still unanswered (see ``_lowest_unanswered``)."""
+        self._window = Window(self.outbox, max_in_flight=max_in_flight, first_id=first_id)
+        self._deadlines = Deadlines(self.outbox)
         if saved is not None:
             self.session_id, self.token = saved.session_id, saved.token
             self.streams = dict(saved.streams)
             self.rooms = dict(saved.rooms)
-            self._next_id = max(self._next_id, saved.next_id)
-            self._unsent = deque(self.outbox.ids())
-            for entry in self.outbox:
-                if entry.expires_at is not None:
-                    heapq.heappush(self._deadlines, (entry.expires_at, entry.id))
+            self._window.next_id = max(first_id, saved.next_id)
+            self._window.restart()
 
     # ------------------------------------------------------------------
     # Output
@@ -157,10 +145,11 @@ class ClientSession:
 
     def connection_made(self, now: float) -> None:
         """A transport is up: say hello (with resume info when we have a session)."""
-        if self.state is SessionState.CLOSED:
+        if self.state is ConnectionState.CLOSED:
             raise InvalidState("session is closed")
         self._now = now
-        self.state = SessionState.HANDSHAKING
+        again = self.counters.connections > 0
+        self.state = ConnectionState.RECONNECTING if again else ConnectionState.CONNECTING
         self._hello_at = now
         self.heartbeat.connected(now, self.handshake_timeout)
         self._timer_stale = True
@@ -197,19 +186,18 @@ class ClientSession:
 
     def connection_lost(self, now: float) -> None:
         """The transport is gone: everything unanswered will be written again."""
-        if self.state is SessionState.CLOSED:
+        if self.state is ConnectionState.CLOSED:
             return
-        self.state = SessionState.DISCONNECTED
+        self.state = ConnectionState.IDLE
         self._to_send.clear()
-        self._in_flight.clear()
-        self._unsent = deque(self.outbox.ids())
+        self._window.restart()
         self.heartbeat.stopped()
         self._timer_stale = True
         self.handle_timer(now)
 
     def close(self) -> None:
         """No more connections; pending entries stay in the outbox for the caller."""
-        self.state = SessionState.CLOSED
+        self.state = ConnectionState.CLOSED
         self._to_send.clear()
         self.heartbeat.stopped()
         self._timer_stale = True
@@ -221,29 +209,18 @@ class ClientSession:
 
     def ping(self, now: float) -> None:
         """Send a heartbeat now (its pong yields a RoundTrip event)."""
-        if self.state is SessionState.OPEN:
+        if self.state is ConnectionState.CONNECTED:
             self._to_send.append(p.encode(p.PingFrame(ts=now)))
 
     @property
     def last_reply(self) -> int:
         """Every message id up to this one has been answered (or given up)."""
-        return self._lowest_unanswered() - 1
-
-    def _lowest_unanswered(self) -> int:
-        """The lowest id still in the outbox (or the next id): amortised O(1).
-
-        Ids are consecutive and only ever leave the outbox, so a pointer that
-        moves forward past the ones that left finds it.
-        """
-        oldest, outbox, end = self._oldest_id, self.outbox, self._next_id
-        while oldest < end and oldest not in outbox:
-            oldest += 1
-        self._oldest_id = oldest
-        return oldest
+        return self._window.lowest_unanswered() - 1
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        """How many messages are written on this connection and not answered."""
+        return len(self._window)
 
     # ------------------------------------------------------------------
     # Sending
@@ -288,10 +265,11 @@ class ClientSession:
         now: float,
         expires_in: float | None,
     ) -> tuple[int, list[Dropped]]:
-        if self.state is SessionState.CLOSED:
+        if self.state is ConnectionState.CLOSED:
             raise InvalidState("session is closed")
         self._now = max(self._now, now)
-        message_id = self._next_id
+        window = self._window
+        message_id = window.next_id
         text = encode_message(kind, message_id, ns, event, room, data, echo)
         size = p.wire_size(text)
         if size > self.max_frame_bytes:
@@ -300,47 +278,29 @@ class ClientSession:
             )
         expires_at = None if expires_in is None else now + expires_in
         dropped = self.outbox.add(OutboxEntry(message_id, kind, text, expires_at))
-        self._next_id += 1
+        window.queue(message_id)
         evicted = [Dropped(e.id, e.kind) for e in dropped]
         for e in dropped:
             self._give_up(e)
         self.counters.dropped += len(evicted)
         if expires_at is not None:
-            self._add_deadline(expires_at, message_id)
-        self._unsent.append(message_id)
+            self._deadlines.add(expires_at, message_id)
+            if self._timer is None or expires_at < self._timer:
+                self._timer_stale = True
         self._pump()
         return message_id, evicted
 
     def _pump(self) -> None:
-        """Write queued messages, in order, while the in-flight window allows.
-
-        The window is counted two ways: at most ``limit`` messages written and
-        not answered, and no message ``limit`` or more ids past the oldest one
-        still unanswered. The second keeps every id the client may resend
-        within the newest ``limit`` the server has processed, so its dedupe
-        (which keeps at least that many replies) still holds the answer, even
-        after messages given up on were run and their replies lost.
-        """
-        if self.state is not SessionState.OPEN:
+        """Write queued messages, in order, while the in-flight window (``Window``) allows."""
+        if self.state is not ConnectionState.CONNECTED:
             return
-        limit = self.max_in_flight
-        if self._server_max_in_flight is not None:
-            limit = min(limit, self._server_max_in_flight)
-        while self._unsent and len(self._in_flight) < limit:
-            message_id = self._unsent[0]
-            # _oldest_id can only lag the lowest unanswered id: below it + limit, no need to look.
-            if message_id >= self._oldest_id + limit and (
-                message_id >= self._lowest_unanswered() + limit
-            ):
-                break  # waits for the oldest to be answered
-            self._unsent.popleft()
-            entry = self.outbox.get(message_id)
-            if entry is None:
-                continue
+        window = self._window
+        while (entry := window.take()) is not None:
+            message_id = entry.id
             if entry.expires_at is not None and entry.expires_at <= self._now:
+                window.discard(message_id)  # not written after all
                 self._expire(entry)  # overdue, though the driver's timer has not fired yet
                 continue
-            self._in_flight.add(message_id)
             self._to_send.append(entry.text)
             if message_id in self._ever_sent:
                 self.counters.resent += 1
@@ -352,10 +312,6 @@ class ClientSession:
         self._give_up(entry)
         self.counters.timed_out += 1
         self._events.append(TimedOut(entry.id, entry.kind))
-
-    def _forget(self, message_id: int) -> None:
-        self._in_flight.discard(message_id)
-        self._ever_sent.discard(message_id)
 
     def _give_up(self, entry: OutboxEntry) -> None:
         """The app stops waiting (expired, dropped): never written again.
@@ -370,20 +326,11 @@ class ClientSession:
 
     def _settle(self, message_id: int) -> OutboxEntry | None:
         entry = self.outbox.remove(message_id)
-        self._forget(message_id)
+        self._window.discard(message_id)
+        self._ever_sent.discard(message_id)
         if entry is not None:
             self._deadline_gone(entry)
         return entry
-
-    def _add_deadline(self, expires_at: float, message_id: int) -> None:
-        deadlines = self._deadlines
-        if len(deadlines) > 2 * len(self.outbox) + 64:
-            # Mostly answered messages: drop them now rather than when they reach the top.
-            deadlines[:] = [d for d in deadlines if d[1] in self.outbox]
-            heapq.heapify(deadlines)
-        heapq.heappush(deadlines, (expires_at, message_id))
-        if self._timer is None or expires_at < self._timer:
-            self._timer_stale = True
 
     def _deadline_gone(self, entry: OutboxEntry) -> None:
         """``entry`` left the outbox: the next deadline moves if it was this one."""
@@ -433,7 +380,7 @@ class ClientSession:
                 self._on_welcome(frame, now)
 
     def _on_welcome(self, frame: p.WelcomeFrame, now: float) -> None:
-        if self.state is not SessionState.HANDSHAKING:
+        if self.state not in _HANDSHAKING:
             self._events.append(ProtocolViolation("unexpected welcome"))
             return
         self.counters.connections += 1
@@ -464,7 +411,7 @@ class ClientSession:
                         f"{entry.size} bytes; the server accepts at most {self.max_frame_bytes}",
                     )
                 )
-        self.state = SessionState.OPEN
+        self.state = ConnectionState.CONNECTED
         self.session_id = frame.session
         self.token = frame.token
         self.outbox.save_session(self.session_id, self.token, self.rooms)
@@ -473,7 +420,7 @@ class ClientSession:
             self._set_stream(
                 inbox.stream, HandledPosition(inbox.epoch, inbox.offset, p.DEFAULT_NAMESPACE, None)
             )
-        self._server_max_in_flight = frame.limits.max_in_flight
+        self._window.server_allows(frame.limits.max_in_flight)
         # Pings timed from our hello, as the server's silence clock is (PROTOCOL §9):
         # timed from welcome, a slow handshake would let the server ping us first.
         self.heartbeat.opened(
@@ -520,7 +467,7 @@ class ClientSession:
 
     def _on_error(self, frame: p.ErrorFrame) -> None:
         if frame.id is None:
-            if self.state is SessionState.HANDSHAKING:
+            if self.state in _HANDSHAKING:
                 fatal = refusal_error(frame.code, frame.message) is not None
                 self._events.append(Refused(frame.code, frame.message, fatal, frame.retry_after))
             else:
@@ -629,13 +576,8 @@ class ClientSession:
         """
         if not self._timer_stale:
             return self._timer
-        beat = self.heartbeat.deadline()
-        candidates = [] if beat is None else [beat]
-        while self._deadlines and self._deadlines[0][1] not in self.outbox:
-            heapq.heappop(self._deadlines)
-        if self._deadlines:
-            candidates.append(self._deadlines[0][0])
-        self._timer = min(candidates) if candidates else None
+        beat, due = self.heartbeat.deadline(), self._deadlines.first()
+        self._timer = due if beat is None else beat if due is None else min(beat, due)
         self._timer_stale = False
         return self._timer
 
@@ -643,11 +585,8 @@ class ClientSession:
         """Expire messages, send a heartbeat, or declare the link dead."""
         self._now = now
         self._timer_stale = True
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, message_id = heapq.heappop(self._deadlines)
-            entry = self.outbox.get(message_id)
-            if entry is not None:
-                self._expire(entry)
+        while (entry := self._deadlines.pop_due(now)) is not None:
+            self._expire(entry)
         due = self.heartbeat.due(now)
         if due == "dead":
             waited = self.heartbeat.silent_for(now)
