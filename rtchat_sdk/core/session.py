@@ -210,7 +210,7 @@ class ClientSession:
     def ping(self, now: float) -> None:
         """Send a heartbeat now (its pong yields a RoundTrip event)."""
         if self.state is ConnectionState.CONNECTED:
-            self._to_send.append(p.encode(p.PingFrame(ts=now)))
+            self._to_send.append(p.encode_ping(now))
 
     @property
     def last_reply(self) -> int:
@@ -370,7 +370,7 @@ class ClientSession:
             case p.ErrorFrame():
                 self._on_error(frame)
             case p.PingFrame():
-                self._to_send.append(p.encode(p.PongFrame(ts=frame.ts)))
+                self._to_send.append(p.encode_pong(frame.ts))
             case p.PongFrame():
                 self.rtt = max(0.0, now - frame.ts)
                 self._events.append(RoundTrip(self.rtt))
@@ -593,5 +593,5 @@ class ClientSession:
             self._events.append(LinkDead(f"no frame from the server for {waited:.1f}s"))
             return
         if due == "ping":
-            self._to_send.append(p.encode(p.PingFrame(ts=now)))
+            self._to_send.append(p.encode_ping(now))
         self._pump()
