@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from types import CoroutineType
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import RTChatError, ValidationFailed
 from ..events import Event, event_name, validate_payload
@@ -21,7 +23,16 @@ from ..events import Event, event_name, validate_payload
 if TYPE_CHECKING:
     from .. import protocol as p
 
-__all__ = ["ANY_EVENT", "Delivery", "ErrorCallback", "HandlerRegistry"]
+__all__ = [
+    "ANY_EVENT",
+    "Delivery",
+    "ErrorCallback",
+    "FINISHED",
+    "HandlerRegistry",
+    "Pending",
+    "Start",
+    "start_here",
+]
 
 log = logging.getLogger("rtchat_sdk")
 
@@ -61,14 +72,38 @@ class _Handler:
 _NO_HANDLERS: tuple[_Handler, ...] = ()
 
 
+FINISHED: Any = object()
+"""What a ``Start`` returns for a coroutine that finished without suspending."""
+
+
+def start_here(coro: _Coroutine) -> Any:
+    """Run ``coro`` up to its first suspension: what it yielded, or ``FINISHED``.
+
+    For a caller running in the task that will await the rest, this is the
+    first step of ``await coro``. (Iterating spares the StopIteration that
+    ``coro.send(None)`` raises at the end.)
+    """
+    for yielded in coro.__await__():
+        return yielded
+    return FINISHED
+
+
+_Coroutine = Coroutine[Any, Any, Any]
+
+Start = Callable[[_Coroutine], Any]
+"""How ``HandlerRegistry.call`` runs a coroutine up to its first suspension:
+``start_here``, or a function that calls it in another task's name."""
+
+
 class HandlerRegistry:
     """Handlers per (namespace, event), called one after another per delivery.
 
     How to call each handler (with ``meta`` or not, awaited or not) is decided
     once, when it is registered. ``call`` runs the handlers of a delivery
-    synchronously until one returns an awaitable; the rest of the work is
-    then handed back as a coroutine for the caller to await, so a delivery
-    whose handlers are all synchronous costs no task switch.
+    synchronously until one has to wait; what is left is then handed back as
+    a ``Pending`` for the caller to await, so a delivery whose handlers are
+    all synchronous, or whose coroutines finish without suspending, costs no
+    task switch.
     """
 
     def __init__(self) -> None:
@@ -98,25 +133,28 @@ class HandlerRegistry:
         return handlers + catch_all if catch_all else handlers
 
     async def dispatch(self, frame: p.MessageFrame, report: ErrorCallback) -> None:
-        """Call every handler for this delivery; failures go to ``report``."""
-        rest = self.call(frame, report)
+        """Call every handler for this delivery, from a task; failures go to ``report``."""
+        rest = self.call(frame, report, start_here)
         if rest is not None:
-            await rest
+            await rest.run()
 
     def call(
-        self, frame: p.MessageFrame, report: ErrorCallback
-    ) -> Coroutine[Any, Any, None] | None:
-        """Call the handlers of this delivery in order, without awaiting.
+        self, frame: p.MessageFrame, report: ErrorCallback, start: Start | None = None
+    ) -> Pending | None:
+        """Call the handlers of this delivery in order, without waiting.
 
-        Returns None when every handler is done. When one returns an
-        awaitable, returns a coroutine that awaits it and then calls the
-        handlers after it: the caller must await that before the delivery
-        counts as handled. Failures go to ``report``.
+        Returns None when every handler is done. A handler's coroutine is run
+        with ``start`` up to its first suspension (not at all without one):
+        one that finishes there is done. The first handler that leaves
+        something to wait for (a suspended coroutine, another awaitable)
+        ends the call: the ``Pending`` returned finishes it and then calls
+        the handlers after it, and must be awaited (or closed) before the
+        delivery counts as handled. Failures go to ``report``.
         """
         handlers = self._for(frame)
         meta: Delivery | None = None
         for index, handler in enumerate(handlers):
-            payload = self._payload(handler, frame, report)
+            payload = frame.data if handler.model is None else _payload(handler, frame, report)
             if payload is _INVALID:
                 continue
             if handler.wants_meta and meta is None:
@@ -128,25 +166,86 @@ class HandlerRegistry:
             except Exception as exc:
                 _report_failure(handler, frame, exc, report)
                 continue
-            if handler.is_async or (result is not None and inspect.isawaitable(result)):
-                return self._finish(result, handler, handlers[index + 1 :], frame, meta, report)
+            if not handler.is_async and (result is None or not inspect.isawaitable(result)):
+                continue
+            if start is None or type(result) is not CoroutineType:
+                return Pending(frame, handlers, index, meta, report, result)
+            try:
+                yielded = start(result)
+            except Exception as exc:
+                _report_failure(handler, frame, exc, report)
+                continue
+            except BaseException as exc:
+                # Not a handler failure (CancelledError, KeyboardInterrupt...): it is
+                # raised where the handler's awaiting would have raised it, in the task
+                # that awaits the rest, and the handlers after it do not run.
+                return Pending(frame, handlers, index, meta, report, _reraise(exc))
+            if yielded is not FINISHED:
+                return Pending(frame, handlers, index, meta, report, result, yielded, started=True)
         return None
 
-    async def _finish(
+
+class Pending:
+    """What is left of a delivery's handlers once one of them has to wait.
+
+    ``run()`` waits for that handler's awaitable (a coroutine suspended at
+    its first wait goes on from there), then calls the handlers after it;
+    awaiting a ``Pending`` is awaiting ``run()``. ``close()`` gives up on it.
+    """
+
+    __slots__ = (
+        "_awaitable",
+        "_handlers",
+        "_index",
+        "_meta",
+        "_report",
+        "_yielded",
+        "frame",
+        "started",
+    )
+
+    def __init__(
         self,
-        pending: Awaitable[Any],
-        handler: _Handler,
-        rest: tuple[_Handler, ...],
         frame: p.MessageFrame,
+        handlers: tuple[_Handler, ...],
+        index: int,
         meta: Delivery | None,
         report: ErrorCallback,
+        awaitable: Awaitable[Any],
+        yielded: Any = None,
+        *,
+        started: bool = False,
     ) -> None:
+        self.frame = frame
+        self.started = started
+        """True if the awaitable is a coroutine already run up to its first suspension,
+        where it yielded ``yielded`` to no task: the task that runs this takes it over."""
+        self._awaitable = awaitable
+        self._handlers = handlers
+        self._index = index
+        self._meta = meta
+        self._report = report
+        self._yielded = yielded
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self.run().__await__()
+
+    async def run(self, thrown: BaseException | None = None) -> None:
+        """Finish the delivery's handlers; ``thrown`` goes in first (a suspended coroutine
+        takes it where it waits), as a cancellation of the awaiting task would."""
+        frame, report, meta, handlers = self.frame, self._report, self._meta, self._handlers
         try:
-            await pending
+            if self.started:
+                await _resume(cast(_Coroutine, self._awaitable), self._yielded, thrown)
+            elif thrown is not None:
+                self.close()
+                raise thrown
+            else:
+                await self._awaitable
         except Exception as exc:
-            _report_failure(handler, frame, exc, report)
-        for handler in rest:
-            payload = self._payload(handler, frame, report)
+            _report_failure(handlers[self._index], frame, exc, report)
+        for handler in handlers[self._index + 1 :]:
+            payload = frame.data if handler.model is None else _payload(handler, frame, report)
             if payload is _INVALID:
                 continue
             if handler.wants_meta and meta is None:
@@ -160,22 +259,64 @@ class HandlerRegistry:
             except Exception as exc:
                 _report_failure(handler, frame, exc, report)
 
-    @staticmethod
-    def _payload(handler: _Handler, frame: p.MessageFrame, report: ErrorCallback) -> Any:
-        if handler.model is None:
-            return frame.data
-        try:
-            return validate_payload(handler.model, frame.data)
-        except ValidationFailed as exc:
-            log.warning(
-                "dropped invalid %r delivery at %s:%d: %s",
-                frame.event,
-                frame.stream,
-                frame.offset,
-                exc,
-            )
-            report(exc)
-            return _INVALID
+    def close(self) -> None:
+        """Never run: close the coroutine (a suspended one runs its ``finally`` blocks)."""
+        if isinstance(self._awaitable, Coroutine):
+            self._awaitable.close()
+
+
+@types.coroutine
+def _resume(
+    coro: _Coroutine, yielded: Any, thrown: BaseException | None
+) -> Generator[Any, Any, Any]:
+    """Await ``coro`` from where it is suspended, having yielded ``yielded`` to no task.
+
+    ``yield from coro`` would resume it at once; here the task first gets the
+    future the coroutine waits for (or the bare yield of ``sleep(0)``), as if
+    the coroutine had been awaited by it from the start, and resumes it once
+    that is done. What the task throws in (a cancellation) goes to the coroutine.
+    """
+    while True:
+        if thrown is None:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                thrown = exc
+                continue
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            into, thrown = thrown, None
+            try:
+                yielded = coro.throw(into)
+            except StopIteration as stop:
+                return stop.value
+
+
+async def _reraise(exc: BaseException) -> None:
+    raise exc
+
+
+def _payload(handler: _Handler, frame: p.MessageFrame, report: ErrorCallback) -> Any:
+    if handler.model is None:
+        return frame.data
+    try:
+        return validate_payload(handler.model, frame.data)
+    except ValidationFailed as exc:
+        log.warning(
+            "dropped invalid %r delivery at %s:%d: %s",
+            frame.event,
+            frame.stream,
+            frame.offset,
+            exc,
+        )
+        report(exc)
+        return _INVALID
 
 
 _INVALID: Any = object()
