@@ -1,5 +1,9 @@
 """What the hub asks of its driver: plain data, executed in the order given.
 
+Plain slotted dataclasses, not frozen (a frozen one costs three times as
+much to build, and the hub builds several per message); nobody changes a
+command once made, but for the call's ``op``, which the hub sets.
+
 Sync commands (``Send``, ``Deliver``, ``Close``, ``Batching``, ``Finished``)
 are carried out at once. A ``Call`` needs a result: the driver runs it (a
 broker method, or an app hook: authenticate, authorize_join, a handler) and
@@ -30,7 +34,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """Write these encoded frames to connection ``conn``, in order."""
 
@@ -38,7 +42,7 @@ class Send:
     frames: list[str]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Deliver:
     """Write one delivery frame to each of ``conns`` (encoded once for all of them).
 
@@ -50,7 +54,7 @@ class Deliver:
     conns: list[int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """Close connection ``conn`` with ``code`` after what was sent to it."""
 
@@ -59,14 +63,14 @@ class Close:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Batching:
     """Connection ``conn`` accepts batches: frames of one write may go as one message."""
 
     conn: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finished:
     """Operation ``op`` that the driver started (``Hub.join``...) ended with ``result``."""
 
