@@ -18,6 +18,7 @@ from pydantic_core import PydanticSerializationError
 from websockets.asyncio.client import ClientConnection, connect
 
 from rtchat_sdk import protocol as p
+from rtchat_sdk.errors import ValidationFailed
 from server_ref.broker import MemoryBroker
 from tests.conftest import make_server
 from tests.test_compression import connections
@@ -257,3 +258,49 @@ async def test_a_client_that_does_not_read_its_replies_stops_the_server_reading(
             ws.transport.abort()
     finally:
         await srv.close(timeout=1)
+
+
+def _delivery(head: str, tail: str, epoch: str, offset: int) -> str:
+    return f'{head},"epoch":{json.dumps(epoch)},"offset":{offset},{tail}'
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=_JSON,
+    room=st.none() | st.sampled_from(["r", "ünï 🙂", 'q"uote']),
+    event=st.sampled_from(["m", "chat.message", "évènement"]),
+    sender=st.none() | st.sampled_from(["s1", "0123abcd"]),
+    epoch=st.sampled_from(["e1", "0011223344556677"]),
+    offset=st.integers(min_value=1, max_value=2**53),
+)
+def test_delivery_parts_give_exactly_the_model_encoding(
+    data: Any, room: str | None, event: str, sender: str | None, epoch: str, offset: int
+) -> None:
+    stream = p.room_stream("/", room) if room is not None else p.inbox_stream("s9")
+    model = p.MessageFrame(
+        stream=stream,
+        epoch=epoch,
+        offset=offset,
+        ns="/",
+        room=room,
+        event=event,
+        data=data,
+        sender=sender,
+    )
+    for _ in range(2):  # the model's way, then the envelope it learned
+        head, tail = p.delivery_parts(stream, "/", room, event, data, sender)
+        assert _delivery(head, tail, epoch, offset) == p.encode(model)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), {"x": [1, float("-inf")]}])
+def test_delivery_parts_refuse_non_finite_data_on_either_way(bad: Any) -> None:
+    p.delivery_parts("room:/:r", "/", "r", "m", {"fine": 1}, None)  # learns the envelope
+    for _ in range(2):
+        with pytest.raises(ValidationFailed):
+            p.delivery_parts("room:/:r", "/", "r", "m", bad, None)
+
+
+def test_delivery_parts_refuse_what_the_model_refuses() -> None:
+    for _ in range(2):
+        with pytest.raises(ValidationError):
+            p.delivery_parts("room:/:r", "/", "r", 5, {"x": 1}, None)  # type: ignore[arg-type]

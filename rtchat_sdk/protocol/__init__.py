@@ -18,7 +18,14 @@ from .codec import (
     require_finite,
     wire_size,
 )
-from .fastpath import encode_error, encode_message, encode_ping, encode_pong, encode_reply
+from .fastpath import (
+    delivery_parts,
+    encode_error,
+    encode_message,
+    encode_ping,
+    encode_pong,
+    encode_reply,
+)
 from .frames import (
     CLIENT_FRAME_TYPES,
     DEFAULT_NAMESPACE,
@@ -90,6 +97,7 @@ __all__ = [
     "WelcomeFrame",
     "client_frame_adapter",
     "decode_client_frame",
+    "delivery_parts",
     "decode_server_frame",
     "decode_server_message",
     "encode",

@@ -1,7 +1,8 @@
 """Encoders of the hot frames that build no pydantic model, byte-identical to ``encode``.
 
 Both sides use them: the client for the messages it sends (``encode_message``)
-and its pings and pongs, the server for replies, errors, pings and pongs.
+and its pings and pongs, the server for deliveries (``delivery_parts``),
+replies, errors, pings and pongs.
 
 Every frame the app sends has a fixed shape: an envelope (type, ns, event,
 room, echo) around an id and a payload. Building and validating a pydantic
@@ -28,7 +29,14 @@ from ..errors import ValidationFailed
 from . import codec
 from . import frames as p
 
-__all__ = ["encode_error", "encode_message", "encode_ping", "encode_pong", "encode_reply"]
+__all__ = [
+    "delivery_parts",
+    "encode_error",
+    "encode_message",
+    "encode_ping",
+    "encode_pong",
+    "encode_reply",
+]
 
 _MODELS: dict[str, type[BaseModel]] = {
     "emit": p.EmitFrame,
@@ -195,3 +203,78 @@ def encode_error(
             "retry_after": None if retry_after is None else float(retry_after),
         }
     )
+
+
+# Deliveries: ``encode(MessageFrame(...))`` split around its epoch and offset,
+# which only the broker knows (it numbers the entry). The envelope of each
+# (stream, ns, room, event) is validated once by the model and kept if it
+# reproduces the model's text byte for byte, as for ``encode_message``.
+
+_EPOCH_MARK = "\x00epoch"
+_SPLIT = ',"epoch":"\\u0000epoch","offset":1,'
+"""How the model writes epoch ``_EPOCH_MARK`` at offset 1: where a delivery is split."""
+
+_DELIVERIES: dict[tuple[str, str, str | None, str], tuple[str, str]] = {}
+
+
+def delivery_parts(
+    stream: str, ns: str, room: str | None, event: str, data: Any, sender: str | None
+) -> tuple[str, str]:
+    """``(head, tail)`` of the delivery frame of a JSON-ready payload.
+
+    The frame at (epoch, offset) is ``f'{head},"epoch":{json(epoch)},"offset":{offset},{tail}'``,
+    exactly as ``encode(MessageFrame(...))`` writes it. Raises as the model
+    does: ``ValidationFailed`` for NaN or an infinity, pydantic's
+    ``ValidationError`` for an invalid name.
+    """
+    key = (stream, ns, room, event)
+    plain = sender is None or type(sender) is str
+    envelope = _DELIVERIES.get(key) if plain else None
+    if envelope is not None:
+        head, middle = envelope
+        try:
+            body = _to_json(data).decode()
+        except Exception:
+            body = None  # the model's way below raises the error it always raised
+        if body is not None and not (("N" in body or "I" in body) and codec.non_finite(body)):
+            return head, f'{middle}{body},"sender":{_to_json(sender).decode()}}}'
+    text = codec.encode(
+        p.MessageFrame(
+            stream=stream,
+            epoch=_EPOCH_MARK,
+            offset=1,
+            ns=ns,
+            room=room,
+            event=event,
+            data=data,
+            sender=sender,
+        )
+    )
+    head, split, tail = text.partition(_SPLIT)
+    assert split, "MessageFrame's fields are type, stream, epoch, offset, then the rest"
+    if plain and type(stream) is str and type(ns) is str and type(event) is str:
+        _learn_delivery(key, data, sender, head, tail)
+    return head, tail
+
+
+def _learn_delivery(
+    key: tuple[str, str, str | None, str], data: Any, sender: str | None, head: str, tail: str
+) -> None:
+    stream, ns, room, event = key
+    if room is not None and type(room) is not str:
+        return
+
+    def string(value: str | None) -> str:
+        return _to_json(value).decode()
+
+    my_head = f'{{"type":"message","stream":{string(stream)}'
+    middle = f'"ns":{string(ns)},"room":{string(room)},"event":{string(event)},"data":'
+    try:
+        body = _to_json(data).decode()
+    except Exception:
+        return
+    if (my_head, f'{middle}{body},"sender":{string(sender)}}}') != (head, tail):
+        return  # not the model's encoding: keep using the model for this envelope
+    if len(_DELIVERIES) >= _MAX_ENVELOPES:
+        _DELIVERIES.clear()
+    _DELIVERIES[key] = (my_head, middle)

@@ -63,10 +63,6 @@ class StreamEntry:
     at: float
 
 
-_MARK_EPOCH = "\x00epoch"
-_MARK = ',"epoch":"\\u0000epoch","offset":1,'
-
-
 @dataclass(slots=True)  # not frozen: that triples its cost to build, once per message
 class Draft:
     """An entry before it is numbered: its delivery frame around the epoch and offset.
@@ -97,20 +93,7 @@ class Draft:
         max_bytes: int,
     ) -> Draft:
         """The draft of a delivery frame; raises ``ValidationFailed`` for NaN or infinity."""
-        text = p.encode(
-            p.MessageFrame(
-                stream=stream,
-                epoch=_MARK_EPOCH,
-                offset=1,
-                ns=ns,
-                room=room,
-                event=event,
-                data=data,
-                sender=sender,
-            )
-        )
-        head, mark, tail = text.partition(_MARK)
-        assert mark, "MessageFrame's fields are stream, epoch, offset, then the rest"
+        head, tail = p.delivery_parts(stream, ns, room, event, data, sender)
         return cls(head, tail, sender, echo, max_bytes)
 
     def render(self, epoch: str, offset: int) -> str:
