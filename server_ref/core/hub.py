@@ -59,6 +59,8 @@ __all__ = ["Hub", "Op"]
 
 log = logging.getLogger("server_ref")
 
+_CALL_TYPES = frozenset(CALLS)
+
 Op = Generator[Call, Any, Any]
 """An operation: yields calls, receives their results, returns its own."""
 
@@ -122,11 +124,7 @@ class Hub:
         )
         self.sessions = Sessions()
         self._answer = partial(
-            answer,
-            namespaces=namespaces,
-            max_frame_bytes=config.max_frame_bytes,
-            join=self.sessions.join,
-            leave=self.sessions.leave,
+            answer, namespaces, config.max_frame_bytes, self.sessions.join, self.sessions.leave
         )
         self._conns: dict[int, _Conn] = {}
         self._ops: dict[int, _Running] = {}
@@ -157,7 +155,7 @@ class Hub:
     def take_call(self) -> Call | None:
         """The one command waiting if it is a call (an operation's common step), else None."""
         out = self._out
-        if len(out) == 1 and isinstance(out[0], CALLS):
+        if len(out) == 1 and type(out[0]) in _CALL_TYPES:
             return out.pop()  # type: ignore[return-value]
         return None
 

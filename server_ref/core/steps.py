@@ -86,15 +86,17 @@ def duplicate_answer(message_id: int, stored: str | None) -> str:
 
 
 def answer(
-    session: Session,
-    frame: ClientMessage,
-    *,
     namespaces: Container[str],
     max_frame_bytes: int,
     join: Callable[[Session, str, str], Generator[Call, Any, tuple[str, int]]],
     leave: Callable[[Session, str, str], Step],
+    session: Session,
+    frame: ClientMessage,
 ) -> Generator[Call, Any, str]:
     """Dedupe, carry out and remember one client message; returns its answer.
+
+    The node's rules come first, so the hub binds them once (``partial``)
+    and makes each message's operation from the last two.
 
     The answer is the encoded reply or error frame; a message processed
     before gets its stored reply again and is not carried out twice. (One
