@@ -36,6 +36,7 @@ from ..errors import (
     GaveUp,
     RTChatError,
 )
+from ..wsio import write_framed
 from .dispatcher import Dispatcher
 from .endpoint import ProxySetting, choose_proxy, describe_failure
 
@@ -297,12 +298,7 @@ class Link:
         protocol = ws.protocol
         for text in frames:
             protocol.send_text(text.encode())
-        chunks = protocol.data_to_send()
-        if all(chunks):
-            transport.write(b"".join(chunks))
-        else:  # an end-of-stream marker among them (never after send_text): websockets' way
-            protocol.writes[:0] = chunks
-            ws.send_data()
+        write_framed(ws)
         if ws.paused:
             self._write_blocked = True
             self._wakeup.set()

@@ -23,6 +23,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 from rtchat_sdk import protocol as p
+from rtchat_sdk.wsio import write_framed
 
 from ..config import ServerConfig
 from .base import Endpoint, Listener, Transport
@@ -110,26 +111,11 @@ class WebSocketTransport(Transport):
             return  # written already (a large batch, or back-pressure)
         self.unwritten = 0
         self._seal()
-        ws = self.ws
-        transport = ws.transport
-        # One frame per item; ws.send_data() would make one write (one send()
-        # system call) of each. An empty item asks for a half-close after the
-        # data (websockets writes its own at once, so it is hardly ever here).
-        chunks = ws.protocol.data_to_send()
         try:
-            if all(chunks):
-                transport.write(b"".join(chunks))
-                return
-            for chunk in chunks:
-                if chunk:
-                    transport.write(chunk)
-                elif transport.can_write_eof():
-                    transport.write_eof()
-                else:
-                    transport.close()
+            write_framed(self.ws)
         except Exception:  # as websockets does: a connection we cannot write to is dead
             log.debug("write failed", exc_info=True)
-            transport.abort()
+            self.abort()
 
     async def close(self, code: int, reason: str) -> None:
         self._seal()  # what was queued goes before the close frame
