@@ -201,6 +201,42 @@ def test_gap_frame_moves_the_position_and_is_reported() -> None:
     assert s.counters.gaps == 1
 
 
+def test_a_gap_never_moves_the_position_back_within_an_epoch() -> None:
+    s = ClientSession()
+    open_session(s)
+    for offset in (1, 2, 3):
+        s.receive_text(message("room:/:r", offset), 0)
+    s.receive_text(
+        p.encode(p.GapFrame(stream="room:/:r", room="r", epoch="e1", offset=1, reason="trimmed")),
+        0,
+    )
+    s.receive_text(message("room:/:r", 3), 0)  # already delivered: still a duplicate
+    delivered = [e.frame.offset for e in events(s) if isinstance(e, Delivered)]
+    assert delivered == [1, 2, 3]
+    assert s.streams["room:/:r"].offset == 3
+    assert s.counters.duplicates_dropped == 1
+
+
+def test_joining_again_into_a_new_epoch_is_reported() -> None:
+    s = ClientSession()
+    open_session(s)
+    s.join("/", "r", now=0)
+    s.receive_text(reply(1, {"stream": "room:/:r", "epoch": "e1", "offset": 7}), 0)
+    s.receive_text(message("room:/:r", 8), 0)
+    events(s)
+    s.join("/", "r", now=1)  # the server lost the stream meanwhile: a new epoch
+    s.receive_text(reply(2, {"stream": "room:/:r", "epoch": "e2", "offset": 3}), 1)
+    gaps = [e for e in events(s) if isinstance(e, GapReported)]
+    assert [(g.stream, g.reason, g.epoch, g.offset) for g in gaps] == [
+        ("room:/:r", "epoch_changed", "e2", 3)
+    ]
+    assert (s.streams["room:/:r"].epoch, s.streams["room:/:r"].offset) == ("e2", 3)
+    assert s.counters.gaps == 1
+    s.join("/", "r", now=2)  # the same epoch again: nothing to report
+    s.receive_text(reply(3, {"stream": "room:/:r", "epoch": "e2", "offset": 5}), 2)
+    assert [e for e in events(s) if isinstance(e, GapReported)] == []
+
+
 def test_join_reply_sets_the_position_and_resume_presents_it() -> None:
     s = ClientSession()
     open_session(s)

@@ -453,6 +453,19 @@ class ClientSession:
         self.outbox.save_session(self.session_id, self.token, self.rooms)
         known = self.streams.get(position.stream)
         if known is None or known.epoch != position.epoch:
+            if known is not None:
+                # Joined again into a new epoch: what followed the old position is gone.
+                self.counters.gaps += 1
+                self._events.append(
+                    GapReported(
+                        position.stream,
+                        join.ns,
+                        join.room,
+                        position.epoch,
+                        position.offset,
+                        "epoch_changed",
+                    )
+                )
             self._set_stream(
                 position.stream,
                 HandledPosition(position.epoch, position.offset, join.ns, join.room),
@@ -511,10 +524,12 @@ class ClientSession:
             self._drop_room(frame.stream, frame.reason, frame.epoch, frame.offset)
             return
         self.counters.gaps += 1
+        offset = frame.offset
+        known = self.streams.get(frame.stream)
+        if known is not None and known.epoch == frame.epoch and known.offset > offset:
+            offset = known.offset  # never back within an epoch: that would take duplicates
         # In memory now; persisted by gap_handled(), in order with the deliveries.
-        self.streams[frame.stream] = HandledPosition(
-            frame.epoch, frame.offset, frame.ns, frame.room
-        )
+        self.streams[frame.stream] = HandledPosition(frame.epoch, offset, frame.ns, frame.room)
         self._events.append(
             GapReported(frame.stream, frame.ns, frame.room, frame.epoch, frame.offset, frame.reason)
         )
