@@ -600,3 +600,16 @@ def test_overdue_message_is_not_written_even_before_the_timer_fires() -> None:
     assert frames(s) == []
     assert TimedOut(1, "emit") in events(s)
     assert len(s.outbox) == 0
+
+
+def test_a_gap_behind_the_position_reports_and_persists_the_position_kept() -> None:
+    s = ClientSession()
+    open_session(s)
+    for offset in (1, 2, 3):
+        s.receive_text(message("room:/:r", offset), 0)
+    s.receive_text(
+        p.encode(p.GapFrame(stream="room:/:r", room="r", epoch="e1", offset=1, reason="trimmed")),
+        0,
+    )
+    (gap,) = [e for e in events(s) if isinstance(e, GapReported)]
+    assert (gap.epoch, gap.offset) == ("e1", 3)  # what is persisted once it is handled

@@ -390,11 +390,8 @@ class ClientSession:
             old_inbox = p.inbox_stream(self.session_id)
             lost = self.streams.get(old_inbox)
             if lost is not None:
-                self.counters.gaps += 1
-                self._events.append(
-                    GapReported(
-                        old_inbox, lost.ns, None, lost.epoch, lost.offset, "session_unknown"
-                    )
+                self._report_gap(
+                    old_inbox, lost.ns, None, lost.epoch, lost.offset, "session_unknown"
                 )
                 self._set_stream(old_inbox, None)
             for stream in self._unlisted_rooms:
@@ -451,25 +448,12 @@ class ClientSession:
             return
         self.rooms[(join.ns, join.room)] = position.stream
         self.outbox.save_session(self.session_id, self.token, self.rooms)
-        known = self.streams.get(position.stream)
-        if known is None or known.epoch != position.epoch:
-            if known is not None:
-                # Joined again into a new epoch: what followed the old position is gone.
-                self.counters.gaps += 1
-                self._events.append(
-                    GapReported(
-                        position.stream,
-                        join.ns,
-                        join.room,
-                        position.epoch,
-                        position.offset,
-                        "epoch_changed",
-                    )
-                )
-            self._set_stream(
-                position.stream,
-                HandledPosition(position.epoch, position.offset, join.ns, join.room),
-            )
+        stream, epoch, offset = position.stream, position.epoch, position.offset
+        known = self.streams.get(stream)
+        if known is None or known.epoch != epoch:
+            if known is not None:  # joined again into a new epoch: what followed is gone
+                self._report_gap(stream, join.ns, join.room, epoch, offset, "epoch_changed")
+            self._set_stream(stream, HandledPosition(epoch, offset, join.ns, join.room))
 
     def _on_left(self, entry: OutboxEntry) -> None:
         leave = p.LeaveFrame.model_validate_json(entry.text)
@@ -503,16 +487,13 @@ class ClientSession:
         else:
             if known is not None:
                 # New epoch without a gap frame: the server lost history. Be loud.
-                self.counters.gaps += 1
-                self._events.append(
-                    GapReported(
-                        frame.stream,
-                        frame.ns,
-                        frame.room,
-                        frame.epoch,
-                        frame.offset - 1,
-                        "epoch_changed",
-                    )
+                self._report_gap(
+                    frame.stream,
+                    frame.ns,
+                    frame.room,
+                    frame.epoch,
+                    frame.offset - 1,
+                    "epoch_changed",
                 )
             self.streams[frame.stream] = HandledPosition(
                 frame.epoch, frame.offset, frame.ns, frame.room
@@ -523,16 +504,13 @@ class ClientSession:
         if frame.reason == "not_rejoined":
             self._drop_room(frame.stream, frame.reason, frame.epoch, frame.offset)
             return
-        self.counters.gaps += 1
         offset = frame.offset
         known = self.streams.get(frame.stream)
         if known is not None and known.epoch == frame.epoch and known.offset > offset:
             offset = known.offset  # never back within an epoch: that would take duplicates
         # In memory now; persisted by gap_handled(), in order with the deliveries.
         self.streams[frame.stream] = HandledPosition(frame.epoch, offset, frame.ns, frame.room)
-        self._events.append(
-            GapReported(frame.stream, frame.ns, frame.room, frame.epoch, frame.offset, frame.reason)
-        )
+        self._report_gap(frame.stream, frame.ns, frame.room, frame.epoch, offset, frame.reason)
 
     def _drop_room(self, stream: str, reason: str, epoch: str = "", offset: int = 0) -> None:
         """The server did not put the session back in a room: forget it, loudly."""
@@ -545,9 +523,15 @@ class ClientSession:
                 ns, room = key
         self.outbox.save_session(self.session_id, self.token, self.rooms)
         self._set_stream(stream, None)
-        self.counters.gaps += 1
         if position is not None and not epoch:
             epoch, offset = position.epoch, position.offset
+        self._report_gap(stream, ns, room, epoch, offset, reason)
+
+    def _report_gap(
+        self, stream: str, ns: str, room: str | None, epoch: str, offset: int, reason: str
+    ) -> None:
+        """Entries of ``stream`` up to (epoch, offset) will never come: tell the app."""
+        self.counters.gaps += 1
         self._events.append(GapReported(stream, ns, room, epoch, offset, reason))
 
     def delivery_handled(self, frame: p.MessageFrame) -> None:
