@@ -122,6 +122,7 @@ class Server:
             namespaces=self._namespaces,
             node=self.node,
             authenticates=authenticate is not None,
+            answer_now=self.broker.answer_now,
         )
         self._transports: dict[int, Transport] = {}
         self._tasks: set[asyncio.Task[None]] = set()

@@ -54,6 +54,7 @@ class HubNet:
         broker: MemoryBroker | None = None,
         users: dict[str, str] | None = None,
         auto: bool = True,
+        answer_now: bool = False,
     ) -> None:
         self.now = 1000.0
         self.config = config or ServerConfig()
@@ -72,6 +73,7 @@ class HubNet:
             node="node-1",
             authenticates=users is not None,
             new_session=self._new_session,
+            answer_now=self.broker.answer_now if answer_now else None,
         )
         self._sessions_made = 0
         self.auto = auto

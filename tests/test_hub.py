@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from rtchat_sdk import protocol as p
+from server_ref.broker import MemoryBroker
+from server_ref.broker.base import LATER
 from server_ref.config import ServerConfig
 from server_ref.core.commands import BrokerCall, Handle
-from tests.hubnet import HubNet
+from tests.hubnet import HubNet, run_now
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -92,6 +94,40 @@ def test_a_resent_message_gets_its_first_reply_and_is_not_run_again() -> None:
     assert seen == ["once"]
     first, again = net.frames(conn)
     assert first == again
+
+
+def test_calls_the_broker_answers_at_once_never_reach_the_driver() -> None:
+    net = HubNet(answer_now=True)
+    seen = with_echo(net)
+    conn, welcome = net.hello()
+    net.calls.clear()
+    net.send(conn, request(1, "once"))
+    # remember_reply was taken at once: the driver only ran the handler.
+    assert [type(call) for call in net.calls] == [Handle]
+    (reply,) = net.frames(conn)
+    assert reply == {"type": "reply", "id": 1, "data": "once"}
+    # A session from another node asks the dedupe records (at once, too) and gets it again.
+    net.hub.sessions.by_id[welcome["session"]].highest = None
+    net.send(conn, request(1, "once"))
+    assert seen == ["once"]
+    assert net.frames(conn) == [reply]
+    assert [type(call) for call in net.calls] == [Handle]
+
+
+def test_memory_broker_answers_at_once_only_what_a_subclass_does_not_override() -> None:
+    broker = MemoryBroker()
+    assert broker.answer_now("remember_reply", ("s", 3, "r3")) is None
+    assert broker.answer_now("recall_reply", ("s", 3)) == (True, "r3")
+    assert broker.answer_now("recall_reply", ("s", 4)) == run_now(broker.recall_reply("s", 4))
+    assert broker.answer_now("position", (ROOM,)) == run_now(broker.position(ROOM))
+    assert broker.answer_now("append", (ROOM, None)) is LATER  # it calls listeners
+
+    class Own(MemoryBroker):
+        async def remember_reply(self, session_id: str, message_id: int, reply: str) -> None:
+            raise ConnectionError("awaited, never bypassed")
+
+    assert Own().answer_now("remember_reply", ("s", 1, "r")) is LATER
+    assert Own().answer_now("recall_reply", ("s", 1)) == (False, None)
 
 
 def test_live_entries_during_a_replay_follow_it_without_duplicates() -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic_core import to_json
 
@@ -37,6 +38,7 @@ from rtchat_sdk import protocol as p
 from ..errors import FrameTooLarge
 
 __all__ = [
+    "LATER",
     "Broker",
     "Clock",
     "Draft",
@@ -140,8 +142,21 @@ ReplacedListener = Callable[[str], None]
 """Called with a session id another connection took over."""
 
 
+LATER: Any = object()
+"""What ``Broker.answer_now`` returns for a call that must be awaited."""
+
+
 class Broker(ABC):
     """Stream storage and fan-out. Methods are async so a networked store fits."""
+
+    def answer_now(self, method: str, args: tuple[Any, ...]) -> Any:
+        """``await self.<method>(*args)``'s result, if this broker has it at once; else ``LATER``.
+
+        Only for what needs no I/O and calls no listener (an in-process store's
+        dedupe records), so the hub can take it without a trip through its
+        driver; it raises what the method would. The default: ``LATER``, always.
+        """
+        return LATER
 
     async def start(self, clock: Clock | None = None) -> None:
         """Connect to whatever backs the broker; ``clock`` is the server's."""

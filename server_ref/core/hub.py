@@ -13,9 +13,9 @@ for it and calls ``handle_timer(now)``, as aioquic's connection does.
 Multi-step work (a hello: authenticate, load the session, replay; a message:
 recall its dedupe record, run it, remember the reply, answer) is an
 *operation*: a generator that yields one call at a time and receives its
-result (or has its exception thrown in), so each reads top to bottom as the
-asyncio code it replaces did, and the hub stays a plain object. An operation
-runs until its next call, then waits; ``_ops`` maps its number to it.
+result (or has its exception thrown in), so each reads top to bottom, and
+the hub stays a plain object. It runs until a call the driver must await
+(``answer_now`` takes the ones answered at once), then waits in ``_ops``.
 
 Ordering rules kept here:
 
@@ -37,7 +37,7 @@ from typing import Any
 
 from rtchat_sdk import protocol as p
 
-from ..broker.base import SessionRecord, StreamEntry
+from ..broker.base import LATER, SessionRecord, StreamEntry
 from ..config import ServerConfig
 from .commands import (
     CALLS,
@@ -52,7 +52,7 @@ from .commands import (
 )
 from .connection import ConnectionCore
 from .replay import Covered, gap_frame, release_held, replay
-from .sessions import Session, Sessions, wants
+from .sessions import Session, Sessions
 from .steps import answer, identify, restore_rooms
 
 __all__ = ["Hub", "Op"]
@@ -114,8 +114,12 @@ class Hub:
         node: str,
         authenticates: bool = False,
         new_session: Callable[[], tuple[str, str]] | None = None,
+        answer_now: Callable[[str, tuple[Any, ...]], Any] | None = None,
     ) -> None:
         self.config = config
+        self._answer_now = answer_now
+        """``answer_now(method, args)``: a broker call's result if the broker has it at
+        once (no I/O, no call back into the hub: ``Broker.answer_now``), or ``LATER``."""
         self.node = node
         self._namespaces = namespaces
         self._authenticates = authenticates
@@ -294,20 +298,7 @@ class Hub:
 
     def entry_appended(self, entry: StreamEntry) -> None:
         """An entry of a stream this node follows: deliver it to its local members."""
-        members = self.sessions.members.get(entry.stream)
-        if not members:
-            return
-        conns: list[int] = []
-        for session in members:
-            if not wants(session, entry):
-                continue
-            if session.replaying:
-                session.held.append(entry)
-                continue
-            c = session.conn
-            if c is None or c.core.close_code is not None:
-                continue  # detached or cut off: it replays from history on resume
-            conns.append(c.id)
+        conns = self.sessions.recipients(entry)
         if conns:
             self._out.append(Deliver(entry.text, conns))
 
@@ -382,20 +373,34 @@ class Hub:
         self._start(gen, session=session, answers=answers)
 
     def _step(self, running: _Running, value: Any, error: BaseException | None) -> None:
-        try:
-            call = running.gen.send(value) if error is None else running.gen.throw(error)
-        except StopIteration as stop:
-            self._ended(running, stop.value, None)
-            return
-        except Exception as exc:  # a bug, or a broker that failed: report it, keep serving
-            log.exception("server operation failed")
-            # Failed half-way: close with 1011, so the client resends what has no answer.
-            c = running.conn or (running.session.conn if running.session is not None else None)
-            if c is not None and c.core.close_code is None:
-                c.core.close(p.CloseCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}")
-                self._flush(c)
-            self._ended(running, None, exc)
-            return
+        """Run the operation to its next call that the driver must await (or to its end)."""
+        gen, answer_now = running.gen, self._answer_now
+        while True:
+            try:
+                call = gen.send(value) if error is None else gen.throw(error)
+            except StopIteration as stop:
+                self._ended(running, stop.value, None)
+                return
+            except Exception as exc:  # a bug, or a broker that failed: report it, keep serving
+                log.exception("server operation failed")
+                # Failed half-way: close with 1011, so the client resends what has no answer.
+                c = running.conn or (running.session.conn if running.session is not None else None)
+                if c is not None and c.core.close_code is None:
+                    c.core.close(
+                        p.CloseCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"
+                    )
+                    self._flush(c)
+                self._ended(running, None, exc)
+                return
+            if answer_now is None or type(call) is not BrokerCall:
+                break
+            try:
+                value, error = answer_now(call.method, call.args), None
+            except Exception as exc:
+                value, error = None, exc
+                continue
+            if value is LATER:
+                break
         call.op = running.id
         self._ops[running.id] = running
         self._out.append(call)

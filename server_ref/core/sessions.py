@@ -82,6 +82,22 @@ class Sessions:
         self.following: set[str] = set()
         """Streams this node subscribed to."""
 
+    def recipients(self, entry: StreamEntry) -> list[int]:
+        """The connections a live entry goes to now: members that want it (the echo rule),
+        attached and not cut off; a member that is replaying holds it for later."""
+        conns: list[int] = []
+        for session in self.members.get(entry.stream, ()):
+            if not wants(session, entry):
+                continue
+            if session.replaying:
+                session.held.append(entry)
+                continue
+            c = session.conn
+            if c is None or c.core.close_code is not None:
+                continue  # detached or cut off: it replays from history on resume
+            conns.append(c.id)
+        return conns
+
     def _local(self, record: SessionRecord) -> tuple[Session, list[str]]:
         """This node's session for ``record`` (made if new here).
 
