@@ -17,7 +17,6 @@ HEARTBEAT = p.HeartbeatInfo(interval=5, timeout=2)
 
 def core(now: float = 0.0, **kw: Any) -> ConnectionCore:
     kw.setdefault("ping_spread", 0.0)  # pings exactly one interval apart, unless a test says
-    kw.setdefault("heartbeat", HEARTBEAT)
     return ConnectionCore(now, **kw)
 
 
@@ -25,7 +24,7 @@ def sent(c: ConnectionCore) -> list[dict[str, Any]]:
     return [json.loads(t) for t in c.data_to_send()]
 
 
-def welcomed(now: float = 0.0, **kw: Any) -> ConnectionCore:
+def welcomed(now: float = 0.0, heartbeat: p.HeartbeatInfo = HEARTBEAT, **kw: Any) -> ConnectionCore:
     c = core(now, **kw)
     assert isinstance(c.receive_text('{"type":"hello","protocol":1}', now), p.HelloFrame)
     c.accept(
@@ -33,7 +32,7 @@ def welcomed(now: float = 0.0, **kw: Any) -> ConnectionCore:
             protocol=1,
             session="s",
             token="t",
-            heartbeat=HEARTBEAT,
+            heartbeat=heartbeat,
             limits=p.Limits(
                 max_frame_bytes=1,
                 max_in_flight=1,

@@ -31,7 +31,7 @@ def _types(core: ConnectionCore) -> list[str]:
 def test_the_servers_silence_clock_starts_at_the_hello_it_received() -> None:
     # §9: the first ping is due `interval` after the hello, not after the welcome.
     # The hello arrives at 0; authenticating it takes until 0.3, when welcome goes out.
-    core = ConnectionCore(0.0, heartbeat=HEARTBEAT, random=lambda: 0.999)
+    core = ConnectionCore(0.0, random=lambda: 0.999)
     assert isinstance(core.receive_text('{"type":"hello","protocol":1}', 0.0), p.HelloFrame)
     core.accept(_welcome(), 0.3)
     assert _types(core) == ["welcome"]
@@ -46,7 +46,7 @@ def test_the_servers_silence_clock_starts_at_the_hello_it_received() -> None:
 
 
 def test_a_client_that_pings_within_an_interval_of_its_hello_is_not_pinged() -> None:
-    core = ConnectionCore(0.0, heartbeat=HEARTBEAT, ping_spread=0.0)
+    core = ConnectionCore(0.0, ping_spread=0.0)
     core.receive_text('{"type":"hello","protocol":1}', 0.0)
     core.accept(_welcome(), 0.3)
     core.data_to_send()

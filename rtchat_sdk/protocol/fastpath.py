@@ -49,6 +49,12 @@ _WITH_DATA = frozenset({"emit", "request", "publish"})
 _to_json = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="constants")).serializer.to_json
 """The serializer of a payload frame's ``data: Any`` field, and of any JSON value."""
 
+
+def _quoted(value: str | None) -> str:
+    """A name as JSON: a quoted string, or null."""
+    return _to_json(value).decode()
+
+
 _ENVELOPES: dict[tuple[str, str, str | None, str | None, bool], tuple[str, str, str]] = {}
 _MAX_ENVELOPES = 1024
 
@@ -126,18 +132,15 @@ def _learn_envelope(
 ) -> None:
     kind, ns, event, room, echo = key
 
-    def string(value: str | None) -> str:
-        return _to_json(value).decode()
-
     head = f'{{"type":"{kind}","id":'
     if kind == "publish":
-        middle = f',"ns":{string(ns)},"room":{string(room)},"event":{string(event)},"data":'
+        middle = f',"ns":{_quoted(ns)},"room":{_quoted(room)},"event":{_quoted(event)},"data":'
         tail = ',"echo":true}' if echo else ',"echo":false}'
     elif kind in _WITH_DATA:
-        middle = f',"ns":{string(ns)},"event":{string(event)},"data":'
+        middle = f',"ns":{_quoted(ns)},"event":{_quoted(event)},"data":'
         tail = "}"
     else:
-        middle = f',"ns":{string(ns)},"room":{string(room)}}}'
+        middle = f',"ns":{_quoted(ns)},"room":{_quoted(room)}}}'
         tail = ""
     try:
         body = _to_json(codec.jsonable(data)).decode() if kind in _WITH_DATA else ""
@@ -264,16 +267,13 @@ def _learn_delivery(
     if room is not None and type(room) is not str:
         return
 
-    def string(value: str | None) -> str:
-        return _to_json(value).decode()
-
-    my_head = f'{{"type":"message","stream":{string(stream)}'
-    middle = f'"ns":{string(ns)},"room":{string(room)},"event":{string(event)},"data":'
+    my_head = f'{{"type":"message","stream":{_quoted(stream)}'
+    middle = f'"ns":{_quoted(ns)},"room":{_quoted(room)},"event":{_quoted(event)},"data":'
     try:
         body = _to_json(data).decode()
     except Exception:
         return
-    if (my_head, f'{middle}{body},"sender":{string(sender)}}}') != (head, tail):
+    if (my_head, f'{middle}{body},"sender":{_quoted(sender)}}}') != (head, tail):
         return  # not the model's encoding: keep using the model for this envelope
     if len(_DELIVERIES) >= _MAX_ENVELOPES:
         _DELIVERIES.clear()

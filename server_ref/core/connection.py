@@ -119,7 +119,6 @@ class ConnectionCore:
         "beat",
         "close_code",
         "close_reason",
-        "heartbeat",
         "max_bad_frames",
         "phase",
     )
@@ -128,14 +127,11 @@ class ConnectionCore:
         self,
         now: float,
         *,
-        heartbeat: p.HeartbeatInfo,
         handshake_timeout: float = 10.0,
         max_bad_frames: int = 100,
         ping_spread: float = p.PING_SPREAD,
         random: Callable[[], float] = random.random,
     ) -> None:
-        self.heartbeat = heartbeat
-        """The timings the welcome announces."""
         self.beat = p.Heartbeat(ping_always=False, spread=ping_spread, random=random)
         """Its deadlines (PROTOCOL §9), the same rules as the client's but for who pings."""
         self.beat.connected(now, handshake_timeout)
@@ -213,7 +209,8 @@ class ConnectionCore:
         """The driver accepted the hello: send welcome and start heartbeats."""
         self.phase = ConnectionPhase.OPEN
         self._to_send.append(p.encode(welcome))
-        self.beat.opened(self.heartbeat.interval, self.heartbeat.timeout, now, first_ping_from=now)
+        timings = welcome.heartbeat  # the connection keeps what it announced
+        self.beat.opened(timings.interval, timings.timeout, now, first_ping_from=now)
 
     def _bad_frame(self, code: str, message: str, message_id: int | None) -> None:
         self.bad_frames += 1

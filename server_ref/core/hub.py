@@ -194,7 +194,6 @@ class Hub:
             return conn_id
         core = ConnectionCore(
             now,
-            heartbeat=self._heartbeat,
             handshake_timeout=self.config.handshake_timeout,
             max_bad_frames=self.config.max_bad_frames,
         )
