@@ -10,4 +10,5 @@ PY="${PYTHON:-.venv/bin/python}"
 if ! "$PY" -c "import socketio, aiohttp" 2>/dev/null; then
     "$PY" -m pip install --quiet -e ".[bench]"
 fi
+"$PY" -m benchmarks.inprocess --chunks 2 --per-chunk 200
 exec "$PY" -m benchmarks.run --quick --json "${BENCH_JSON:-benchmarks/results/smoke.json}" "$@"
