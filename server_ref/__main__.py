@@ -9,7 +9,8 @@ Exit codes:
 
 * 0: stopped by SIGINT or SIGTERM after a graceful shutdown (every client got
   a ``shutting_down`` error frame and a 1001 GOING_AWAY close);
-* 1: could not listen (address in use, unknown host...);
+* 1: could not listen (address in use, unknown host...), or the broker's
+  store (``--redis``) could not be reached within a few seconds;
 * 2: bad command line;
 * killed by the signal (128 + its number in a shell): a second SIGINT or
   SIGTERM during the graceful shutdown, which may otherwise wait up to the
@@ -23,6 +24,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import os
 import re
 import signal
 import sys
@@ -32,7 +34,9 @@ from typing import Any, get_type_hints
 from rtchat_sdk import protocol as p
 
 from .app import Context
+from .broker import Broker
 from .config import ServerConfig
+from .errors import BrokerUnavailable
 from .server import Server
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -101,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         usage="%(prog)s [options]",
-        description="Run the rtchat reference server (in-memory broker).",
+        description=(
+            "Run the rtchat reference server: in-memory broker by default, or several"
+            " nodes sharing one Redis (--redis)."
+        ),
         epilog="SIGINT or SIGTERM shuts down gracefully (exit 0); a second one exits at once.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -133,6 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
         )
     parser.add_argument(
+        "--redis",
+        metavar="URL",
+        default=os.environ.get("REDIS_URL") or None,
+        help="share streams and sessions with other nodes through this Redis"
+        " (redis://HOST:PORT/DB; default: $REDIS_URL, else the in-memory broker)",
+    )
+    parser.add_argument(
+        "--redis-prefix",
+        metavar="PREFIX",
+        default="rtchat",
+        help="prefix of every Redis key, so several deployments can share one Redis",
+    )
+    parser.add_argument(
         "--log-level", type=_log_level, default="INFO", help=f"one of {', '.join(LOG_LEVELS)}"
     )
     return parser
@@ -158,7 +178,26 @@ def _display_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _serve(host: str, port: int, config: ServerConfig) -> int:
+def _broker(args: argparse.Namespace, config: ServerConfig) -> tuple[Broker | None, str]:
+    """The broker the flags ask for (None: the server's in-memory default) and its name."""
+    if args.redis is None:
+        return None, "in-memory broker"
+    from .broker.redis import RedisBroker  # redis-py only for those who use it
+
+    broker = RedisBroker(
+        args.redis,
+        prefix=args.redis_prefix,
+        history_size=config.history_size,
+        history_seconds=config.history_seconds,
+        dedupe_size=config.dedupe_size,
+        dedupe_ttl=max(3_600.0, 2 * config.session_ttl),
+    )
+    return broker, f"redis broker at {args.redis}, prefix {args.redis_prefix!r}"
+
+
+async def _serve(
+    host: str, port: int, config: ServerConfig, broker: Broker | None, broker_name: str
+) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[signal.Signals] = []
@@ -184,11 +223,15 @@ async def _serve(host: str, port: int, config: ServerConfig) -> int:
             continue
         handled.append(sig)
 
-    server = Server(config)
+    server = Server(config, broker=broker)
     server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
     try:
         try:
             await server.start(host, port)
+        except BrokerUnavailable as exc:
+            await server.close()
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 1
         except OSError as exc:
             await server.close()
             print(
@@ -197,8 +240,7 @@ async def _serve(host: str, port: int, config: ServerConfig) -> int:
             )
             return 1
         print(
-            f"rtchat server listening on ws://{_display_host(host)}:{server.port}"
-            " (in-memory broker)",
+            f"rtchat server listening on ws://{_display_host(host)}:{server.port} ({broker_name})",
             flush=True,
         )
         await stop.wait()
@@ -217,7 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(parser, args)
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
     try:
-        return asyncio.run(_serve(args.host, args.port, config))
+        broker, broker_name = _broker(args, config)
+    except ImportError as exc:
+        parser.error(f"--redis needs redis-py: pip install 'rtchat[redis]' ({exc})")
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        return asyncio.run(_serve(args.host, args.port, config, broker, broker_name))
     except KeyboardInterrupt:  # SIGINT before the handlers were installed or after removal
         return 128 + signal.SIGINT
 

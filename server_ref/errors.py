@@ -4,7 +4,8 @@
 
     RTChatError
     ├── HandlerFailure   a handler could not produce a reply: the error frame's fields
-    └── FrameTooLarge    (also a ValueError) a delivery would pass max_frame_bytes
+    ├── FrameTooLarge    (also a ValueError) a delivery would pass max_frame_bytes
+    └── BrokerUnavailable  the broker's store (Redis) cannot be reached
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from rtchat_sdk.errors import RTChatError
 
-__all__ = ["FrameTooLarge", "HandlerFailure"]
+__all__ = ["BrokerUnavailable", "FrameTooLarge", "HandlerFailure"]
 
 
 class HandlerFailure(RTChatError):
@@ -28,3 +29,7 @@ class HandlerFailure(RTChatError):
 
 class FrameTooLarge(RTChatError, ValueError):
     """A delivery would exceed ``max_frame_bytes``; nothing was appended."""
+
+
+class BrokerUnavailable(RTChatError):
+    """The broker's store cannot be reached (at start: the server does not start)."""

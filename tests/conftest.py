@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+import tests.redis_support  # noqa: F401  (first: it takes REDIS_URL out of the environment)
 from rtchat_sdk import Client
 from server_ref import Server, ServerConfig
 

@@ -1,29 +1,54 @@
-"""The Broker contract, run on every implementation (memory now) with a fake clock.
+"""The Broker contract, run on every implementation (memory and Redis) with a fake clock.
 
-Each test takes ``make``: it builds a broker of the implementation under test
-with the given limits and clock. A new broker adds itself to ``IMPLEMENTATIONS``.
+Each test takes ``make``: it builds and starts a broker of the implementation
+under test with the given limits and clock. A new broker adds itself to
+``IMPLEMENTATIONS``. Listeners may be called after ``append`` returns (Redis
+pub/sub), so the tests wait for what they expect, with a timeout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from rtchat_sdk import protocol as p
 from server_ref.broker import Broker, Draft, MemoryBroker, SessionRecord, StreamEntry
+from server_ref.broker.redis import RedisBroker
 from server_ref.errors import FrameTooLarge
+from tests.redis_support import Collected, cleanup, new_prefix, require_redis
 
-pytestmark = pytest.mark.timeout(10)
+pytestmark = pytest.mark.timeout(20)
 
-Make = Callable[..., Broker]
-IMPLEMENTATIONS: dict[str, Make] = {"memory": MemoryBroker}
+Make = Callable[..., Awaitable[Broker]]
+IMPLEMENTATIONS = ("memory", "redis")
 
 
-@pytest.fixture(params=sorted(IMPLEMENTATIONS))
-def make(request: pytest.FixtureRequest) -> Make:
-    return IMPLEMENTATIONS[request.param]
+@pytest.fixture(params=IMPLEMENTATIONS)
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[Make]:
+    """``await make(clock=..., **limits)``: a started broker; all are closed after the test."""
+    made: list[Broker] = []
+    url = await require_redis() if request.param == "redis" else ""
+    prefix = new_prefix()
+
+    async def factory(*, clock: Any = None, **limits: Any) -> Broker:
+        broker: Broker
+        if request.param == "memory":
+            broker = MemoryBroker(clock=clock, **limits)
+        else:
+            broker = RedisBroker(url, prefix=prefix, clock=clock, **limits)
+        await broker.start()
+        made.append(broker)
+        return broker
+
+    try:
+        yield factory
+    finally:
+        for broker in made:
+            await broker.close()
+        if url:
+            await cleanup(url, prefix)
 
 
 class FakeClock:
@@ -69,7 +94,7 @@ def model_text(entry: StreamEntry, data: Any, sender: str | None) -> str:
 async def test_append_numbers_entries_and_renders_their_frame_as_the_model_does(
     make: Make,
 ) -> None:
-    broker = make()
+    broker = await make()
     first = await broker.append("a", draft("a", {"x": "é"}, sender="x", echo=True))
     second = await broker.append("a", draft("a", [1, 2], sender=None))
     other = await broker.append("b", draft("b", sender=None))
@@ -82,7 +107,7 @@ async def test_append_numbers_entries_and_renders_their_frame_as_the_model_does(
 
 
 async def test_append_is_idempotent_by_key(make: Make) -> None:
-    broker = make()
+    broker = await make()
     first = await broker.append("a", draft("a", 1), key="s:1")
     again = await broker.append("a", draft("a", 1), key="s:1")
     second = await broker.append("a", draft("a", 2), key="s:2")
@@ -92,7 +117,7 @@ async def test_append_is_idempotent_by_key(make: Make) -> None:
 
 
 async def test_append_over_the_size_limit_numbers_nothing(make: Make) -> None:
-    broker = make()
+    broker = await make()
     big = Draft.message(
         "a", ns="/", room="r", event="e", data="x" * 200, sender=None, echo=False, max_bytes=200
     )
@@ -102,9 +127,9 @@ async def test_append_over_the_size_limit_numbers_nothing(make: Make) -> None:
     assert (await broker.append("a", draft("a"))).offset == 1
 
 
-async def test_the_servers_clock_is_used_when_started_with_it(make: Make) -> None:
+async def test_the_memory_broker_takes_the_servers_clock_when_started_with_it() -> None:
     clock = FakeClock()
-    broker = make(history_seconds=60)
+    broker = MemoryBroker(history_seconds=60)
     await broker.start(clock)
     old = await fill(broker, "a", 1)
     clock.now += 61
@@ -113,14 +138,18 @@ async def test_the_servers_clock_is_used_when_started_with_it(make: Make) -> Non
 
 
 async def test_replace_reaches_the_owning_node_only(make: Make) -> None:
-    broker = make()
-    seen: dict[str, list[str]] = {"a": [], "b": []}
-    await broker.watch_replaced("a", seen["a"].append)
-    await broker.watch_replaced("b", seen["b"].append)
-    await broker.replace("a", "s1")
+    broker = await make()
+    seen_a: Collected[str] = Collected()
+    seen_b: Collected[str] = Collected()
+    await broker.watch_replaced("a", seen_a)
+    await broker.watch_replaced("b", seen_b)
+    await broker.replace("b", "s0")
+    await seen_b.until(lambda items: len(items) >= 1)
     await broker.unwatch_replaced("b")
     await broker.replace("b", "s2")
-    assert seen == {"a": ["s1"], "b": []}
+    await broker.replace("a", "s1")
+    assert await seen_a.until(lambda items: len(items) >= 1) == ["s1"]
+    assert seen_b.items == ["s0"]  # one node's replacements come in order: s2 before s1
     record = SessionRecord("id1", "token1", None, owner="a")
     await broker.save_session(record, None)
     loaded = await broker.load_session("token1")
@@ -129,21 +158,22 @@ async def test_replace_reaches_the_owning_node_only(make: Make) -> None:
 
 
 async def test_listeners_get_each_entry_in_order_until_unsubscribed(make: Make) -> None:
-    broker = make()
-    seen: list[int] = []
-
-    def listener(entry: StreamEntry) -> None:
-        seen.append(entry.offset)
-
-    await broker.subscribe("a", listener)
+    broker = await make()
+    seen: Collected[StreamEntry] = Collected()
+    await broker.subscribe("a", seen)
     await fill(broker, "a", 3)
-    await broker.unsubscribe("a", listener)
+    await seen.until(lambda items: len(items) >= 3)
+    await broker.unsubscribe("a", seen)
     await fill(broker, "a", 1)
-    assert seen == [1, 2, 3]
+    other: Collected[StreamEntry] = Collected()
+    await broker.subscribe("b", other)  # entries of one stream come in order; so "a"'s 4th
+    await fill(broker, "b", 1)  # ... would have come before this, had it been delivered
+    await other.until(lambda items: len(items) >= 1)
+    assert [e.offset for e in seen.items] == [1, 2, 3]
 
 
 async def test_read_since_returns_what_follows_a_position(make: Make) -> None:
-    broker = make()
+    broker = await make()
     entries = await fill(broker, "a", 5)
     epoch = entries[0].epoch
     replay = await broker.read_since("a", epoch, 2)
@@ -153,7 +183,7 @@ async def test_read_since_returns_what_follows_a_position(make: Make) -> None:
 
 
 async def test_history_bounded_by_count_reports_trimmed(make: Make) -> None:
-    broker = make(history_size=3)
+    broker = await make(history_size=3)
     entries = await fill(broker, "a", 10)
     replay = await broker.read_since("a", entries[0].epoch, 2)
     assert replay.gap == "trimmed"
@@ -163,7 +193,7 @@ async def test_history_bounded_by_count_reports_trimmed(make: Make) -> None:
 
 async def test_history_bounded_by_age_reports_trimmed(make: Make) -> None:
     clock = FakeClock()
-    broker = make(history_seconds=60, clock=clock)
+    broker = await make(history_seconds=60, clock=clock)
     old = await fill(broker, "a", 2)
     clock.now += 61
     await fill(broker, "a", 1)
@@ -173,7 +203,7 @@ async def test_history_bounded_by_age_reports_trimmed(make: Make) -> None:
 
 
 async def test_unknown_epoch_replays_the_whole_current_epoch_after_a_gap(make: Make) -> None:
-    broker = make()
+    broker = await make()
     await fill(broker, "a", 2)
     replay = await broker.read_since("a", "from-a-previous-life", 40)
     assert (replay.gap, replay.gap_offset) == ("epoch_changed", 0)
@@ -182,21 +212,21 @@ async def test_unknown_epoch_replays_the_whole_current_epoch_after_a_gap(make: M
 
 async def test_sessions_expire_at_their_ttl_and_not_while_attached(make: Make) -> None:
     clock = FakeClock()
-    broker = make(clock=clock)
+    broker = await make(clock=clock)
     record = SessionRecord("id1", "token1", "ann")
     await broker.save_session(record, None)
     clock.now += 10_000
-    assert await broker.load_session("token1") is record
+    assert await broker.load_session("token1") == record
     await broker.save_session(record, 30)
     clock.now += 29.9
-    assert await broker.load_session("token1") is record
+    assert await broker.load_session("token1") == record
     clock.now += 0.1
     assert await broker.load_session("token1") is None
     assert await broker.load_session("unknown") is None
 
 
 async def test_dedupe_records_replies_and_evicts_the_oldest(make: Make) -> None:
-    broker = make(dedupe_size=2)
+    broker = await make(dedupe_size=2)
     assert await broker.recall_reply("s", 1) == (False, None)
     for i in (1, 2, 3):
         await broker.remember_reply("s", i, f"reply{i}")
@@ -209,7 +239,7 @@ async def test_dedupe_records_replies_and_evicts_the_oldest(make: Make) -> None:
 
 
 async def test_deleting_a_session_drops_its_dedupe_records(make: Make) -> None:
-    broker = make()
+    broker = await make()
     record = SessionRecord("id1", "token1", None)
     await broker.save_session(record, None)
     await broker.remember_reply("id1", 1, "r")
@@ -218,6 +248,6 @@ async def test_deleting_a_session_drops_its_dedupe_records(make: Make) -> None:
     assert await broker.recall_reply("id1", 1) == (False, None)
 
 
-def test_limits_must_be_positive(make: Make) -> None:
+async def test_limits_must_be_positive(make: Make) -> None:
     with pytest.raises(ValueError, match="positive"):
-        make(history_size=0)
+        await make(history_size=0)
