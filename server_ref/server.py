@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -42,7 +43,7 @@ from .core.commands import (
 )
 from .core.hub import Hub
 from .errors import FrameTooLarge
-from .transports.base import Listener, ListenerFactory, Transport
+from .transports.base import HttpAnswer, Listener, ListenerFactory, Transport
 from .transports.websocket import websocket_listener
 
 __all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig", "run_call"]
@@ -85,6 +86,10 @@ async def run_call(
     if isinstance(result, Awaitable):
         result = await result
     return result
+
+
+def _json_answer(status: int, body: dict[str, str]) -> HttpAnswer:
+    return HttpAnswer(status, "application/json", json.dumps(body).encode())
 
 
 class Server:
@@ -262,6 +267,14 @@ class Server:
     def session_ids(self) -> list[str]:
         return self.hub.session_ids()
 
+    def not_ready(self) -> str | None:
+        """Why this node should get no new clients now (``/readyz`` 503), or None."""
+        if self._closing or self.hub.closing:
+            return "shutting down"
+        if self._listener is None:
+            return "not started"
+        return self.broker.health()
+
     async def _run(self, op: int) -> Any:
         """Wait for an operation started on the hub to end; its result."""
         future = self._finished[op] = asyncio.get_running_loop().create_future()
@@ -293,6 +306,17 @@ class Server:
 
     # ------------------------------------------------------------------
     # Endpoint: what transports call
+
+    def http_get(self, path: str) -> HttpAnswer | None:
+        """``/healthz``: 200 while the process serves; ``/readyz``: 200 only when ready."""
+        if path == "/healthz":
+            return _json_answer(200, {"status": "live"})
+        if path == "/readyz":
+            reason = self.not_ready()
+            if reason is not None:
+                return _json_answer(503, {"status": "not ready", "reason": reason})
+            return _json_answer(200, {"status": "ready"})
+        return None
 
     def opened(self, transport: Transport) -> int:
         conn = self.hub.connection_opened(self._clock())

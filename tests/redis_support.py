@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import shutil
+import socket
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -20,7 +22,15 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-__all__ = ["Collected", "cleanup", "new_prefix", "redis_url", "require_redis"]
+__all__ = [
+    "Collected",
+    "OwnRedis",
+    "cleanup",
+    "free_port",
+    "new_prefix",
+    "redis_url",
+    "require_redis",
+]
 
 T = TypeVar("T")
 
@@ -85,3 +95,65 @@ class Collected(Generic[T]):
 
         await asyncio.wait_for(wait(), timeout)
         return self.items
+
+
+class OwnRedis:
+    """A ``redis-server`` of the test's own on a free port (never the shared one).
+
+    Without persistence, so a restart loses everything, as a Redis that was
+    not configured to keep its data would. Stopped by its PID.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            message = "redis-server is not installed"
+            if os.environ.get("CI") == "true":
+                pytest.fail(message)
+            pytest.skip(message)
+        self.proc = await asyncio.create_subprocess_exec(
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        client = Redis.from_url(self.url, socket_connect_timeout=1)
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    try:
+                        await client.ping()
+                        return
+                    except (RedisError, OSError):
+                        await asyncio.sleep(0.02)  # the server is starting: try again
+        finally:
+            await client.aclose()
+
+    async def stop(self) -> None:
+        """SIGKILL: everything it held is gone."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from rtchat_sdk import protocol as p
-from server_ref.broker import MemoryBroker
+from server_ref.broker import MemoryBroker, StreamEntry
 from server_ref.broker.base import LATER
 from server_ref.config import ServerConfig
 from server_ref.core.commands import BrokerCall, Handle
@@ -339,3 +339,33 @@ def test_a_slow_resume_never_replaces_a_newer_connection_of_the_session() -> Non
     net.auto = True
     net.send(newer, request(1, "still here"))
     assert [(f["type"], f.get("id")) for f in net.frames(newer)] == [("reply", 1)]
+
+
+def test_a_live_entry_that_skips_offsets_is_preceded_by_a_gap_frame() -> None:
+    """A broker that could not hand over some entries (a long pub/sub outage past
+    the history) must not make members see a silent jump."""
+    net = HubNet()
+    conn, _ = net.hello()
+    net.send(conn, {"type": "join", "id": 1, "ns": "/", "room": "r"})
+    (joined,) = net.frames(conn)
+    epoch = joined["data"]["epoch"]
+    net.publish(ROOM, "one")
+    assert [f["offset"] for f in net.frames(conn)] == [1]
+    text = p.encode(
+        p.MessageFrame(stream=ROOM, epoch=epoch, offset=5, room="r", event="m", data="five")
+    )
+    entry = StreamEntry(ROOM, epoch, 5, text, None, False, net.now)
+    net.hub.entry_appended(entry)  # offsets 2-4 never came
+    net.run()
+    gap, five = net.frames(conn)
+    assert (gap["type"], gap["reason"], gap["epoch"], gap["offset"], gap["room"]) == (
+        "gap",
+        "trimmed",
+        epoch,
+        4,
+        "r",
+    )
+    assert (five["type"], five["offset"]) == ("message", 5)
+    net.hub.entry_appended(StreamEntry(ROOM, epoch, 6, entry.text, None, False, net.now))
+    net.run()
+    assert [f["type"] for f in net.frames(conn)] == ["message"]  # in order again: no gap

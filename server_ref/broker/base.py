@@ -161,6 +161,15 @@ class Broker(ABC):
     async def start(self, clock: Clock | None = None) -> None:
         """Connect to whatever backs the broker; ``clock`` is the server's."""
 
+    def health(self) -> str | None:
+        """Why the broker cannot be trusted to deliver right now, or None when it can.
+
+        The server's ``/readyz`` answers 503 with this reason. An in-process
+        broker always can; a networked one proves it end to end (the Redis
+        broker: its pub/sub probes come back in time).
+        """
+        return None
+
     async def close(self) -> None:
         """Release connections; the broker is not used afterwards."""
 

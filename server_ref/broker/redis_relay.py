@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -95,9 +96,26 @@ class Relay:
         self._probe_back = 0
         self._probe_sent_at = 0.0
         self._probe_back_at = time.monotonic()
-        self.reason: str | None = "pub/sub not connected yet"
-        """Why the relay cannot be trusted now, or None."""
+        self._reason: str | None = "pub/sub not connected yet"
+        self.history: deque[tuple[float, str | None]] = deque(maxlen=64)
+        """The latest changes of ``reason``, with their (monotonic) times."""
+        self.reconnects = 0
+        """Pub/sub connections made after the first (a drop, a wedge)."""
+        self.gap_fills = 0
+        """Entries relayed from the log because pub/sub skipped or lost them."""
         self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+
+    @property
+    def reason(self) -> str | None:
+        """Why the relay cannot be trusted now, or None."""
+        return self._reason
+
+    @reason.setter
+    def reason(self, reason: str | None) -> None:
+        if reason != self._reason:
+            self._reason = reason
+            self.history.append((time.monotonic(), reason))
 
     async def start(self, timeout: float) -> None:
         """Connect and start reading; raises if Redis cannot be reached within ``timeout``."""
@@ -181,7 +199,7 @@ class Relay:
         while True:
             retrying = AsyncRetrying(
                 wait=wait_random_exponential(multiplier=0.05, max=2.0),
-                retry=retry_if_exception_type(_DOWN),
+                retry=retry_if_exception_type(Exception),
                 before_sleep=lambda state: log.warning(
                     "redis pub/sub unavailable (%s); retrying",
                     state.outcome.exception() if state.outcome is not None else None,
@@ -193,8 +211,8 @@ class Relay:
                     pubsub = await self._connect()
             try:
                 await self._read(pubsub)
-            except _DOWN as exc:
-                log.warning("redis pub/sub connection lost (%s); reconnecting", exc)
+            except Exception as exc:  # whatever the connection raised: start again, never stop
+                log.warning("redis pub/sub connection lost (%r); reconnecting", exc)
             self.reason = "pub/sub connection lost; reconnecting"
             self._connected.clear()
             self._pubsub = None
@@ -225,6 +243,9 @@ class Relay:
             raise
         self._probe_back_at = time.monotonic()
         self._probe_sent = self._probe_back
+        if self._started:
+            self.reconnects += 1
+        self._started = True
         self.reason = None
         self._connected.set()
         return pubsub
@@ -271,6 +292,7 @@ class Relay:
         """Relay what the log holds after the last relayed position."""
         replay = await self._read_since(f.stream, f.epoch, f.offset)
         for entry in replay.entries:
+            self.gap_fills += 1
             self._hand_on(f, entry)
 
     def _hand_on(self, f: Follow, entry: StreamEntry) -> None:
@@ -300,10 +322,13 @@ class Relay:
             if self._probe_sent <= self._probe_back:
                 self._probe_sent += 1
                 self._probe_sent_at = now
-            try:
-                await self._redis.publish(self._probe_channel, f"probe:{self._probe_sent}")
+            try:  # bounded: a wedged data connection must not stall the checks above
+                await asyncio.wait_for(
+                    self._redis.publish(self._probe_channel, f"probe:{self._probe_sent}"),
+                    self._probe_timeout,
+                )
             except _DOWN as exc:
-                self.reason = f"redis unavailable: {exc}"
+                self.reason = f"redis unavailable: {exc!r}"
 
     def probe_age(self) -> float:
         """Seconds since a probe last came back (or the relay connected)."""

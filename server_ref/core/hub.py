@@ -297,6 +297,7 @@ class Hub:
 
     def entry_appended(self, entry: StreamEntry) -> None:
         """An entry of a stream this node follows: deliver it to its local members."""
+        self._out.extend(self.sessions.skip_notices(entry))
         conns = self.sessions.recipients(entry)
         if conns:
             self._out.append(Deliver(entry.text, conns))

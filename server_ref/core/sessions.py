@@ -11,13 +11,14 @@ echo rule is here too, once, for live deliveries and replays alike.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from rtchat_sdk import protocol as p
 
 from ..broker.base import SessionRecord, StreamEntry
-from .commands import BrokerCall, Call
+from .commands import BrokerCall, Call, Send
 
 if TYPE_CHECKING:
     from collections.abc import Generator
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
     Step = Generator[Call, Any, Any]
 
 __all__ = ["Session", "Sessions", "wants"]
+
+log = logging.getLogger("server_ref")
 
 
 class Session:
@@ -79,8 +82,44 @@ class Sessions:
     def __init__(self) -> None:
         self.by_id: dict[str, Session] = {}
         self.members: dict[str, set[Session]] = {}
-        self.following: set[str] = set()
-        """Streams this node subscribed to."""
+        self.following: dict[str, tuple[str, int] | None] = {}
+        """Streams this node subscribed to, each with the (epoch, offset) of the last
+        live entry the broker handed over (None before the first)."""
+
+    def skip_notices(self, entry: StreamEntry) -> list[Send]:
+        """Notes a live entry; if it skips offsets the broker never handed over, a
+        gap frame for each attached member, to send before it.
+
+        A broker hands over every entry in order; one that could not (a Redis
+        node whose pub/sub was down longer than the stream's history reaches)
+        skips, and the members must be told rather than see a silent jump.
+        (A member replaying at that moment learns of it from its replay only
+        if the history no longer holds the skipped entries.)
+        """
+        last = self.following.get(entry.stream)
+        self.following[entry.stream] = (entry.epoch, entry.offset)
+        if last is None or last[0] != entry.epoch or entry.offset <= last[1] + 1:
+            return []
+        log.warning("stream %s skipped to offset %d: members told", entry.stream, entry.offset)
+        notices = []
+        for session in self.members.get(entry.stream, ()):
+            c = session.conn
+            if c is None or c.core.close_code is not None or session.replaying:
+                continue
+            ns, room = p.DEFAULT_NAMESPACE, None
+            for key in session.record.rooms:
+                if p.room_stream(*key) == entry.stream:
+                    ns, room = key
+            gap = p.GapFrame(
+                stream=entry.stream,
+                ns=ns,
+                room=room,
+                epoch=entry.epoch,
+                offset=entry.offset - 1,
+                reason="trimmed",
+            )
+            notices.append(Send(c.id, [p.encode(gap)]))
+        return notices
 
     def recipients(self, entry: StreamEntry) -> list[int]:
         """The connections a live entry goes to now: members that want it (the echo rule),
@@ -154,13 +193,13 @@ class Sessions:
     def _follow(self, stream: str) -> Step:
         """Subscribe to a stream this node does not follow yet (once, whoever asks)."""
         if stream not in self.following:
-            self.following.add(stream)
+            self.following[stream] = None
             yield BrokerCall("subscribe", (stream,))
 
     def _unfollow(self, stream: str) -> Step:
         """Unsubscribe from a stream no local session follows any more."""
         if stream in self.following and not self.members.get(stream):
-            self.following.discard(stream)
+            del self.following[stream]
             yield BrokerCall("unsubscribe", (stream,))
 
     def _drop(self, session: Session) -> list[str]:

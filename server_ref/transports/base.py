@@ -15,6 +15,11 @@ A ``ListenerFactory`` makes the listener from the server (its ``Endpoint``)
 and its ``ServerConfig``; ``Server(transport=...)`` takes one, and
 ``websocket_listener`` is the default.
 
+A transport that also takes plain HTTP requests on its port hands each GET to
+``Endpoint.http_get(path)``, which answers the server's HTTP endpoints
+(``/healthz``, ``/readyz``) with an ``HttpAnswer``, or None for a path it
+does not serve.
+
 A transport calls the server's ``Endpoint`` for each connection: ``opened`` once,
 ``received`` for each text frame (awaited: a transport reads the next frame
 only after it, so a client's frames are taken in order and a busy server
@@ -27,12 +32,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
 
-__all__ = ["Endpoint", "Listener", "ListenerFactory", "Transport"]
+__all__ = ["Endpoint", "HttpAnswer", "Listener", "ListenerFactory", "Transport"]
+
+
+class HttpAnswer(NamedTuple):
+    """A plain HTTP response: status, content type, body."""
+
+    status: int
+    content_type: str
+    body: bytes
 
 
 class Transport(ABC):
@@ -71,6 +84,10 @@ class Endpoint(Protocol):
 
     async def closed(self, conn: int, peer_code: int | None) -> None:
         """The connection ended; ``peer_code`` is the code the peer closed with."""
+        ...
+
+    def http_get(self, path: str) -> HttpAnswer | None:
+        """The answer to a plain HTTP GET of ``path``, or None (not one of the server's)."""
         ...
 
 

@@ -20,6 +20,7 @@ import socket
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from rtchat_sdk import protocol as p
@@ -152,6 +153,7 @@ class WebSocketListener(Listener):
             self._handle,
             host,
             port,
+            process_request=self._http,
             max_size=self._max_frame_bytes,
             ping_interval=None,  # rtchat's own heartbeats run at the app level
             compression="deflate" if self._compression else None,
@@ -176,6 +178,22 @@ class WebSocketListener(Listener):
     async def wait_closed(self) -> None:
         if self._server is not None:
             await self._server.wait_closed()
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        """A plain HTTP GET of one of the server's paths (health) is answered here."""
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        answer = self._endpoint.http_get(request.path.split("?", 1)[0])
+        if answer is None:
+            return None  # websockets answers 426 Upgrade Required
+        response = connection.respond(answer.status, "")  # with Date, Server, Connection: close
+        headers = response.headers
+        del headers["Content-Type"], headers["Content-Length"]  # Headers adds on assignment
+        headers["Content-Type"] = answer.content_type
+        headers["Content-Length"] = str(len(answer.body))
+        headers["Cache-Control"] = "no-store"
+        response.body = answer.body
+        return response
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert self._writer is not None  # set by start(), before any connection

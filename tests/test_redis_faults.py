@@ -1,0 +1,128 @@
+"""Redis trouble under traffic: a killed pub/sub connection, a wedged one, Redis itself gone.
+
+Each test runs its own ``redis-server`` (``OwnRedis``), never the shared one.
+Nodes are in-process ``Server``s, each with its own ``RedisBroker`` and fast
+probes, so a wedge is noticed within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from rtchat_sdk import Client
+from server_ref import Server
+from server_ref.broker.redis import RedisBroker
+from tests.faultproxy import FaultProxy
+from tests.redis_support import OwnRedis, free_port
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
+
+PROBES = {"probe_interval": 0.1, "probe_timeout": 0.5}
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[OwnRedis]:
+    redis = OwnRedis(free_port())
+    await redis.start()
+    try:
+        yield redis
+    finally:
+        await redis.stop()
+
+
+async def start_node(url: str) -> Server:
+    server = Server(broker=RedisBroker(url, **PROBES))  # type: ignore[arg-type]
+    await server.start("127.0.0.1", 0)
+    return server
+
+
+def relay(server: Server) -> Any:
+    broker = server.broker
+    assert isinstance(broker, RedisBroker)
+    return broker._relay
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a state the server reaches on its own timers (probes, reconnects)."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 (server state with no event to await)
+            await asyncio.sleep(0.02)
+
+
+class Received:
+    def __init__(self, client: Client) -> None:
+        self.items: list[int] = []
+        self.changed = asyncio.Event()
+        client.on("m")(self.add)
+
+    def add(self, n: int) -> None:
+        self.items.append(n)
+        self.changed.set()
+
+    async def wait_for(self, count: int, timeout: float = 20.0) -> list[int]:
+        async with asyncio.timeout(timeout):
+            while len(self.items) < count:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.items
+
+
+async def test_a_killed_pubsub_connection_loses_nothing_and_reports_not_ready_meanwhile(
+    own_redis: OwnRedis,
+) -> None:
+    node_a, node_b = await start_node(own_redis.url), await start_node(own_redis.url)
+    admin = Redis.from_url(own_redis.url)
+    try:
+        async with Client(node_a.url) as client:
+            received = Received(client)
+            await client.join("r")
+            total = 600
+            for i in range(total):
+                await node_b.publish("r", "m", i)
+                if i == total // 3:
+                    killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+                    assert killed >= 2  # both nodes' subscriptions
+            assert await received.wait_for(total) == list(range(total))
+            await until(lambda: node_a.not_ready() is None)
+        reasons = [reason for _, reason in relay(node_a).history]
+        assert relay(node_a).reconnects >= 1
+        assert any(r is not None and "lost" in r for r in reasons), reasons
+        assert reasons[-1] is None
+    finally:
+        await admin.aclose()
+        await node_a.close()
+        await node_b.close()
+
+
+async def test_a_wedged_pubsub_is_noticed_reported_and_healed_without_loss(
+    own_redis: OwnRedis,
+) -> None:
+    proxy = FaultProxy(own_redis.port)
+    await proxy.start()
+    node_a = await start_node(f"redis://127.0.0.1:{proxy.port}/0")
+    node_b = await start_node(own_redis.url)
+    try:
+        async with Client(node_a.url) as client:
+            received = Received(client)
+            await client.join("r")
+            await node_b.publish("r", "m", 0)
+            await received.wait_for(1)
+            proxy.blackhole(True)  # TCP stays up; nothing passes: a wedged link
+            for i in range(1, 51):
+                await node_b.publish("r", "m", i)
+            await until(lambda: node_a.not_ready() is not None)
+            reason = node_a.not_ready()
+            assert reason is not None
+            assert any(word in reason for word in ("probe", "lost", "unavailable")), reason
+            proxy.end_blackhole()
+            await until(lambda: node_a.not_ready() is None)
+            assert await received.wait_for(51) == list(range(51))
+    finally:
+        await node_a.close()
+        await node_b.close()
+        await proxy.close()
