@@ -85,7 +85,7 @@ async def test_a_killed_pubsub_connection_loses_nothing_and_reports_not_ready_me
             for i in range(total):
                 await node_b.publish("r", "m", i)
                 if i == total // 3:
-                    killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+                    killed = await admin.client_kill_filter(_type="pubsub")  # CLIENT KILL TYPE
                     assert killed >= 2  # both nodes' subscriptions
             assert await received.wait_for(total) == list(range(total))
             await until(lambda: node_a.not_ready() is None)
