@@ -237,6 +237,33 @@ def test_port_in_use_exits_1_with_a_message() -> None:
     assert "listening" not in result.stdout
 
 
+def test_unreachable_redis_exits_1_within_seconds_with_a_message() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed_port:
+        closed_port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        port = closed_port.getsockname()[1]
+        url = f"redis://127.0.0.1:{port}/0"
+        result = run_cli("--port", "0", "--redis", url, "--log-level", "WARNING")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"rtchat-server: error: cannot reach Redis at {url}: ")
+    assert "listening" not in result.stdout
+
+
+def test_redis_url_comes_from_the_environment_and_a_bad_prefix_exits_2() -> None:
+    args = build_parser().parse_args([])
+    assert args.redis is None  # the tests take REDIS_URL out of their environment
+    os.environ["REDIS_URL"] = "redis://example.invalid:6379/0"
+    try:
+        assert build_parser().parse_args([]).redis == "redis://example.invalid:6379/0"
+    finally:
+        del os.environ["REDIS_URL"]
+    result = run_cli("--redis", "redis://127.0.0.1:1/0", "--redis-prefix", "a b")
+    assert result.returncode == 2, result.stderr
+    assert "prefix" in result.stderr
+
+
 # ----------------------------------------------------------------------
 # Serving and graceful shutdown
 
