@@ -64,6 +64,7 @@ CONFIG_HELP: dict[str, str] = {
     "shutdown_retry_after": "seconds clients are told to wait before reconnecting",
     "max_connections": "connections accepted at once; past it new ones are told to retry",
     "overload_retry_after": "seconds refused clients are told to wait when overloaded",
+    "unavailable_retry_after": "seconds clients wait to resend what the broker could not take",
     "compression": "accept permessage-deflate from clients that ask for it",
 }
 """Help text per ServerConfig field; a field missing here still gets a flag."""

@@ -26,6 +26,9 @@ class ServerConfig:
     shutdown_retry_after: float = 1.0
     max_connections: int = 50_000
     overload_retry_after: float = 5.0
+    unavailable_retry_after: float = 1.0
+    """Seconds a client is told to wait before resending a message the server could
+    not process because its broker (Redis) was unreachable (error ``unavailable``)."""
     compression: bool = False
     """Accept permessage-deflate from clients that ask. Off by default: it costs
     ~33 KB of memory per connection and a third of the throughput on small

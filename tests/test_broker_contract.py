@@ -251,3 +251,15 @@ async def test_deleting_a_session_drops_its_dedupe_records(make: Make) -> None:
 async def test_limits_must_be_positive(make: Make) -> None:
     with pytest.raises(ValueError, match="positive"):
         await make(history_size=0)
+
+
+async def test_an_id_between_processed_ones_was_not_processed(make: Make) -> None:
+    """Message 3 was answered ``unavailable`` (never run) while 1, 2 and 4 were processed."""
+    broker = await make(dedupe_size=10)
+    for i in (1, 2, 4):
+        await broker.remember_reply("s", i, f"reply{i}")
+    assert await broker.recall_reply("s", 3) == (False, None)
+    assert await broker.recall_reply("s", 4) == (True, "reply4")
+    await broker.forget_replies("s", 2)  # the client holds replies up to 2
+    assert await broker.recall_reply("s", 1) == (True, None)
+    assert await broker.recall_reply("s", 3) == (False, None)

@@ -602,3 +602,58 @@ def test_overdue_message_is_not_written_even_before_the_timer_fires() -> None:
     assert frames(s) == []
     assert TimedOut(1, "emit") in events(s)
     assert len(s.outbox) == 0
+
+
+def unavailable(message_id: int, retry_after: float | None) -> str:
+    return p.encode_error(
+        p.ErrorCode.UNAVAILABLE,
+        "not processed: broker down; resend it",
+        message_id,
+        retry_after=retry_after,
+    )
+
+
+def test_an_unavailable_answer_keeps_the_message_and_resends_it_after_retry_after() -> None:
+    s = ClientSession()
+    open_session(s)
+    first, _ = s.publish("/", "r", "m", 1, now=0)
+    second, _ = s.request("/", "e", 2, now=0, timeout=30)
+    third, _ = s.emit("/", "e", 3, now=0)
+    assert [f["id"] for f in frames(s)] == [first, second, third]
+    s.receive_text(unavailable(first, 2.0), 0.1)
+    s.receive_text(unavailable(second, 2.0), 0.2)
+    s.receive_text(reply(third), 0.3)  # processed: settled as usual
+    assert events(s) == [Replied(third, "emit", None)]  # no failure: they wait
+    assert len(s.outbox) == 2
+    assert s.counters.retried == 2
+    assert s.last_reply == 0  # the oldest is unanswered: the window does not slide past it
+    assert s.get_timer() == pytest.approx(2.1)
+    s.handle_timer(2.0)
+    assert frames(s) == []  # not yet
+    s.handle_timer(2.1)
+    assert [f["id"] for f in frames(s)] == [first]
+    s.handle_timer(s.get_timer() or 0)
+    assert [f["id"] for f in frames(s)] == [second]
+    s.receive_text(reply(first, {"stream": "room:/:r", "epoch": "e", "offset": 1}), 2.3)
+    s.receive_text(reply(second, "ok"), 2.3)
+    assert [type(e) for e in events(s)] == [Replied, Replied]
+    assert len(s.outbox) == 0
+
+
+def test_unavailable_messages_go_out_at_once_on_a_new_connection_and_keep_their_expiry() -> None:
+    s = ClientSession()
+    open_session(s)
+    kept, _ = s.request("/", "e", 1, now=0, timeout=10)
+    expiring, _ = s.request("/", "e", 2, now=0, timeout=1)
+    frames(s)
+    s.receive_text(unavailable(kept, None), 0.1)  # no retry_after: one second
+    s.receive_text(unavailable(expiring, 5.0), 0.1)
+    s.handle_timer(1.0)  # the second one's own deadline passes while it waits
+    assert [type(e) for e in events(s)] == [TimedOut]
+    assert frames(s) == []
+    s.connection_lost(1.05)
+    s.connection_made(1.05)
+    s.receive_text(welcome(resumed=True), 1.05)
+    assert [f["type"] for f in frames(s)][1:] == ["request"]  # after the hello: the kept one
+    s.handle_timer(1.2)  # its old wait is over: not written twice
+    assert frames(s) == []

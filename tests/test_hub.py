@@ -16,6 +16,7 @@ from server_ref.broker import MemoryBroker, StreamEntry
 from server_ref.broker.base import LATER
 from server_ref.config import ServerConfig
 from server_ref.core.commands import BrokerCall, Handle
+from server_ref.errors import BrokerUnavailable
 from tests.hubnet import HubNet, run_now
 
 pytestmark = pytest.mark.timeout(10)
@@ -369,3 +370,78 @@ def test_a_live_entry_that_skips_offsets_is_preceded_by_a_gap_frame() -> None:
     net.hub.entry_appended(StreamEntry(ROOM, epoch, 6, entry.text, None, False, net.now))
     net.run()
     assert [f["type"] for f in net.frames(conn)] == ["message"]  # in order again: no gap
+
+
+class FlakyBroker(MemoryBroker):
+    """A memory broker that can be made unreachable, as a Redis outage would."""
+
+    down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise BrokerUnavailable("redis: ConnectionError('down')")
+
+    async def append(self, stream: str, draft: Any, key: str | None = None) -> Any:
+        self._check()
+        return await super().append(stream, draft, key)
+
+    async def remember_reply(self, session_id: str, message_id: int, reply: str) -> None:
+        self._check()
+        await super().remember_reply(session_id, message_id, reply)
+
+    async def load_session(self, token: str) -> Any:
+        self._check()
+        return await super().load_session(token)
+
+
+def publish(i: int, data: Any) -> dict[str, Any]:
+    return {"type": "publish", "id": i, "room": "r", "event": "m", "data": data}
+
+
+def test_a_broker_outage_answers_unavailable_and_keeps_the_sessions_order() -> None:
+    broker = FlakyBroker()
+    net = HubNet(broker=broker)
+    conn, _ = net.hello()
+    net.send(conn, {"type": "join", "id": 1, "ns": "/", "room": "r"})
+    net.frames(conn)
+    broker.down = True
+    net.send(conn, publish(2, "a"))
+    broker.down = False  # back: but 3 must not overtake 2
+    net.send(conn, publish(3, "b"))
+    first, second = net.frames(conn)
+    assert (first["id"], first["code"], first["retry_after"]) == (2, "unavailable", 1.0)
+    assert (second["id"], second["code"]) == (3, "unavailable")
+    assert "message 2 is to be resent first" in second["message"]
+    net.send(conn, publish(2, "a"))  # the client resends in id order
+    net.send(conn, publish(3, "b"))
+    replies = net.frames(conn)
+    assert [(f["type"], f["id"], f["data"]["offset"]) for f in replies] == [
+        ("reply", 2, 1),
+        ("reply", 3, 2),
+    ]
+
+
+def test_a_reply_that_cannot_be_remembered_is_still_sent() -> None:
+    broker = FlakyBroker()
+    net = HubNet(broker=broker)
+    seen = with_echo(net)
+    conn, welcome = net.hello()
+    broker.down = True
+    net.send(conn, request(1, "ran"))
+    broker.down = False
+    (answer,) = net.frames(conn)
+    assert (answer["type"], answer["data"]) == ("reply", "ran")
+    assert seen == ["ran"]
+    assert net.hub.sessions.by_id[welcome["session"]].highest is None  # ask the records now
+
+
+def test_a_hello_the_broker_cannot_answer_is_closed_with_1013() -> None:
+    broker = FlakyBroker()
+    net = HubNet(broker=broker)
+    conn, welcome = net.hello()
+    net.close(conn, p.CloseCode.GOING_AWAY)
+    broker.down = True
+    conn = net.open()
+    resume = {"token": welcome["token"], "session": welcome["session"]}
+    net.send(conn, {"type": "hello", "protocol": 1, "resume": resume})
+    assert net.closed[conn] == p.CloseCode.TRY_AGAIN_LATER

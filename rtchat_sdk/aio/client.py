@@ -289,6 +289,7 @@ class Client(NamespaceClient):
         return {
             "sent": c.sent,
             "resent": c.resent,
+            "retried": c.retried,
             "duplicates_dropped": c.duplicates_dropped,
             "gaps": c.gaps,
             "timed_out": c.timed_out,

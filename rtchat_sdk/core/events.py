@@ -177,6 +177,8 @@ class SessionCounters:
 
     sent: int = 0
     resent: int = 0
+    retried: int = 0
+    """Messages the server asked to resend later (``unavailable``): waited, then resent."""
     duplicates_dropped: int = 0
     gaps: int = 0
     timed_out: int = 0

@@ -470,6 +470,11 @@ class ClientSession:
             else:
                 self._events.append(ServerNotice(frame.code, frame.message, frame.retry_after))
             return
+        if frame.code == p.ErrorCode.UNAVAILABLE and frame.id in self.outbox:
+            self._window.later(frame.id, self._now + (frame.retry_after or 1.0))  # not failed
+            self.counters.retried += 1
+            self._timer_stale = True
+            return
         entry = self._settle(frame.id)
         if entry is None:
             self._pump()
@@ -567,16 +572,12 @@ class ClientSession:
     # Time
 
     def get_timer(self) -> float | None:
-        """The next moment ``handle_timer`` has work to do, or None.
-
-        Worked out again only after something moved a deadline (most frames
-        and sends do not: a delivery pushes the dead-link deadline further
-        out, which is not the next one while a ping is due before it).
-        """
+        """The next moment ``handle_timer`` has work to do, or None; worked out again only
+        after something moved a deadline (most frames and sends do not)."""
         if not self._timer_stale:
             return self._timer
-        beat, due = self.heartbeat.deadline(), self._deadlines.first()
-        self._timer = due if beat is None else beat if due is None else min(beat, due)
+        times = (self.heartbeat.deadline(), self._deadlines.first(), self._window.next_retry())
+        self._timer = min((t for t in times if t is not None), default=None)
         self._timer_stale = False
         return self._timer
 
@@ -586,6 +587,7 @@ class ClientSession:
         self._timer_stale = True
         while (entry := self._deadlines.pop_due(now)) is not None:
             self._expire(entry)
+        self._window.retry_due(now)
         due = self.heartbeat.due(now)
         if due == "dead":
             waited = self.heartbeat.silent_for(now)

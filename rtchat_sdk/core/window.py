@@ -9,6 +9,7 @@ unanswered, and that is all they ask of it.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import deque
 
@@ -32,7 +33,16 @@ class Window:
     the wire were run and their replies lost.
     """
 
-    __slots__ = ("_in_flight", "_oldest", "_outbox", "_unsent", "limit", "max_in_flight", "next_id")
+    __slots__ = (
+        "_in_flight",
+        "_later",
+        "_oldest",
+        "_outbox",
+        "_unsent",
+        "limit",
+        "max_in_flight",
+        "next_id",
+    )
 
     def __init__(self, outbox: Outbox, *, max_in_flight: int, first_id: int) -> None:
         if max_in_flight < 1:
@@ -47,6 +57,8 @@ class Window:
         self._in_flight: set[int] = set()  # written on this connection, not answered
         self._oldest = min(outbox.ids(), default=first_id)
         """No message below this id is still unanswered (see ``lowest_unanswered``)."""
+        self._later: list[tuple[float, int]] = []
+        """(when, id) of messages the server asked to resend later (``unavailable``)."""
 
     def __len__(self) -> int:
         """How many messages are in flight."""
@@ -90,9 +102,30 @@ class Window:
         """
         self._in_flight.discard(message_id)
 
+    def later(self, message_id: int, at: float) -> None:
+        """The server could not process ``message_id`` now: write it again from ``at`` on.
+
+        It stays the oldest unanswered message, so the window does not slide past it.
+        """
+        self._in_flight.discard(message_id)
+        heapq.heappush(self._later, (at, message_id))
+
+    def next_retry(self) -> float | None:
+        """When the first message waiting to be written again is due, or None."""
+        return self._later[0][0] if self._later else None
+
+    def retry_due(self, now: float) -> None:
+        """Queue again, in id order among the others, each message whose wait is over."""
+        later = self._later
+        while later and later[0][0] <= now:
+            message_id = heapq.heappop(later)[1]
+            if message_id in self._outbox and message_id not in self._unsent:
+                bisect.insort(self._unsent, message_id)
+
     def restart(self) -> None:
         """No connection: nothing in flight, and every entry is to be written again."""
         self._in_flight.clear()
+        self._later.clear()  # a new connection takes them at once, with the rest
         self._unsent = deque(self._outbox.ids())
 
     def lowest_unanswered(self) -> int:

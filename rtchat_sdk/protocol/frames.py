@@ -123,6 +123,7 @@ class ErrorCode(StrEnum):
     DUPLICATE_ID = "duplicate_id"
     TOO_LARGE = "too_large"
     OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 

@@ -20,6 +20,11 @@ Redis:
 * dedupe records: per session, which message ids were processed and the
   replies they got, so a resent message is answered again, not run again.
 
+A broker whose store cannot be reached raises ``BrokerUnavailable`` (from
+``server_ref.errors``) from any method: the server then answers the message
+``unavailable`` (the client resends it later) or, outside a message, closes
+the connection with 1013 (the client reconnects and resumes).
+
 Time is the server's: ``start(clock)`` hands the broker the clock the server
 uses, so TTLs and history ages agree with the server's own deadlines.
 """
@@ -236,7 +241,13 @@ class Broker(ABC):
 
     @abstractmethod
     async def recall_reply(self, session_id: str, message_id: int) -> tuple[bool, str | None]:
-        """(was this id already processed?, the reply given, if still held)."""
+        """(was this id already processed?, the reply given, if still held).
+
+        Processed: its reply is held, or it is at or below the highest id whose
+        reply was evicted or forgotten (``forget_replies``). Another id was
+        never processed, even below the highest processed one: the server
+        answered it ``unavailable`` and the client will resend it.
+        """
 
     @abstractmethod
     async def remember_reply(self, session_id: str, message_id: int, reply: str) -> None:

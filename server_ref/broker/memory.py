@@ -53,10 +53,12 @@ class _Dedupe:
     proportion to the deleted slots at its front).
     """
 
-    __slots__ = ("highest", "order", "replies")
+    __slots__ = ("floor", "highest", "order", "replies")
 
     def __init__(self) -> None:
         self.highest = 0
+        self.floor = 0
+        """The highest id whose reply was evicted or forgotten: processed, not held."""
         self.replies: dict[int, str] = {}
         self.order: deque[int] = deque()
 
@@ -219,7 +221,12 @@ class MemoryBroker(Broker):
         dedupe = self._dedupe.get(session_id)
         if dedupe is None or message_id > dedupe.highest:
             return False, None
-        return True, dedupe.replies.get(message_id)
+        reply = dedupe.replies.get(message_id)
+        if reply is not None:
+            return True, reply
+        # Not held: processed if at or below the floor (evicted or forgotten); an id
+        # above it was never processed (it was answered ``unavailable``).
+        return message_id <= dedupe.floor, None
 
     async def remember_reply(self, session_id: str, message_id: int, reply: str) -> None:
         self._remember(session_id, message_id, reply)
@@ -235,7 +242,9 @@ class MemoryBroker(Broker):
             dedupe.order.append(message_id)
         replies[message_id] = reply
         if len(replies) > self.dedupe_size:
-            del replies[dedupe.order.popleft()]
+            evicted = dedupe.order.popleft()
+            del replies[evicted]
+            dedupe.floor = max(dedupe.floor, evicted)
 
     async def forget_replies(self, session_id: str, upto: int) -> None:
         dedupe = self._dedupe.get(session_id)
@@ -243,3 +252,4 @@ class MemoryBroker(Broker):
             return
         dedupe.replies = {i: r for i, r in dedupe.replies.items() if i > upto}
         dedupe.order = deque(dedupe.replies)
+        dedupe.floor = max(dedupe.floor, min(upto, dedupe.highest))

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import secrets
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
@@ -57,6 +59,27 @@ from .redis_relay import Relay
 __all__ = ["BrokerUnavailable", "RedisBroker"]
 
 log = logging.getLogger("server_ref.redis")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+STORE_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+"""What an unreachable, failing or timed-out Redis raises."""
+
+
+def _store_call(
+    method: Callable[_P, Coroutine[Any, Any, _R]],
+) -> Callable[_P, Coroutine[Any, Any, _R]]:
+    """Redis trouble leaves the broker as ``BrokerUnavailable``, whatever the command."""
+
+    @functools.wraps(method)
+    async def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return await method(*args, **kwargs)
+        except STORE_ERRORS as exc:
+            raise BrokerUnavailable(f"redis: {exc!r}") from exc
+
+    return call
 
 
 class RedisBroker(Broker):
@@ -195,6 +218,7 @@ class RedisBroker(Broker):
     # ------------------------------------------------------------------
     # Streams
 
+    @_store_call
     async def append(self, stream: str, draft: Draft, key: str | None = None) -> StreamEntry:
         meta, log_key = self._stream_keys(stream)
         tag_key = f"{{{self.prefix}:{stream}}}:key:{key}" if key is not None else ""
@@ -238,6 +262,7 @@ class RedisBroker(Broker):
                 return f.epoch, f.offset
         return await self._redis_position(stream)
 
+    @_store_call
     async def _redis_position(self, stream: str) -> tuple[str, int]:
         meta, log_key = self._stream_keys(stream)
         epoch, offset = await self._scripts["POSITION"](
@@ -245,6 +270,7 @@ class RedisBroker(Broker):
         )
         return epoch, int(offset)
 
+    @_store_call
     async def read_since(self, stream: str, epoch: str, offset: int) -> Replay:
         meta, log_key = self._stream_keys(stream)
         current, newest, oldest, raw = await self._scripts["READ"](
@@ -279,10 +305,12 @@ class RedisBroker(Broker):
             return Replay([], current, newest)
         return Replay([e for e in fresh if e.offset > offset], current, newest, gap, offset)
 
+    @_store_call
     async def subscribe(self, stream: str, listener: EntryListener) -> None:
         assert self._relay is not None, "the Redis broker is not started"
         await self._relay.follow(stream, self._channel(stream), listener)
 
+    @_store_call
     async def unsubscribe(self, stream: str, listener: EntryListener) -> None:
         if self._relay is not None:
             await self._relay.unfollow(stream, listener)
@@ -290,6 +318,7 @@ class RedisBroker(Broker):
     # ------------------------------------------------------------------
     # Sessions
 
+    @_store_call
     async def save_session(self, record: SessionRecord, ttl: float | None) -> None:
         now = self._clock()
         keep = self.live_ttl if ttl is None else ttl
@@ -316,6 +345,7 @@ class RedisBroker(Broker):
         else:
             self._live.pop(record.token, None)
 
+    @_store_call
     async def load_session(self, token: str) -> SessionRecord | None:
         raw = await self.redis.get(self._session_key(token))
         if raw is None:
@@ -333,6 +363,7 @@ class RedisBroker(Broker):
             data["owner"],
         )
 
+    @_store_call
     async def delete_session(self, record: SessionRecord) -> None:
         self._live.pop(record.token, None)
         key = self._session_key(record.token)
@@ -372,6 +403,7 @@ class RedisBroker(Broker):
         if listener is not None:
             listener(entry.text.split(",", 1)[0])  # the text starts with the session id
 
+    @_store_call
     async def replace(self, owner: str, session_id: str) -> None:
         # An entry of the owner's stream, not a bare PUBLISH: the relay's gap
         # filling then covers a replacement published while its pub/sub was down.
@@ -380,13 +412,17 @@ class RedisBroker(Broker):
     # ------------------------------------------------------------------
     # Dedupe records
 
+    @_store_call
     async def recall_reply(self, session_id: str, message_id: int) -> tuple[bool, str | None]:
         replies, _ = self._dedupe_keys(session_id)
-        highest, reply = await self.redis.hmget(replies, ["h", str(message_id)])
+        highest, floor, reply = await self.redis.hmget(replies, ["h", "f", str(message_id)])
         if highest is None or message_id > int(highest):
             return False, None
-        return True, None if reply is None else str(reply)
+        if reply is not None:
+            return True, str(reply)
+        return message_id <= int(floor or 0), None  # the floor: see redis_lua.REMEMBER_REPLY
 
+    @_store_call
     async def remember_reply(self, session_id: str, message_id: int, reply: str) -> None:
         replies, ids = self._dedupe_keys(session_id)
         await self._scripts["REMEMBER_REPLY"](
@@ -394,6 +430,7 @@ class RedisBroker(Broker):
             args=[message_id, reply, self.dedupe_size, self._ms(self.live_ttl + 60.0)],
         )
 
+    @_store_call
     async def forget_replies(self, session_id: str, upto: int) -> None:
         replies, ids = self._dedupe_keys(session_id)
         await self._scripts["FORGET_REPLIES"](keys=[replies, ids], args=[upto])

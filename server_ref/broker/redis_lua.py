@@ -113,11 +113,17 @@ redis.call('ZADD', ids, id, ARGV[1])
 if redis.call('ZCARD', ids) > tonumber(ARGV[3]) then
   local oldest = redis.call('ZPOPMIN', ids)
   redis.call('HDEL', replies, oldest[1])
+  if tonumber(oldest[1]) > tonumber(redis.call('HGET', replies, 'f') or '0') then
+    redis.call('HSET', replies, 'f', oldest[1])
+  end
 end
 redis.call('PEXPIRE', replies, ARGV[4])
 redis.call('PEXPIRE', ids, ARGV[4])
 """
-"""Mark a message id processed with its reply; the oldest replies beyond the limit go."""
+"""Mark a message id processed with its reply; the oldest replies beyond the limit go.
+
+The hash holds ``h``, the highest id processed, and ``f``, the floor: the
+highest id whose reply was evicted or forgotten (processed, not held)."""
 
 FORGET_REPLIES = """
 -- KEYS: replies hash, ids sorted set; ARGV: up to this id
@@ -126,5 +132,9 @@ for _, id in ipairs(old) do
   redis.call('HDEL', KEYS[1], id)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
+local floor = math.min(tonumber(ARGV[1]), tonumber(redis.call('HGET', KEYS[1], 'h') or '0'))
+if floor > tonumber(redis.call('HGET', KEYS[1], 'f') or '0') then
+  redis.call('HSET', KEYS[1], 'f', floor)
+end
 """
-"""Drop the replies the client holds (ids up to ARGV[1]); the highest id stays."""
+"""Drop the replies the client holds (ids up to ARGV[1]); they count as processed."""

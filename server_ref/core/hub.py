@@ -31,7 +31,7 @@ from __future__ import annotations
 import heapq
 import logging
 import secrets
-from collections.abc import Callable, Container, Generator
+from collections.abc import Callable, Container
 from functools import partial
 from typing import Any
 
@@ -39,6 +39,7 @@ from rtchat_sdk import protocol as p
 
 from ..broker.base import LATER, SessionRecord, StreamEntry
 from ..config import ServerConfig
+from ..errors import BrokerUnavailable
 from .commands import (
     CALLS,
     Batching,
@@ -52,6 +53,7 @@ from .commands import (
 )
 from .connection import ConnectionCore
 from .replay import Covered, gap_frame, release_held, replay
+from .running import Conn, Op, Running
 from .sessions import Session, Sessions
 from .steps import answer, identify, restore_rooms
 
@@ -60,47 +62,6 @@ __all__ = ["Hub", "Op"]
 log = logging.getLogger("server_ref")
 
 _CALL_TYPES = frozenset(CALLS)
-
-Op = Generator[Call, Any, Any]
-"""An operation: yields calls, receives their results, returns its own."""
-
-
-class _Conn:
-    __slots__ = ("busy", "core", "early", "id", "scheduled", "session")
-
-    def __init__(self, conn_id: int, core: ConnectionCore) -> None:
-        self.id = conn_id
-        self.core = core
-        self.session: Session | None = None
-        self.busy = 0
-        """Operations of this connection's messages running or waiting."""
-        self.scheduled: float | None = None
-        """The deadline this connection has in the hub's timer heap."""
-        self.early: list[str | bytes] | None = None
-        """While its hello is handled: frames that came after it, read once it is."""
-
-
-class _Running:
-    __slots__ = ("answers", "conn", "gen", "id", "report", "session")
-
-    def __init__(
-        self,
-        op_id: int,
-        gen: Op,
-        session: Session | None,
-        conn: _Conn | None,
-        report: bool,
-        answers: _Conn | None,
-    ) -> None:
-        self.id = op_id
-        self.gen = gen
-        self.session = session
-        """Set for a session-ordered operation: the next one starts when it ends."""
-        self.conn = conn
-        self.report = report
-        """Started by the driver: its end is reported with ``Finished``."""
-        self.answers = answers
-        """For a client message: the connection it came on, which gets its answer."""
 
 
 class Hub:
@@ -128,10 +89,15 @@ class Hub:
         )
         self.sessions = Sessions()
         self._answer = partial(
-            answer, namespaces, config.max_frame_bytes, self.sessions.join, self.sessions.leave
+            answer,
+            namespaces,
+            config.max_frame_bytes,
+            config.unavailable_retry_after,
+            self.sessions.join,
+            self.sessions.leave,
         )
-        self._conns: dict[int, _Conn] = {}
-        self._ops: dict[int, _Running] = {}
+        self._conns: dict[int, Conn] = {}
+        self._ops: dict[int, Running] = {}
         self._out: list[Command] = []
         self._timers: list[tuple[float, int, Any]] = []
         self._seq = 0
@@ -197,7 +163,7 @@ class Hub:
             handshake_timeout=self.config.handshake_timeout,
             max_bad_frames=self.config.max_bad_frames,
         )
-        c = self._conns[conn_id] = _Conn(conn_id, core)
+        c = self._conns[conn_id] = Conn(conn_id, core)
         self._schedule(c)
         return conn_id
 
@@ -212,7 +178,7 @@ class Hub:
             return
         self._receive(c, text, now)
 
-    def _receive(self, c: _Conn, text: str | bytes, now: float) -> None:
+    def _receive(self, c: Conn, text: str | bytes, now: float) -> None:
         frame = c.core.receive_text(text, now)
         if frame is not None:
             if isinstance(frame, p.HelloFrame):
@@ -262,7 +228,7 @@ class Hub:
                 c.core.close(p.CloseCode.GOING_AWAY, "server shutting down")
             self._flush(c)
 
-    def _flush(self, c: _Conn, received: bool = False) -> None:
+    def _flush(self, c: Conn, received: bool = False) -> None:
         """Turn what the connection's core produced into commands.
 
         ``received``: after a frame from the peer, which only moves the
@@ -281,14 +247,14 @@ class Hub:
         if not (received and c.scheduled is not None):
             self._schedule(c)
 
-    def _closed(self, c: _Conn) -> None:
+    def _closed(self, c: Conn) -> None:
         """The hub closed the connection: it counts as gone, as if the peer had left."""
         session = c.session
         if session is not None and session.conn is c:
             session.conn = None
             self._enqueue(session, self._detach(session, goodbye=False))
 
-    def _send(self, c: _Conn | None, text: str) -> None:
+    def _send(self, c: Conn | None, text: str) -> None:
         if c is not None and c.core.close_code is None:
             self._out.append(Send(c.id, [text]))
 
@@ -351,16 +317,16 @@ class Hub:
         gen: Op,
         *,
         session: Session | None = None,
-        conn: _Conn | None = None,
+        conn: Conn | None = None,
         report: bool = False,
-        answers: _Conn | None = None,
+        answers: Conn | None = None,
     ) -> int:
         self._seq += 1
-        running = _Running(self._seq, gen, session, conn, report, answers)
+        running = Running(self._seq, gen, session, conn, report, answers)
         self._step(running, None, None)
         return running.id
 
-    def _enqueue(self, session: Session, gen: Op, answers: _Conn | None = None) -> None:
+    def _enqueue(self, session: Session, gen: Op, answers: Conn | None = None) -> None:
         """Run ``gen`` after the session's earlier operations.
 
         ``answers``: the operation answers a message from this connection;
@@ -372,7 +338,7 @@ class Hub:
         session.busy = True
         self._start(gen, session=session, answers=answers)
 
-    def _step(self, running: _Running, value: Any, error: BaseException | None) -> None:
+    def _step(self, running: Running, value: Any, error: BaseException | None) -> None:
         """Run the operation to its next call that the driver must await (or to its end)."""
         gen, answer_now = running.gen, self._answer_now
         while True:
@@ -382,13 +348,17 @@ class Hub:
                 self._ended(running, stop.value, None)
                 return
             except Exception as exc:  # a bug, or a broker that failed: report it, keep serving
-                log.exception("server operation failed")
-                # Failed half-way: close with 1011, so the client resends what has no answer.
+                # Failed half-way: close, so the client reconnects and resends what has no
+                # answer; 1013 (try again later) when the broker is out of reach, else 1011.
+                code, reason = p.CloseCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"
+                if isinstance(exc, BrokerUnavailable):
+                    log.warning("server operation failed: %s", exc)
+                    code, reason = p.CloseCode.TRY_AGAIN_LATER, "broker unavailable; try again"
+                else:
+                    log.exception("server operation failed")
                 c = running.conn or (running.session.conn if running.session is not None else None)
                 if c is not None and c.core.close_code is None:
-                    c.core.close(
-                        p.CloseCode.INTERNAL_ERROR, f"internal error: {type(exc).__name__}"
-                    )
+                    c.core.close(code, reason)
                     self._flush(c)
                 self._ended(running, None, exc)
                 return
@@ -405,7 +375,7 @@ class Hub:
         self._ops[running.id] = running
         self._out.append(call)
 
-    def _ended(self, running: _Running, result: Any, error: BaseException | None) -> None:
+    def _ended(self, running: Running, result: Any, error: BaseException | None) -> None:
         if running.report:
             self._out.append(Finished(running.id, result, error))
         c = running.answers
@@ -425,7 +395,7 @@ class Hub:
     # ------------------------------------------------------------------
     # Timers
 
-    def _schedule(self, c: _Conn) -> None:
+    def _schedule(self, c: Conn) -> None:
         when = c.core.get_timer()
         if when is not None and (c.scheduled is None or when < c.scheduled):
             c.scheduled = when
@@ -452,7 +422,7 @@ class Hub:
                     item.expires = None
                     self._enqueue(item, self.sessions.drop_local(item))
                 continue
-            c: _Conn = item
+            c: Conn = item
             if c.scheduled != when or c.id not in self._conns:
                 continue  # superseded by an earlier deadline, or gone
             c.scheduled = None
@@ -464,7 +434,7 @@ class Hub:
     # ------------------------------------------------------------------
     # Hello: the handshake decision
 
-    def _handshake(self, c: _Conn, hello: p.HelloFrame) -> Op:
+    def _handshake(self, c: Conn, hello: p.HelloFrame) -> Op:
         """The hello, then the frames that came while it was handled, in order."""
         try:
             yield from self._hello(c, hello)
@@ -476,7 +446,7 @@ class Hub:
                 elif c.id in self._conns:
                     self._receive(c, text, self._now)
 
-    def _hello(self, c: _Conn, hello: p.HelloFrame) -> Op:
+    def _hello(self, c: Conn, hello: p.HelloFrame) -> Op:
         if hello.batch:
             self._out.append(Batching(c.id))
         user = yield from identify(c.core, hello, self._authenticates)
@@ -525,7 +495,7 @@ class Hub:
 
     def _attach(
         self,
-        c: _Conn,
+        c: Conn,
         session: Session,
         resumed: bool,
         resume: p.ResumeInfo | None,

@@ -44,6 +44,7 @@ class Session:
         "own",
         "queue",
         "record",
+        "refusing",
         "replaying",
     )
 
@@ -67,6 +68,9 @@ class Session:
         self.highest: int | None = None
         """The highest message id it processed, when all of them were processed here
         (None: unknown, ask the broker's dedupe records for every message)."""
+        self.refusing: int | None = None
+        """A message answered ``unavailable``: later ones are refused too until it is
+        resent, so the session's messages are still processed in id order."""
 
 
 def wants(session: Session, entry: StreamEntry) -> bool:
@@ -155,6 +159,7 @@ class Sessions:
     def attach_record(self, record: SessionRecord) -> Generator[Call, Any, Session]:
         """This node's session for ``record``, following its streams."""
         session, streams = self._local(record)
+        session.refusing = None  # a new connection resends everything unanswered, in order
         for stream in streams:
             yield from self._follow(stream)
         return session
@@ -194,7 +199,11 @@ class Sessions:
         """Subscribe to a stream this node does not follow yet (once, whoever asks)."""
         if stream not in self.following:
             self.following[stream] = None
-            yield BrokerCall("subscribe", (stream,))
+            try:
+                yield BrokerCall("subscribe", (stream,))
+            except BaseException:  # not subscribed: the next join must try again
+                self.following.pop(stream, None)
+                raise
 
     def _unfollow(self, stream: str) -> Step:
         """Unsubscribe from a stream no local session follows any more."""

@@ -16,12 +16,12 @@ from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import ValidationFailed
 
 from ..broker.base import Draft, SessionRecord
-from ..errors import FrameTooLarge, HandlerFailure
+from ..errors import BrokerUnavailable, FrameTooLarge, HandlerFailure
 from .commands import Authenticate, BrokerCall, Call, Handle, MayJoin
 from .connection import ClientMessage, ConnectionCore, unsendable_answer
 from .sessions import Session
 
-__all__ = ["answer", "duplicate_answer", "identify", "restore_rooms"]
+__all__ = ["answer", "duplicate_answer", "identify", "restore_rooms", "unavailable_answer"]
 
 log = logging.getLogger("server_ref")
 
@@ -85,9 +85,23 @@ def duplicate_answer(message_id: int, stored: str | None) -> str:
     )
 
 
+def unavailable_answer(session: Session, frame: ClientMessage, why: str, retry: float) -> str:
+    """Not processed; the client resends it after ``retry`` seconds.
+
+    Until it does, the session's later messages get the same answer, so that
+    they are processed after it, in id order.
+    """
+    if session.refusing is None or frame.id < session.refusing:
+        session.refusing = frame.id
+    return p.encode_error(
+        p.ErrorCode.UNAVAILABLE, f"not processed: {why}; resend it", frame.id, retry_after=retry
+    )
+
+
 def answer(
     namespaces: Container[str],
     max_frame_bytes: int,
+    retry_after: float,
     join: Callable[[Session, str, str], Generator[Call, Any, tuple[str, int]]],
     leave: Callable[[Session, str, str], Step],
     session: Session,
@@ -102,9 +116,20 @@ def answer(
     before gets its stored reply again and is not carried out twice. (One
     generator, no nested ones: it runs for every message.)
     """
+    if session.refusing is not None:
+        if frame.id > session.refusing:
+            why = f"message {session.refusing} is to be resent first"
+            return unavailable_answer(session, frame, why, retry_after)
+        if frame.id == session.refusing:
+            session.refusing = None  # resent: this one and those after it go ahead
     if session.highest is None or frame.id <= session.highest:
         # Not newer than everything it processed here: ask the dedupe records.
-        processed, stored = yield BrokerCall("recall_reply", (session.id, frame.id))
+        try:
+            processed, stored = yield BrokerCall("recall_reply", (session.id, frame.id))
+        except BrokerUnavailable as exc:
+            return unavailable_answer(
+                session, frame, f"the broker is unavailable ({exc})", retry_after
+            )
         if processed:
             return duplicate_answer(frame.id, stored)
     user = session.record.user
@@ -155,12 +180,20 @@ def answer(
             reply = unsendable_answer(frame, f"its error details: {bad}")
     except FrameTooLarge as exc:
         reply = p.encode_error(p.ErrorCode.TOO_LARGE, str(exc), frame.id)
+    except BrokerUnavailable as exc:  # not processed (or, for a publish, safe to resend)
+        why = f"the broker is unavailable ({exc})"
+        return unavailable_answer(session, frame, why, retry_after)
     except ValidationFailed as exc:  # NaN or an infinity, from the encoders
         reply = unsendable_answer(frame, str(exc))
     except Exception as exc:  # never let one message kill the connection
         log.exception("processing %s %s failed", frame.type, frame.id)
         reply = p.encode_error(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)
-    yield BrokerCall("remember_reply", (session.id, frame.id, reply))
+    try:
+        yield BrokerCall("remember_reply", (session.id, frame.id, reply))
+    except BrokerUnavailable:  # processed: the client gets its answer, unremembered
+        log.warning("message %s of %s processed, its reply not remembered", frame.id, session.id)
+        session.highest = None  # the records miss it now: ask them for every message
+        return reply
     if session.highest is not None and frame.id > session.highest:
         session.highest = frame.id
     return reply
