@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from rtchat_sdk import Client, GapReported, ReconnectPolicy
 from server_ref import Server
+from server_ref.broker import Draft, StreamEntry
 from server_ref.broker.redis import RedisBroker
 from tests.faultproxy import FaultProxy
 from tests.redis_support import OwnRedis, free_port
@@ -208,3 +209,41 @@ async def test_redis_killed_and_restarted_empty_loses_no_acked_publish_silently(
     # Resent from the outbox once Redis was back: all acknowledged, none failed.
     assert failed == {name: [] for name in clients}
     assert all(len(a) == total for a in acked.values())
+
+
+async def test_a_stream_found_behind_what_was_relayed_starts_a_new_epoch(
+    own_redis: OwnRedis,
+) -> None:
+    """Redis failed over to a replica that lacked the newest entries: offsets 4 and 5
+    would be numbered again. The node notices on reconnecting and starts a new epoch,
+    so its listener gets the next entry, as a new epoch, instead of dropping it."""
+    broker = RedisBroker(own_redis.url, **PROBES)  # type: ignore[arg-type]
+    await broker.start()
+    admin = Redis.from_url(own_redis.url, decode_responses=True)
+    try:
+        seen: list[StreamEntry] = []
+        got = asyncio.Event()
+
+        def listener(entry: StreamEntry) -> None:
+            seen.append(entry)
+            got.set()
+
+        await broker.subscribe("a", listener)
+        draft = Draft.message(
+            "a", ns="/", room="a", event="m", data=1, sender=None, echo=False, max_bytes=1 << 16
+        )
+        for _ in range(5):
+            await broker.append("a", draft)
+        await until(lambda: len(seen) == 5)
+        meta, log = broker._stream_keys("a")
+        await admin.hset(meta, "offset", 3)  # what the lagging replica had
+        await admin.xdel(log, "4-0", "5-0")
+        assert await admin.client_kill_filter(_type="pubsub") >= 1
+        await until(lambda: broker._relay is not None and broker._relay.reconnects >= 1)
+        entry = await broker.append("a", draft)
+        await until(lambda: len(seen) == 6)
+        assert (seen[-1].epoch, seen[-1].offset) == (entry.epoch, 1)
+        assert entry.epoch != seen[0].epoch
+    finally:
+        await admin.aclose()
+        await broker.close()

@@ -176,12 +176,13 @@ class RedisBroker(Broker):
         self._redis = Redis.from_pool(pool)  # closing the client closes the pool
         try:
             await asyncio.wait_for(self._redis.ping(), self._connect_timeout)
-            for name in ("APPEND", "POSITION", "READ", "REMEMBER_REPLY", "FORGET_REPLIES"):
+            for name in redis_lua.__all__:
                 self._scripts[name] = self._redis.register_script(getattr(redis_lua, name))
             self._relay = Relay(
                 self._redis,
                 self.read_since,
                 self._redis_position,
+                self._rewound,
                 probe_channel=f"{self.prefix}:probe:{secrets.token_hex(8)}",
                 probe_interval=self._probe_interval,
                 probe_timeout=self._probe_timeout,
@@ -269,6 +270,18 @@ class RedisBroker(Broker):
             keys=[meta, log_key], args=[secrets.token_hex(8), self._ms(self.stream_ttl)]
         )
         return epoch, int(offset)
+
+    @_store_call
+    async def _rewound(self, stream: str, epoch: str, offset: int) -> bool:
+        """A new epoch if the stream is behind ``offset`` of ``epoch``, as a node saw it."""
+        meta, log_key = self._stream_keys(stream)
+        started = await self._scripts["REWOUND"](
+            keys=[meta, log_key],
+            args=[epoch, offset, secrets.token_hex(8), self._ms(self.stream_ttl)],
+        )
+        if started:
+            log.warning("stream %s was behind offset %d: a new epoch begins", stream, offset)
+        return bool(started)
 
     @_store_call
     async def read_since(self, stream: str, epoch: str, offset: int) -> Replay:

@@ -20,7 +20,7 @@ and it comes last).
 
 from __future__ import annotations
 
-__all__ = ["APPEND", "FORGET_REPLIES", "POSITION", "READ", "REMEMBER_REPLY"]
+__all__ = ["APPEND", "FORGET_REPLIES", "POSITION", "READ", "REMEMBER_REPLY", "REWOUND"]
 
 _ENSURE_EPOCH = """
 local function ensure_epoch(meta, log, new_epoch, meta_ttl)
@@ -99,6 +99,21 @@ return {epoch, offset, oldest, redis.call('XRANGE', KEYS[2], from, '+')}
 """
 )
 """The stream's position, its oldest held offset and the entries after the reader's."""
+
+REWOUND = """
+-- KEYS: meta, log; ARGV: epoch and offset a node relayed, new epoch, meta ttl ms
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+local offset = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+if epoch == ARGV[1] and offset < tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'offset', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return 1
+end
+return 0
+"""
+"""A stream behind what a node already relayed (a failover to a replica that had not
+caught up) starts a new epoch, so its offsets are never reused within one."""
 
 REMEMBER_REPLY = """
 -- KEYS: replies hash, ids sorted set; ARGV: message id, reply, keep at most, ttl ms

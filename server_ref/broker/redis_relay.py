@@ -8,7 +8,9 @@ down, and a wedged connection can look healthy. The relay does not trust it:
   stream's log (``fill``), and one already relayed is dropped;
 * when its connection drops it reconnects with backoff (tenacity), then fills
   every followed stream from its last relayed offset before relaying anything
-  newer, so nothing published meanwhile is missed;
+  newer, so nothing published meanwhile is missed; a stream found behind
+  what was relayed (Redis failed over to a replica that had not caught up)
+  starts a new epoch rather than reuse offsets;
 * every ``probe_interval`` it publishes a probe on the node's own channel; a
   probe that does not come back within ``probe_timeout`` means the
   connection is wedged: the node reports not ready and the relay reconnects.
@@ -66,6 +68,8 @@ Reader = Callable[[str, str, int], Awaitable[Replay]]
 """``read_since(stream, epoch, offset)``: the log after a position."""
 Position = Callable[[str], Awaitable[tuple[str, int]]]
 """``position(stream)``: the stream's epoch and newest offset, from Redis."""
+Rewound = Callable[[str, str, int], Awaitable[bool]]
+"""``rewound(stream, epoch, offset)``: start a new epoch if the stream is behind that."""
 
 
 class Relay:
@@ -76,6 +80,7 @@ class Relay:
         redis: Redis,
         read_since: Reader,
         position: Position,
+        rewound: Rewound,
         *,
         probe_channel: str,
         probe_interval: float,
@@ -84,6 +89,7 @@ class Relay:
         self._redis = redis
         self._read_since = read_since
         self._position = position
+        self._rewound = rewound
         self._probe_channel = probe_channel
         self._probe_interval = probe_interval
         self._probe_timeout = probe_timeout
@@ -235,6 +241,9 @@ class Relay:
             self._pubsub = pubsub
             for f in list(self.follows.values()):
                 if f.ready.is_set():
+                    # Behind what we relayed (a failover to a lagging replica): a new epoch,
+                    # so no offset is used twice; its entries then come as a new epoch.
+                    await self._rewound(f.stream, f.epoch, f.offset)
                     await self._fill(f)
         except BaseException:
             self._pubsub = None
