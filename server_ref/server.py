@@ -128,6 +128,7 @@ class Server:
             node=self.node,
             authenticates=authenticate is not None,
             answer_now=self.broker.answer_now,
+            appends_remembered=self.broker.keeps_append_keys,
         )
         self._transports: dict[int, Transport] = {}
         self._tasks: set[asyncio.Task[None]] = set()

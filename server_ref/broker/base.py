@@ -154,6 +154,11 @@ LATER: Any = object()
 class Broker(ABC):
     """Stream storage and fan-out. Methods are async so a networked store fits."""
 
+    keeps_append_keys: bool = False
+    """``append``'s key records last as long as a session's dedupe records (the Redis
+    broker: a TTL per key), so a resent publish is answered from them and the server
+    need not also remember a publish's reply; a count-bounded store says False."""
+
     def answer_now(self, method: str, args: tuple[Any, ...]) -> Any:
         """``await self.<method>(*args)``'s result, if this broker has it at once; else ``LATER``.
 

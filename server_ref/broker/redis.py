@@ -85,6 +85,8 @@ def _store_call(
 class RedisBroker(Broker):
     """Streams, sessions and dedupe records in Redis, shared by every node using it."""
 
+    keeps_append_keys = True  # each for dedupe_ttl: a publish needs no remember_reply
+
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379/0",

@@ -76,6 +76,7 @@ class Hub:
         authenticates: bool = False,
         new_session: Callable[[], tuple[str, str]] | None = None,
         answer_now: Callable[[str, tuple[Any, ...]], Any] | None = None,
+        appends_remembered: bool = False,
     ) -> None:
         self.config = config
         self._answer_now = answer_now
@@ -93,6 +94,7 @@ class Hub:
             namespaces,
             config.max_frame_bytes,
             config.unavailable_retry_after,
+            appends_remembered,
             self.sessions.join,
             self.sessions.leave,
         )

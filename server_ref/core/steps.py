@@ -102,6 +102,7 @@ def answer(
     namespaces: Container[str],
     max_frame_bytes: int,
     retry_after: float,
+    appends_remembered: bool,
     join: Callable[[Session, str, str], Generator[Call, Any, tuple[str, int]]],
     leave: Callable[[Session, str, str], Step],
     session: Session,
@@ -113,8 +114,10 @@ def answer(
     and makes each message's operation from the last two.
 
     The answer is the encoded reply or error frame; a message processed
-    before gets its stored reply again and is not carried out twice. (One
-    generator, no nested ones: it runs for every message.)
+    before gets its stored reply again and is not carried out twice. With
+    ``appends_remembered`` (``Broker.keeps_append_keys``) a publish's reply is
+    not stored: a resend gets its entry back from the append key instead.
+    (One generator, no nested ones: it runs for every message.)
     """
     if session.refusing is not None:
         if frame.id > session.refusing:
@@ -173,6 +176,8 @@ def answer(
             entry = yield BrokerCall("append", (stream, draft, f"{session.id}:{frame.id}"))
             position = {"stream": stream, "epoch": entry.epoch, "offset": entry.offset}
             reply = p.encode_reply(frame.id, position)
+            if appends_remembered:
+                return reply  # (session.highest stays: the records do not hold this id)
     except HandlerFailure as exc:
         try:
             reply = p.encode_error(exc.code, exc.message, frame.id, details=exc.details)
