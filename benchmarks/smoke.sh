@@ -11,4 +11,5 @@ if ! "$PY" -c "import socketio, aiohttp" 2>/dev/null; then
     "$PY" -m pip install --quiet -e ".[bench]"
 fi
 "$PY" -m benchmarks.inprocess --chunks 2 --per-chunk 200
+"$PY" -m benchmarks.scaleout --quick
 exec "$PY" -m benchmarks.run --quick --json "${BENCH_JSON:-benchmarks/results/smoke.json}" "$@"
