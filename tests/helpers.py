@@ -111,3 +111,18 @@ class Inbox:
         before = self.items.index(SENTINEL)
         assert self.items[before:] == [SENTINEL], self.items[before:]
         return self.items[:before]
+
+
+async def http_get(url: str, path: str) -> tuple[int, dict[str, Any]]:
+    """A plain HTTP GET to the server at ``url`` (ws://host:port): status, JSON body."""
+    host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 5)  # the server closes after answering
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    return status, json.loads(body)

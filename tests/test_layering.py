@@ -76,16 +76,22 @@ def _loaded_after(statement: str) -> set[str]:
     return set(json.loads(done.stdout))
 
 
-def test_importing_the_server_loads_no_client_driver_sqlite_or_tenacity() -> None:
+def test_importing_the_server_loads_no_client_driver_sqlite_tenacity_or_redis() -> None:
     loaded = _loaded_after("import server_ref")
     assert "server_ref.server" in loaded  # the probe did import the server
     unwanted = {
         name
         for name in loaded
         if name.startswith(("rtchat_sdk.aio", "rtchat_sdk.sync", "rtchat_sdk.sqlite_outbox"))
-        or name.split(".")[0] in ("sqlite3", "tenacity")
+        or name.split(".")[0] in ("sqlite3", "tenacity", "redis")
+        or name.startswith("server_ref.broker.redis")
     }
     assert unwanted == set()
+
+
+def test_the_redis_broker_loads_on_first_use() -> None:
+    loaded = _loaded_after("import server_ref; server_ref.RedisBroker")
+    assert {"server_ref.broker.redis", "redis"} <= loaded
 
 
 def test_importing_the_protocol_loads_only_the_protocol() -> None:

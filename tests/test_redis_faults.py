@@ -19,6 +19,7 @@ from server_ref import Server
 from server_ref.broker import Draft, StreamEntry
 from server_ref.broker.redis import RedisBroker
 from tests.faultproxy import FaultProxy
+from tests.helpers import http_get
 from tests.redis_support import OwnRedis, free_port
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -117,11 +118,13 @@ async def test_a_wedged_pubsub_is_noticed_reported_and_healed_without_loss(
             for i in range(1, 51):
                 await node_b.publish("r", "m", i)
             await until(lambda: node_a.not_ready() is not None)
-            reason = node_a.not_ready()
-            assert reason is not None
-            assert any(word in reason for word in ("probe", "lost", "unavailable")), reason
+            status, body = await http_get(node_a.url, "/readyz")
+            assert status == 503
+            assert any(word in body["reason"] for word in ("probe", "lost", "unavailable")), body
+            assert await http_get(node_a.url, "/healthz") == (200, {"status": "live"})
             proxy.end_blackhole()
             await until(lambda: node_a.not_ready() is None)
+            assert await http_get(node_a.url, "/readyz") == (200, {"status": "ready"})
             assert await received.wait_for(51) == list(range(51))
     finally:
         await node_a.close()
