@@ -138,6 +138,7 @@ class Server:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._closing = False
+        self._opened = False
 
     # ------------------------------------------------------------------
     # Handlers and namespaces
@@ -167,10 +168,21 @@ class Server:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
 
-    async def start(self, host: str = "127.0.0.1", port: int = 8765) -> None:
-        """Start listening; returns once the socket is bound."""
+    async def open(self) -> None:
+        """Start the broker and take connections, without listening on a port of its own.
+
+        For a server whose connections come from another server (``server_ref.asgi``
+        under uvicorn); ``start`` calls it. Calling it again does nothing.
+        """
+        if self._opened:
+            return
         await self.broker.start(self._clock)
         await self.broker.watch_replaced(self.node, self._replaced)
+        self._opened = True
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8765) -> None:
+        """Start listening; returns once the socket is bound."""
+        await self.open()
         listener = self._make_listener(self, self.config)
         await listener.start(host, port)
         self._listener = listener
@@ -272,7 +284,7 @@ class Server:
         """Why this node should get no new clients now (``/readyz`` 503), or None."""
         if self._closing or self.hub.closing:
             return "shutting down"
-        if self._listener is None:
+        if not self._opened:
             return "not started"
         return self.broker.health()
 

@@ -118,7 +118,7 @@ async def http_get(url: str, path: str) -> tuple[int, dict[str, Any]]:
     host, port = url.removeprefix("ws://").rstrip("/").rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), 5)  # the server closes after answering
     finally:

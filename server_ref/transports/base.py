@@ -24,8 +24,10 @@ A transport calls the server's ``Endpoint`` for each connection: ``opened`` once
 ``received`` for each text frame (awaited: a transport reads the next frame
 only after it, so a client's frames are taken in order and a busy server
 pushes back), ``closed`` once with the close code the peer sent, if any.
-The websockets transport (``websocket.py``) is the first; long polling and
-ASGI implement the same two interfaces.
+The websockets transport (``websocket.py``) implements both; the ASGI one
+(``asgi.py``) implements ``Transport`` and leaves listening to the ASGI
+server (``Server.open`` starts a server without a listener); long polling
+comes next.
 """
 
 from __future__ import annotations

@@ -1,0 +1,106 @@
+"""rtchat as an ASGI 3 application: ``uvicorn server_ref.asgi:app``, or mounted in FastAPI.
+
+``create_app(server)`` serves ``server``'s endpoints (``transports/asgi.py``):
+WebSocket connections on any path, ``GET /healthz`` and ``GET /readyz``.
+Mounted under a prefix (``app.mount("/rt", create_app(server))``), clients
+connect to ``ws://host/rt/`` and health is at ``/rt/healthz``.
+
+Lifespan: the app opens the server (its broker) on ``lifespan.startup`` and
+closes it on ``lifespan.shutdown``. Starlette and FastAPI do not pass
+lifespan events to mounted apps, so the app also opens the server on its
+first request; close it from the parent's lifespan (``await server.close()``,
+or ``lifespan=rtchat_app.lifespan`` in ``FastAPI(...)``).
+
+``app`` is the command line's server as an ASGI app: the built-in ``echo``
+handler, the in-memory broker, or Redis when ``REDIS_URL`` is set
+(``RTCHAT_REDIS_PREFIX`` for its prefix).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from rtchat_sdk import protocol as p
+
+from .app import Context
+from .server import Server
+from .transports.asgi import Receive, Scope, Send, serve_http, serve_websocket
+
+__all__ = ["RtchatApp", "app", "create_app"]
+
+
+class RtchatApp:
+    """The ASGI application of one ``Server``."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._opening = asyncio.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await self._open()
+        if kind == "websocket":
+            await serve_websocket(self.server, receive, send, self.server.config.max_frame_bytes)
+        elif kind == "http":
+            await serve_http(self.server, scope, receive, send)
+
+    async def _open(self) -> None:
+        if self.server.not_ready() == "not started":
+            async with self._opening:
+                await self.server.open()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._open()
+                except Exception as exc:  # e.g. Redis unreachable: the ASGI server stops
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.server.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, parent: Any = None) -> AsyncIterator[None]:
+        """For a parent app's lifespan (``FastAPI(lifespan=rtchat_app.lifespan)``)."""
+        await self._open()
+        try:
+            yield
+        finally:
+            await self.server.close()
+
+
+def create_app(server: Server) -> RtchatApp:
+    """An ASGI app serving ``server`` (not started: the app opens it)."""
+    return RtchatApp(server)
+
+
+def _echo(ctx: Context, data: Any) -> Any:
+    return data
+
+
+def _default_server() -> Server:
+    broker = None
+    url = os.environ.get("REDIS_URL")
+    if url:
+        from .broker.redis import RedisBroker
+
+        broker = RedisBroker(url, prefix=os.environ.get("RTCHAT_REDIS_PREFIX", "rtchat"))
+    server = Server(broker=broker)
+    server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
+    return server
+
+
+app = create_app(_default_server())
+"""``uvicorn server_ref.asgi:app``: the command line's server (``echo``), as ASGI."""

@@ -1,0 +1,198 @@
+"""The ASGI transport: rtchat's WebSocket and HTTP endpoints as ASGI 3 messages.
+
+An ASGI server (uvicorn, hypercorn) or framework (FastAPI, Starlette) owns
+the socket and the HTTP parsing; this module turns its ``websocket.*`` and
+``http.*`` messages into the server's ``Endpoint`` calls, as
+``websocket.py`` does for websockets' own server:
+
+* a ``websocket`` scope is one connection: ``websocket.receive`` texts go to
+  ``Endpoint.received`` one at a time (the next is read after it returns);
+  what the server writes in one event-loop pass leaves in one
+  ``websocket.send`` per frame, or per batch when the client asked for
+  batches, from a writer task; ``close(code, reason)`` sends
+  ``websocket.close``;
+* an ``http`` GET goes to ``Endpoint.http_get`` (health), with the mount
+  prefix (``root_path``) taken off the path; other paths get 404.
+
+Frames larger than ``max_frame_bytes`` close the connection with 1009, as
+the WebSocket transport's library does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from rtchat_sdk import protocol as p
+
+from .base import Endpoint, Transport
+
+__all__ = ["AsgiWebSocketTransport", "Receive", "Scope", "Send", "serve_http", "serve_websocket"]
+
+log = logging.getLogger("server_ref")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_HIGH_WATER = 1 << 20
+"""Unsent bytes past which the reader waits for the writer before reading on."""
+
+
+def request_path(scope: Scope) -> str:
+    """The path below the mount point (``root_path``), whichever way the server sets it."""
+    path: str = scope.get("path", "/")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    return path or "/"
+
+
+class AsgiWebSocketTransport(Transport):
+    """One ASGI WebSocket connection; a writer task sends what each loop pass wrote."""
+
+    def __init__(self, send: Send, max_frame_bytes: int) -> None:
+        self._send = send
+        self._max_frame_bytes = max_frame_bytes
+        self.batching = False
+        self._queue: list[bytes] = []
+        self._unsent = 0
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._closing: tuple[int, str] | None = None
+        self._done = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._writer = asyncio.create_task(self._write_loop(), name="rtchat-asgi-writer")
+
+    def write(self, data: bytes) -> None:
+        if self._closing is not None or self._done.is_set():
+            return
+        self._queue.append(data)
+        self._unsent += len(data)
+        self._drained.clear()
+        self._wakeup.set()
+
+    def pending_bytes(self) -> int:
+        return self._unsent
+
+    async def close(self, code: int, reason: str) -> None:
+        if self._closing is None:
+            self._closing = (code, reason)
+            self._wakeup.set()
+        await self._done.wait()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+        self._done.set()
+
+    async def wait_drained(self) -> None:
+        """Back-pressure: wait while the unsent data is over the high-water mark."""
+        if self._unsent > _HIGH_WATER:
+            await self._drained.wait()
+
+    def _messages(self, frames: list[bytes]) -> list[str]:
+        """The WebSocket messages for ``frames``: one each, or batches within the limit."""
+        if not self.batching or len(frames) == 1:
+            return [frame.decode() for frame in frames]
+        out: list[str] = []
+        batch: list[bytes] = []
+        size = 0
+        for frame in frames:
+            if batch and size + len(frame) + 2 > self._max_frame_bytes:
+                out.append(batch[0].decode() if len(batch) == 1 else p.encode_batch(batch).decode())
+                batch, size = [], 0
+            batch.append(frame)
+            size += len(frame) + 1
+        out.append(batch[0].decode() if len(batch) == 1 else p.encode_batch(batch).decode())
+        return out
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                frames, self._queue = self._queue, []
+                if frames:
+                    for text in self._messages(frames):
+                        await self._send({"type": "websocket.send", "text": text})
+                    self._unsent -= sum(len(frame) for frame in frames)
+                if not self._queue:
+                    self._drained.set()
+                    if self._closing is not None:
+                        code, reason = self._closing
+                        await self._send(
+                            {"type": "websocket.close", "code": code, "reason": reason}
+                        )
+                        return
+        except Exception:  # the peer is gone: the reader sees the disconnect
+            log.debug("ASGI websocket send failed", exc_info=True)
+        finally:
+            self._drained.set()
+            self._done.set()
+
+
+async def serve_websocket(
+    endpoint: Endpoint, receive: Receive, send: Send, max_frame_bytes: int
+) -> None:
+    """Run one ASGI WebSocket connection against ``endpoint`` until it ends."""
+    first = await receive()
+    if first["type"] != "websocket.connect":
+        return
+    await send({"type": "websocket.accept"})
+    transport = AsgiWebSocketTransport(send, max_frame_bytes)
+    transport.start()
+    conn = endpoint.opened(transport)
+    peer_code: int | None = None
+    try:
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "websocket.disconnect":
+                peer_code = message.get("code")
+                break
+            if kind != "websocket.receive":
+                continue
+            text = message.get("text")
+            data: str | bytes = text if text is not None else message.get("bytes") or b""
+            size = p.wire_size(data) if isinstance(data, str) else len(data)
+            if size > max_frame_bytes:
+                await transport.close(p.CloseCode.MESSAGE_TOO_BIG, "message too big")
+                continue  # the disconnect follows
+            await endpoint.received(conn, data)
+            await transport.wait_drained()
+    finally:
+        await endpoint.closed(conn, peer_code)
+        transport.abort()
+
+
+async def serve_http(endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one plain HTTP request: the endpoint's GET paths, else 404 (405 for non-GET)."""
+    path = request_path(scope)
+    if scope.get("method") not in ("GET", "HEAD"):
+        status, body = 405, {"error": "method not allowed"}
+        content_type = "application/json"
+        payload = json.dumps(body).encode()
+    else:
+        answer = endpoint.http_get(path)
+        if answer is None:
+            status, content_type = 404, "application/json"
+            payload = json.dumps({"error": f"no such path: {path}"}).encode()
+        else:
+            status, content_type, payload = answer
+    headers = [
+        (b"content-type", content_type.encode()),
+        (b"content-length", str(len(payload)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    with contextlib.suppress(OSError):
+        await send({"type": "http.response.body", "body": payload})
