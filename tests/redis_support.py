@@ -14,7 +14,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import socket
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -22,11 +21,13 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from rtchat_sdk import Client
+
 __all__ = [
     "Collected",
     "OwnRedis",
     "cleanup",
-    "free_port",
+    "exchange",
     "new_prefix",
     "redis_url",
     "require_redis",
@@ -152,8 +153,32 @@ class OwnRedis:
             await proc.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+async def exchange(alice: Client, bob: Client, count: int, timeout: float = 30.0) -> None:
+    """Both join room ``r`` and publish ``count`` messages each at once; each must handle
+    every message of the other exactly once, in order (the publishers' id order)."""
+    got: dict[str, list[int]] = {"alice": [], "bob": []}
+    done = {"alice": asyncio.Event(), "bob": asyncio.Event()}
+
+    def recorder(who: str) -> Callable[[int], None]:
+        def handle(n: int) -> None:
+            got[who].append(n)
+            if len(got[who]) == count:
+                done[who].set()
+
+        return handle
+
+    alice.on("m")(recorder("alice"))
+    bob.on("m")(recorder("bob"))
+    await alice.join("r")
+    await bob.join("r")
+
+    async def send(client: Client, base: int) -> None:
+        # Tasks start in order, and each enters the outbox at its first step.
+        await asyncio.gather(*(client.publish("r", "m", base + i) for i in range(count)))
+
+    async with asyncio.timeout(timeout):
+        await asyncio.gather(send(alice, 0), send(bob, 100_000))
+        await asyncio.gather(done["alice"].wait(), done["bob"].wait())
+    assert got["alice"] == [100_000 + i for i in range(count)]
+    assert got["bob"] == list(range(count))
+    assert alice.counters["duplicates_dropped"] == bob.counters["duplicates_dropped"] == 0

@@ -20,7 +20,8 @@ from typing import IO
 import pytest
 
 from rtchat_sdk import Client, ConnectionState, ReconnectPolicy
-from tests.test_server_kill import ServerProcess, free_port
+from tests.helpers import free_port
+from tests.test_server_kill import ServerProcess
 
 CLIENTS = 200
 INITIAL_DELAY = 1.0

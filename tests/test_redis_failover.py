@@ -17,8 +17,9 @@ from typing import IO, Any
 import pytest
 
 from rtchat_sdk import Client, Delivery, GapReported, ReconnectPolicy
-from tests.redis_support import cleanup, new_prefix, require_redis
-from tests.test_server_kill import ServerProcess, free_port
+from tests.helpers import free_port
+from tests.redis_support import cleanup, exchange, new_prefix, require_redis
+from tests.test_server_kill import ServerProcess
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(90)]
 
@@ -149,38 +150,12 @@ async def test_clients_on_two_node_processes_exchange_2000_messages_each_once_in
     flags = ("--redis", url, "--redis-prefix", prefix)
     node_a = ServerProcess(free_port(), server_log, *flags)
     node_b = ServerProcess(free_port(), server_log, *flags)
-    count = 2_000
-    got: dict[str, list[int]] = {"alice": [], "bob": []}
-    done = {name: asyncio.Event() for name in got}
-
-    def recorder(name: str) -> Any:
-        def handle(n: int) -> None:
-            got[name].append(n)
-            if len(got[name]) == count:
-                done[name].set()
-
-        return handle
-
     try:
         await node_a.start()
         await node_b.start()
         async with Client(node_a.url) as alice, Client(node_b.url) as bob:
-            alice.on("m")(recorder("alice"))
-            bob.on("m")(recorder("bob"))
-            await alice.join("r")
-            await bob.join("r")
-
-            async def send(client: Client, base: int) -> None:
-                # Tasks start in order, and each enters the outbox at its first step.
-                await asyncio.gather(*(client.publish("r", "m", base + i) for i in range(count)))
-
-            async with asyncio.timeout(60):
-                await asyncio.gather(send(alice, 0), send(bob, 100_000))
-                await asyncio.gather(done["alice"].wait(), done["bob"].wait())
-            assert alice.counters["duplicates_dropped"] == bob.counters["duplicates_dropped"] == 0
+            await exchange(alice, bob, 2_000, timeout=60)
     finally:
         await node_a.kill()
         await node_b.kill()
         await cleanup(url, prefix)
-    assert got["alice"] == [100_000 + i for i in range(count)]
-    assert got["bob"] == list(range(count))

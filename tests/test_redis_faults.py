@@ -19,8 +19,8 @@ from server_ref import Server
 from server_ref.broker import Draft, StreamEntry
 from server_ref.broker.redis import RedisBroker
 from tests.faultproxy import FaultProxy
-from tests.helpers import http_get
-from tests.redis_support import OwnRedis, free_port
+from tests.helpers import free_port, http_get
+from tests.redis_support import OwnRedis
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 

@@ -19,7 +19,7 @@ from rtchat_sdk import Client, Delivery
 from rtchat_sdk import protocol as p
 from server_ref import Context, Server, ServerConfig
 from server_ref.broker.redis import RedisBroker
-from tests.redis_support import cleanup, new_prefix, require_redis
+from tests.redis_support import cleanup, exchange, new_prefix, require_redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
 
@@ -63,32 +63,8 @@ async def nodes() -> AsyncIterator[Nodes]:
 
 async def test_clients_on_two_nodes_get_each_others_messages_once_in_order(nodes: Nodes) -> None:
     node_a, node_b = await nodes(2)
-    count = 2_000
     async with Client(node_a.url) as alice, Client(node_b.url) as bob:
-        got: dict[str, list[int]] = {"alice": [], "bob": []}
-        done = {"alice": asyncio.Event(), "bob": asyncio.Event()}
-
-        def recorder(who: str) -> Callable[[int], None]:
-            def handle(n: int) -> None:
-                got[who].append(n)
-                if len(got[who]) == count:
-                    done[who].set()
-
-            return handle
-
-        alice.on("m")(recorder("alice"))
-        bob.on("m")(recorder("bob"))
-        await alice.join("r")
-        await bob.join("r")
-
-        async def send(client: Client, base: int) -> None:
-            # Tasks start in order, and each enters the outbox at its first step.
-            await asyncio.gather(*(client.publish("r", "m", base + i) for i in range(count)))
-
-        await asyncio.gather(send(alice, 0), send(bob, 100_000))
-        await asyncio.wait_for(asyncio.gather(done["alice"].wait(), done["bob"].wait()), 30)
-        assert got["alice"] == [100_000 + i for i in range(count)]
-        assert got["bob"] == list(range(count))
+        await exchange(alice, bob, 2_000)
 
 
 async def test_concurrent_publishes_from_two_nodes_make_one_gap_free_sequence(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import pytest
 
 from rtchat_sdk import Client, ConnectionState, Delivery, GapReported, ReconnectPolicy
 from tests.faultproxy import FaultProxy
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("ann", "bob", "cat")
@@ -50,13 +50,6 @@ WINDOW = 10
 """Publishes in flight per client."""
 
 FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.3)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class ServerProcess:
