@@ -65,6 +65,9 @@ CONFIG_HELP: dict[str, str] = {
     "max_connections": "connections accepted at once; past it new ones are told to retry",
     "overload_retry_after": "seconds refused clients are told to wait when overloaded",
     "unavailable_retry_after": "seconds clients wait to resend what the broker could not take",
+    "poll_timeout": "seconds a long poll is held when there is nothing to send",
+    "poll_idle_timeout": "seconds without a request before a polling connection is dropped",
+    "poll_max_frames": "frames per poll answer and per POST, at most",
     "compression": "accept permessage-deflate from clients that ask for it",
 }
 """Help text per ServerConfig field; a field missing here still gets a flag."""

@@ -1,7 +1,8 @@
 """rtchat as an ASGI 3 application: ``uvicorn server_ref.asgi:app``, or mounted in FastAPI.
 
 ``create_app(server)`` serves ``server``'s endpoints (``transports/asgi.py``):
-WebSocket connections on any path, ``GET /healthz`` and ``GET /readyz``.
+WebSocket connections on any path, HTTP long polling at ``/poll``
+(``transports/polling.py``, PROTOCOL §1.1), ``GET /healthz`` and ``GET /readyz``.
 Mounted under a prefix (``app.mount("/rt", create_app(server))``), clients
 connect to ``ws://host/rt/`` and health is at ``/rt/healthz``.
 
@@ -29,6 +30,7 @@ from rtchat_sdk import protocol as p
 from .app import Context
 from .server import Server
 from .transports.asgi import Receive, Scope, Send, serve_http, serve_websocket
+from .transports.polling import Polling
 
 __all__ = ["RtchatApp", "app", "create_app"]
 
@@ -39,6 +41,8 @@ class RtchatApp:
     def __init__(self, server: Server) -> None:
         self.server = server
         self._opening = asyncio.Lock()
+        self.polling = Polling(server, server.config)
+        """HTTP long polling at ``/poll`` (PROTOCOL §1.1)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -49,7 +53,7 @@ class RtchatApp:
         if kind == "websocket":
             await serve_websocket(self.server, receive, send, self.server.config.max_frame_bytes)
         elif kind == "http":
-            await serve_http(self.server, scope, receive, send)
+            await serve_http(self.server, scope, receive, send, self.polling)
 
     async def _open(self) -> None:
         if self.server.not_ready() == "not started":
@@ -67,9 +71,14 @@ class RtchatApp:
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                await self.server.close()
+                await self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def close(self) -> None:
+        """Close the server (held polls get its goodbye), then the polling connections."""
+        await self.server.close()
+        await self.polling.close_all()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, parent: Any = None) -> AsyncIterator[None]:
@@ -78,7 +87,7 @@ class RtchatApp:
         try:
             yield
         finally:
-            await self.server.close()
+            await self.close()
 
 
 def create_app(server: Server) -> RtchatApp:

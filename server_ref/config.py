@@ -29,6 +29,12 @@ class ServerConfig:
     unavailable_retry_after: float = 1.0
     """Seconds a client is told to wait before resending a message the server could
     not process because its broker (Redis) was unreachable (error ``unavailable``)."""
+    poll_timeout: float = 25.0
+    """Seconds a long poll is held when there is nothing to send (PROTOCOL §1.1)."""
+    poll_idle_timeout: float = 40.0
+    """Seconds without a request after which a polling connection counts as dropped."""
+    poll_max_frames: int = 100
+    """Frames per poll answer, and per POST, at most."""
     compression: bool = False
     """Accept permessage-deflate from clients that ask. Off by default: it costs
     ~33 KB of memory per connection and a third of the throughput on small

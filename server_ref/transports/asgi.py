@@ -11,8 +11,9 @@ the socket and the HTTP parsing; this module turns its ``websocket.*`` and
   ``websocket.send`` per frame, or per batch when the client asked for
   batches, from a writer task; ``close(code, reason)`` sends
   ``websocket.close``;
-* an ``http`` GET goes to ``Endpoint.http_get`` (health), with the mount
-  prefix (``root_path``) taken off the path; other paths get 404.
+* an ``http`` request to ``/poll`` is long polling (``polling.py``, PROTOCOL
+  §1.1); a GET elsewhere goes to ``Endpoint.http_get`` (health); the mount
+  prefix (``root_path``) is taken off the path first; other paths get 404.
 
 Frames larger than ``max_frame_bytes`` close the connection with 1009, as
 the WebSocket transport's library does.
@@ -26,10 +27,12 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import parse_qs
 
 from rtchat_sdk import protocol as p
 
 from .base import Endpoint, Transport
+from .polling import Polling, Reply
 
 __all__ = ["AsgiWebSocketTransport", "Receive", "Scope", "Send", "serve_http", "serve_websocket"]
 
@@ -174,20 +177,66 @@ async def serve_websocket(
         transport.abort()
 
 
-async def serve_http(endpoint: Endpoint, scope: Scope, receive: Receive, send: Send) -> None:
-    """Answer one plain HTTP request: the endpoint's GET paths, else 404 (405 for non-GET)."""
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None once it passes ``limit`` bytes (the rest is not kept)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b"".join(chunks)
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks) if size <= limit else None
+
+
+async def _serve_poll(polling: Polling, scope: Scope, receive: Receive) -> Reply:
+    """PROTOCOL §1.1: open, poll, send, goodbye."""
+    query = parse_qs(scope.get("query_string", b"").decode())
+    sid = query.get("sid", [""])[0]
+    method = scope.get("method")
+    if method == "GET":
+        try:
+            ack = int(query.get("ack", ["0"])[0])
+        except ValueError:
+            return 400, {"error": "ack must be an integer"}
+        return await polling.poll(sid, ack)
+    if method == "DELETE":
+        return await polling.goodbye(sid)
+    if method != "POST":
+        return 405, {"error": "method not allowed"}
+    limit = polling.max_body_bytes
+    body = await _read_body(receive, limit)
+    if body is None:
+        return 413, {"error": f"body over max_frame_bytes ({limit})"}
+    return await (polling.post(sid, body) if sid else polling.open(body))
+
+
+async def serve_http(
+    endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, polling: Polling | None = None
+) -> None:
+    """Answer one plain HTTP request: long polling at ``/poll``, the endpoint's GET paths
+    (health), else 404 (405 for other methods)."""
     path = request_path(scope)
+    if path == "/poll" and polling is not None:
+        status, body = await _serve_poll(polling, scope, receive)
+        await _respond(send, status, "application/json", json.dumps(body).encode())
+        return
     if scope.get("method") not in ("GET", "HEAD"):
-        status, body = 405, {"error": "method not allowed"}
-        content_type = "application/json"
-        payload = json.dumps(body).encode()
-    else:
-        answer = endpoint.http_get(path)
-        if answer is None:
-            status, content_type = 404, "application/json"
-            payload = json.dumps({"error": f"no such path: {path}"}).encode()
-        else:
-            status, content_type, payload = answer
+        await _respond(send, 405, "application/json", b'{"error": "method not allowed"}')
+        return
+    answer = endpoint.http_get(path)
+    if answer is None:
+        missing = json.dumps({"error": f"no such path: {path}"}).encode()
+        await _respond(send, 404, "application/json", missing)
+        return
+    await _respond(send, *answer)
+
+
+async def _respond(send: Send, status: int, content_type: str, payload: bytes) -> None:
     headers = [
         (b"content-type", content_type.encode()),
         (b"content-length", str(len(payload)).encode()),

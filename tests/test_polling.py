@@ -1,0 +1,215 @@
+"""HTTP long polling (PROTOCOL.md §1.1) from raw HTTP, under uvicorn, as a client in
+another language would speak it: open, poll with acks, send, goodbye, and the limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from rtchat_sdk import Client
+from server_ref import Server, ServerConfig
+from server_ref.asgi import RtchatApp, create_app
+from tests.test_asgi import echo_server, serving
+
+pytestmark = pytest.mark.timeout(30)
+
+HELLO = {"type": "hello", "protocol": 1}
+
+
+APP = "rtchat_app"
+
+
+@pytest.fixture
+async def base(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    config = ServerConfig(poll_timeout=0.5, poll_idle_timeout=1.0, poll_max_frames=5)
+    app = create_app(echo_server(config))
+    setattr(request.node, APP, app)  # for held()
+    async with serving(app) as url:
+        yield url
+
+
+async def held(app: RtchatApp, sid: str) -> None:
+    """Until the server holds a poll of ``sid`` (its request has arrived)."""
+    async with asyncio.timeout(5):
+        while not app.polling.connections[sid].holding:  # noqa: ASYNC110 (no event to await)
+            await asyncio.sleep(0.005)
+
+
+class Poller:
+    """A polling connection driven by hand: the frames it got, and its ack."""
+
+    def __init__(self, http: httpx.AsyncClient, sid: str) -> None:
+        self.http = http
+        self.sid = sid
+        self.ack = 0
+
+    async def poll(self, ack: int | None = None) -> dict[str, Any]:
+        answer = await self.http.get(
+            "/poll", params={"sid": self.sid, "ack": self.ack if ack is None else ack}
+        )
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        return body
+
+    async def frames(self) -> list[dict[str, Any]]:
+        """The next batch's frames (acknowledging the one before)."""
+        body = await self.poll()
+        self.ack = body["cursor"]
+        frames: list[dict[str, Any]] = body["frames"]
+        return frames
+
+    async def send(self, *frames: dict[str, Any]) -> None:
+        answer = await self.http.post("/poll", params={"sid": self.sid}, json=list(frames))
+        assert (answer.status_code, answer.json()) == (200, {"ok": True})
+
+
+async def open_poller(http: httpx.AsyncClient, *frames: dict[str, Any]) -> Poller:
+    answer = await http.post("/poll", json=[HELLO, *frames])
+    assert answer.status_code == 200, answer.text
+    return Poller(http, answer.json()["sid"])
+
+
+async def test_hello_welcome_and_a_request_round_trip_over_polls(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as http:
+        poller = await open_poller(http)
+        assert len(poller.sid) >= 22  # at least 128 bits, URL-safe
+        (welcome,) = await poller.frames()
+        assert welcome["type"] == "welcome"
+        await poller.send({"type": "request", "id": 1, "event": "echo", "data": {"n": 1}})
+        assert await poller.frames() == [{"type": "reply", "id": 1, "data": {"n": 1}}]
+
+
+async def test_a_lost_poll_answer_is_sent_again_unchanged_and_then_forgotten(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as http:
+        poller = await open_poller(http)
+        await poller.frames()  # the welcome
+        await poller.send({"type": "request", "id": 1, "event": "echo", "data": "x"})
+        first = await poller.poll()  # ... and this answer never reached the client
+        again = await poller.poll()  # same ack: the same batch
+        assert again == first
+        assert again["frames"] == [{"type": "reply", "id": 1, "data": "x"}]
+        poller.ack = again["cursor"]
+        assert await poller.frames() == []  # acknowledged: not sent a third time
+        answer = await http.get("/poll", params={"sid": poller.sid, "ack": 0})
+        assert answer.status_code == 400  # forgotten batches cannot be asked for
+
+
+async def test_a_new_poll_answers_the_held_one_empty(
+    base: str, request: pytest.FixtureRequest
+) -> None:
+    async with httpx.AsyncClient(base_url=base) as http:
+        poller = await open_poller(http)
+        await poller.frames()
+        first = asyncio.ensure_future(poller.poll())
+        await held(getattr(request.node, APP), poller.sid)
+        newer = asyncio.ensure_future(poller.poll())
+        assert await asyncio.wait_for(first, 5) == {"cursor": poller.ack, "frames": []}
+        await poller.send({"type": "request", "id": 1, "event": "echo", "data": 2})
+        body = await asyncio.wait_for(newer, 5)
+        assert body["frames"] == [{"type": "reply", "id": 1, "data": 2}]
+
+
+async def test_an_idle_poll_is_answered_empty_after_poll_timeout(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as http:
+        poller = await open_poller(http)
+        await poller.frames()
+        assert await poller.poll() == {"cursor": poller.ack, "frames": []}
+
+
+async def test_deliveries_reach_a_polling_member_in_order_in_batches(base: str) -> None:
+    ws = base.replace("http://", "ws://")
+    async with httpx.AsyncClient(base_url=base) as http, Client(ws) as publisher:
+        poller = await open_poller(http, {"type": "join", "id": 1, "room": "r"})
+        frames = await poller.frames()
+        assert [f["type"] for f in frames] == ["welcome", "reply"]
+        await publisher.join("r")
+        offsets = [await publisher.publish("r", "m", i) for i in range(12)]
+        got: list[dict[str, Any]] = []
+        while len(got) < 12:
+            batch = await poller.frames()
+            assert len(batch) <= 5  # poll_max_frames
+            got += batch
+        assert [f["offset"] for f in got] == offsets
+        assert [f["data"] for f in got] == list(range(12))
+
+
+async def test_goodbye_ends_the_connection_and_its_session(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as http:
+        poller = await open_poller(http)
+        await poller.frames()
+        answer = await http.delete("/poll", params={"sid": poller.sid})
+        assert answer.status_code == 200
+        after = await http.get("/poll", params={"sid": poller.sid, "ack": poller.ack})
+        assert (after.status_code, after.json()) == (404, {"error": "unknown_session"})
+
+
+async def test_a_silent_connection_is_dropped_and_its_session_stays_resumable() -> None:
+    config = ServerConfig(poll_timeout=0.5, poll_idle_timeout=1.0)
+    app = create_app(echo_server(config))
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        poller = await open_poller(http)
+        (welcome,) = await poller.frames()
+        async with asyncio.timeout(10):  # dropped after 1 s without a request
+            while poller.sid in app.polling.connections:  # noqa: ASYNC110 (the sweeper's timer)
+                await asyncio.sleep(0.05)
+        gone = await http.get("/poll", params={"sid": poller.sid, "ack": poller.ack})
+        assert (gone.status_code, gone.json()) == (404, {"error": "unknown_session"})
+        async with connect(url.replace("http://", "ws://")) as raw:
+            resume = {"token": welcome["token"], "session": welcome["session"]}
+            await raw.send(json.dumps({**HELLO, "resume": resume}))
+            again = json.loads(await raw.recv())
+            assert (again["session"], again["resumed"]) == (welcome["session"], True)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"not json", 400),
+        (b'{"type": "hello"}', 400),  # not an array
+        (b"[1, 2]", 400),  # not objects
+        (b'[{"type": "request", "id": 1, "event": "echo"}]', 400),  # no hello first
+    ],
+)
+async def test_bad_opening_bodies_are_refused_with_a_clear_error(
+    base: str, body: bytes, status: int
+) -> None:
+    async with httpx.AsyncClient(base_url=base) as http:
+        answer = await http.post("/poll", content=body)
+        assert answer.status_code == status
+        assert "error" in answer.json()
+
+
+async def test_bodies_over_the_limits_are_refused_whole(base: str) -> None:
+    async with httpx.AsyncClient(base_url=base) as http:
+        poller = await open_poller(http)
+        await poller.frames()
+        too_many = [{"type": "emit", "id": i, "event": "echo"} for i in range(1, 7)]
+        answer = await http.post("/poll", params={"sid": poller.sid}, json=too_many)
+        assert answer.status_code == 413
+        huge = b'[{"type":"emit","id":1,"event":"echo","data":"' + b"x" * (1 << 20) + b'"}]'
+        answer = await http.post("/poll", params={"sid": poller.sid}, content=huge)
+        assert answer.status_code == 413
+        # Nothing of either was taken: the next message gets id 1's answer.
+        await poller.send({"type": "request", "id": 1, "event": "echo", "data": "ok"})
+        assert await poller.frames() == [{"type": "reply", "id": 1, "data": "ok"}]
+
+
+async def test_a_server_shutdown_reaches_a_held_poll_with_the_close() -> None:
+    server = echo_server()
+    app = create_app(server)
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        poller = await open_poller(http)
+        await poller.frames()
+        first = asyncio.ensure_future(poller.poll())
+        await held(app, poller.sid)
+        await app.close()
+        body = await asyncio.wait_for(first, 5)
+        assert [f["code"] for f in body["frames"]] == ["shutting_down"]
+        assert body["close"]["code"] == 1001
+    assert isinstance(server, Server)
