@@ -174,6 +174,10 @@ class SyncClient(SyncNamespace):
         return self._client.session_id
 
     @property
+    def transport(self) -> str | None:
+        return self._client.transport
+
+    @property
     def rtt(self) -> float | None:
         return self._client.rtt
 

@@ -38,8 +38,10 @@ __all__ = ["RtchatApp", "app", "create_app"]
 class RtchatApp:
     """The ASGI application of one ``Server``."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, *, websocket: bool = True) -> None:
         self.server = server
+        self.websocket = websocket
+        """False: refuse WebSocket upgrades (403), as some proxies do; polling still works."""
         self._opening = asyncio.Lock()
         self.polling = Polling(server, server.config)
         """HTTP long polling at ``/poll`` (PROTOCOL §1.1)."""
@@ -51,6 +53,10 @@ class RtchatApp:
             return
         await self._open()
         if kind == "websocket":
+            if not self.websocket:
+                await receive()  # websocket.connect
+                await send({"type": "websocket.close", "code": 1008})  # the server answers 403
+                return
             await serve_websocket(self.server, receive, send, self.server.config.max_frame_bytes)
         elif kind == "http":
             await serve_http(self.server, scope, receive, send, self.polling)
@@ -90,9 +96,13 @@ class RtchatApp:
             await self.close()
 
 
-def create_app(server: Server) -> RtchatApp:
-    """An ASGI app serving ``server`` (not started: the app opens it)."""
-    return RtchatApp(server)
+def create_app(server: Server, *, websocket: bool = True) -> RtchatApp:
+    """An ASGI app serving ``server`` (not started: the app opens it).
+
+    ``websocket=False`` refuses WebSocket upgrades, leaving long polling (for tests
+    of the fallback, or a deployment whose proxies break WebSockets).
+    """
+    return RtchatApp(server, websocket=websocket)
 
 
 def _echo(ctx: Context, data: Any) -> Any:

@@ -186,9 +186,16 @@ class Client(NamespaceClient):
         name: str = "rtchat-python",
         compression: bool = False,
         proxy: ProxySetting = True,
+        transports: Sequence[str] = ("websocket", "polling"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(self, p.DEFAULT_NAMESPACE)
+        transports = tuple(transports)
+        unknown = set(transports) - {"websocket", "polling"}
+        if not transports or unknown:
+            raise ValueError(
+                f"transports are 'websocket' and/or 'polling', in the order to try: {transports}"
+            )
         urls = [check_url(u) for u in ([url] if isinstance(url, str) else list(url))]
         if not urls:
             raise ValueError("at least one URL is needed")
@@ -242,6 +249,7 @@ class Client(NamespaceClient):
             max_frame_bytes=max_frame_bytes,
             compression=compression,
             proxy=proxy,
+            transports=transports,
             clock=clock,
             on_event=self._on_event,
             on_state=self._set_state,
@@ -258,6 +266,12 @@ class Client(NamespaceClient):
         attempt starts, ``CONNECTED`` at the server's welcome, ``CLOSED`` once the
         client has stopped."""
         return self._state
+
+    @property
+    def transport(self) -> str | None:
+        """What carries the connection now: ``"websocket"``, ``"polling"`` (HTTP long
+        polling, when a WebSocket could not be opened), or None between connections."""
+        return self._link.transport if self._link.ws or self._link.poller else None
 
     @property
     def session_id(self) -> str | None:

@@ -17,8 +17,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, WebSocketException
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidStatus,
+    WebSocketException,
+)
 from websockets.protocol import State
 
 from ..backoff import ReconnectPolicy, close_error, refusal_error
@@ -39,6 +44,7 @@ from ..errors import (
 from ..wsio import write_framed
 from .dispatcher import Dispatcher
 from .endpoint import ProxySetting, choose_proxy, describe_failure
+from .polling import Poller, PollingFailed, polling_url
 
 __all__ = ["AttemptCallback", "ConnectionState", "Link"]
 
@@ -67,6 +73,7 @@ class Link:
         max_frame_bytes: int,
         compression: bool,
         proxy: ProxySetting,
+        transports: tuple[str, ...] = ("websocket", "polling"),
         clock: Callable[[], float],
         on_event: Callable[[SessionEvent], None],
         on_state: Callable[[ConnectionState], None],
@@ -81,6 +88,12 @@ class Link:
         self.max_frame_bytes = max_frame_bytes
         self.compression = compression
         self.proxy = proxy
+        self.transports = transports
+        """What to dial, in order: "websocket" and/or "polling" (HTTP long polling)."""
+        self.transport: str | None = None
+        """What carries the current connection ("websocket" or "polling"), if any."""
+        self.poller: Poller | None = None
+        self._http: httpx.AsyncClient | None = None
         self._clock = clock
         self._on_event = on_event
         self._on_state = on_state
@@ -112,7 +125,13 @@ class Link:
     async def stop(self, code: int, reason: str) -> None:
         """Close the current connection with ``code``, then end the reconnect loop."""
         ws = None if self.closing else self.ws
+        poller = None if self.closing else self.poller
         self.closing = True
+        if poller is not None:
+            if code == 1000:
+                await poller.goodbye()
+            else:
+                poller.abort()
         if ws is not None:
             try:
                 await asyncio.wait_for(ws.close(code, reason), 5.0)
@@ -123,6 +142,9 @@ class Link:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
         self.cancel_timer()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
 
     def _end(self, reason: RTChatError) -> None:
         """No more connections: the loop stops here, and the client closes with ``reason``."""
@@ -150,6 +172,8 @@ class Link:
                 log.warning("connection declared dead: %s", reason)
                 if self.ws is not None and self.ws.transport is not None:
                     self.ws.transport.abort()
+                if self.poller is not None:
+                    self.poller.abort()
             case _:
                 pass
 
@@ -219,8 +243,26 @@ class Link:
             await asyncio.sleep(delay)
 
     async def _connect_once(self, url: str) -> RTChatError:
-        """One connection, from TCP connect to its end; returns why it ended."""
+        """One connection, from its dial to its end; returns why it ended.
+
+        WebSocket first when it is in ``transports``; when its opening handshake
+        fails (an HTTP error from a proxy or the server, a timeout) and polling
+        is allowed, a polling connection to the same URL at once.
+        """
         self._welcomed_here = False
+        if "websocket" not in self.transports:
+            return await self._poll_once(url)
+        error, fallback = await self._websocket_once(url)
+        if fallback and "polling" in self.transports and not self.closing:
+            log.warning("no WebSocket to %s (%s): trying HTTP long polling", url, error)
+            polled = await self._poll_once(url)
+            if not self._welcomed_here:  # neither worked: say both
+                return ConnectionFailed(f"{error}; over HTTP long polling: {polled}")
+            return polled
+        return error
+
+    async def _websocket_once(self, url: str) -> tuple[RTChatError, bool]:
+        """One WebSocket connection; (why it ended, whether long polling may do better)."""
         proxy = None
         try:
             proxy = choose_proxy(url, self.proxy)
@@ -234,8 +276,11 @@ class Link:
             )
         except (OSError, TimeoutError, WebSocketException, ImportError, ValueError) as exc:
             why = describe_failure(exc, url, timeout=self.connect_timeout, proxy=proxy)
-            return ConnectionFailed(f"cannot connect to {url}: {why}")
+            # An HTTP answer that is not an upgrade, or no answer in time: HTTP may pass.
+            fallback = isinstance(exc, (TimeoutError, InvalidStatus))
+            return ConnectionFailed(f"cannot connect to {url}: {why}"), fallback
         self.ws = ws
+        self.transport = "websocket"
         self._write_blocked = False
         self._wakeup.clear()
         self._cancel_flush()
@@ -266,7 +311,53 @@ class Link:
             sent=None if sent is None else sent.code,
             max_frame_bytes=self.max_frame_bytes,
         )
-        return ConnectionFailed(f"connection to {url} closed (code {code}: {ws.close_reason})")
+        why = f"connection to {url} closed (code {code}: {ws.close_reason})"
+        return ConnectionFailed(why), False
+
+    async def _poll_once(self, url: str) -> RTChatError:
+        """One HTTP long-polling connection (PROTOCOL §1.1), from its opening POST to its end."""
+        target = polling_url(url)
+        if self._http is None:
+            self._http = httpx.AsyncClient(trust_env=self.proxy is True, proxy=self._proxy_url())
+        poller = Poller(self._http, target, connect_timeout=self.connect_timeout)
+        self._cancel_flush()
+        self._session.connection_made(self._clock())
+        try:
+            await poller.open(self._session.data_to_send())
+        except PollingFailed as exc:
+            self._session.connection_lost(self._clock())
+            self.after_io()
+            return ConnectionFailed(f"cannot open a polling connection to {target}: {exc}")
+        self.poller, self.transport = poller, "polling"
+        close: dict[str, Any] | None = None
+        why = "the polling connection ended"
+        try:
+            self.after_io()
+            while close is None and not self.closing:
+                batch, close = await poller.next_batch(hold=30.0)
+                self._session.receive_text(batch, self._clock())
+                self.after_io()
+                if self._dispatcher.full:
+                    await self._dispatcher.wait_for_handlers()
+        except PollingFailed as exc:
+            why = str(exc)
+        finally:
+            poller.abort()
+            self.poller = None
+            if not self.closing:
+                self._session.connection_lost(self._clock())
+                self.after_io()
+        if close is None:
+            return ConnectionFailed(f"polling connection to {target} lost: {why}")
+        code, reason = close.get("code"), str(close.get("reason", ""))
+        if isinstance(code, int):
+            self.fatal = self.fatal or close_error(
+                code, reason, sent=None, max_frame_bytes=self.max_frame_bytes
+            )
+        return ConnectionFailed(f"polling connection to {target} closed (code {code}: {reason})")
+
+    def _proxy_url(self) -> str | None:
+        return self.proxy if isinstance(self.proxy, str) else None
 
     def _flush(self) -> None:
         """Write every frame the session produced, in order: the one write path.
@@ -283,6 +374,9 @@ class Link:
         A connection that is closing takes no frames: whatever was unanswered
         is written again on the next connection.
         """
+        if self.poller is not None:
+            self.poller.send(self._session.data_to_send())
+            return
         ws = self.ws
         if (
             ws is None

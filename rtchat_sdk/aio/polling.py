@@ -1,0 +1,169 @@
+"""The client side of HTTP long polling (PROTOCOL.md §1.1), over httpx.
+
+``Poller`` is one polling connection: ``open`` posts the ``hello`` and gets
+the connection's ``sid``; ``next_batch`` holds a GET until the server has
+frames, acknowledging the batch before (so a lost answer comes again);
+``send`` queues frames that one writer task posts in order, a POST at a
+time, with whatever queued meanwhile; ``goodbye`` is the DELETE. The link
+(``connection.py``) feeds each batch to the session core as one message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+__all__ = ["PollingFailed", "Poller", "polling_url"]
+
+log = logging.getLogger("rtchat_sdk")
+
+POLL_MARGIN = 10.0
+"""Seconds a poll may take beyond the server's hold (25 s by default) before it counts as lost."""
+
+
+class PollingFailed(Exception):
+    """The polling connection cannot go on: why, in words (for ``ConnectionFailed``)."""
+
+
+def polling_url(url: str) -> str:
+    """The polling endpoint for a WebSocket URL: same host and path, http(s), ``/poll``."""
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/") + "/poll"
+    return urlunsplit((scheme, parts.netloc, path, parts.query, ""))
+
+
+class Poller:
+    """One polling connection: its sid, its acknowledged cursor, its writer."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str, *, connect_timeout: float) -> None:
+        self._http = http
+        self.url = url
+        self._timeout = connect_timeout
+        self.sid: str | None = None
+        self.ack = 0
+        self._outgoing: list[str] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self.failed: str | None = None
+        """Why a POST failed: the connection is over then."""
+        self._broken = asyncio.Event()
+        self._idle = asyncio.Event()  # nothing queued or being posted
+        self._idle.set()
+
+    async def open(self, frames: list[str]) -> None:
+        """POST the hello (and what follows it); raises ``PollingFailed``."""
+        answer = await self._request("POST", self._body(frames), timeout=self._timeout)
+        sid = answer.get("sid")
+        if not isinstance(sid, str):
+            raise PollingFailed(f"the server's answer to the opening POST has no sid: {answer}")
+        self.sid = sid
+        self._writer = asyncio.create_task(self._write_loop(), name="rtchat-poll-writer")
+
+    async def next_batch(self, hold: float) -> tuple[str, dict[str, Any] | None]:
+        """The next batch's frames as one JSON array text, and the server's close if any.
+
+        Raises ``PollingFailed`` when the connection is gone (or a POST failed).
+        """
+        get = asyncio.ensure_future(
+            self._request("GET", None, params={"ack": str(self.ack)}, timeout=hold + POLL_MARGIN)
+        )
+        broken = asyncio.ensure_future(self._broken.wait())
+        try:
+            await asyncio.wait({get, broken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            broken.cancel()
+        if not get.done():
+            get.cancel()
+            raise PollingFailed(self.failed or "the polling connection broke")
+        answer = get.result()
+        cursor = answer.get("cursor")
+        frames = answer.get("frames")
+        if not isinstance(cursor, int) or not isinstance(frames, list):
+            raise PollingFailed(f"not a poll answer: {answer}")
+        self.ack = cursor
+        close = answer.get("close")
+        return json.dumps(frames), close if isinstance(close, dict) else None
+
+    def send(self, frames: list[str]) -> None:
+        """Queue frames for the writer, in order."""
+        if frames:
+            self._outgoing.extend(frames)
+            self._idle.clear()
+            self._wakeup.set()
+
+    async def goodbye(self) -> None:
+        """The client's goodbye (DELETE); what was queued is posted first."""
+        if self.sid is None:
+            return
+        try:
+            await asyncio.wait_for(self._drain(), self._timeout)
+            await self._request("DELETE", None, timeout=self._timeout)
+        except (PollingFailed, TimeoutError):
+            log.debug("polling goodbye failed", exc_info=True)
+        self.abort()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+        self._broken.set()
+
+    async def _drain(self) -> None:
+        if self.failed is None:
+            await self._idle.wait()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._outgoing:
+                frames, self._outgoing = self._outgoing, []
+                try:
+                    await self._request("POST", self._body(frames), timeout=self._timeout)
+                except PollingFailed as exc:
+                    self.failed = str(exc)
+                    self._broken.set()
+                    self._idle.set()
+                    return
+            self._idle.set()
+
+    @staticmethod
+    def _body(frames: list[str]) -> bytes:
+        return ("[" + ",".join(frames) + "]").encode()
+
+    async def _request(
+        self,
+        method: str,
+        body: bytes | None,
+        *,
+        timeout: float,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        query = dict(params or {})
+        if self.sid is not None:
+            query["sid"] = self.sid
+        try:
+            response = await self._http.request(
+                method,
+                self.url,
+                params=query,
+                content=body,
+                headers={"content-type": "application/json"},
+                timeout=timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise PollingFailed(f"{method} {self.url}: {type(exc).__name__}: {exc}") from exc
+        if response.status_code != 200:
+            raise PollingFailed(f"{method} {self.url}: HTTP {response.status_code} {response.text}")
+        try:
+            answer = response.json()
+        except ValueError as exc:
+            raise PollingFailed(f"{method} {self.url}: the answer is not JSON") from exc
+        if not isinstance(answer, dict):
+            raise PollingFailed(f"{method} {self.url}: the answer is not a JSON object")
+        return answer

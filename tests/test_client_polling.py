@@ -1,0 +1,94 @@
+"""The Python client over HTTP long polling: chosen, or fallen back to when the WebSocket
+upgrade is refused; and resuming without loss when the polling connection breaks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from rtchat_sdk import Client, Delivery, ReconnectPolicy
+from server_ref.asgi import create_app
+from tests.faultproxy import FaultProxy
+from tests.test_asgi import echo_server, serving
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.3)
+
+
+class Received:
+    def __init__(self, client: Client) -> None:
+        self.items: list[tuple[Any, int]] = []
+        self.changed = asyncio.Event()
+        client.on("m")(self.add)
+
+    def add(self, data: Any, meta: Delivery) -> None:
+        self.items.append((data, meta.offset))
+        self.changed.set()
+
+    async def wait_for(self, count: int) -> list[tuple[Any, int]]:
+        async with asyncio.timeout(15):
+            while len(self.items) < count:
+                self.changed.clear()
+                await self.changed.wait()
+        return self.items
+
+
+async def test_a_polling_client_requests_joins_publishes_and_receives() -> None:
+    async with serving(create_app(echo_server())) as base:
+        ws = base.replace("http://", "ws://")
+        async with Client(ws, transports=("polling",)) as poller, Client(ws) as other:
+            assert (poller.transport, other.transport) == ("polling", "websocket")
+            assert await poller.request("echo", {"n": 1}, timeout=5) == {"n": 1}
+            received = Received(poller)
+            await poller.join("r")
+            await other.join("r")
+            offsets = [await other.publish("r", "m", i) for i in range(30)]
+            assert await received.wait_for(30) == list(zip(range(30), offsets, strict=True))
+            back = Received(other)
+            await poller.publish("r", "m", "from polling")
+            assert (await back.wait_for(1))[0][0] == "from polling"
+
+
+async def test_a_refused_websocket_upgrade_falls_back_to_polling(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with serving(create_app(echo_server(), websocket=False)) as base:
+        ws = base.replace("http://", "ws://")
+        async with Client(ws) as client:
+            assert client.transport == "polling"
+            assert await client.request("echo", "over http", timeout=5) == "over http"
+        assert "trying HTTP long polling" in caplog.text
+        with pytest.raises(Exception, match="cannot connect"):
+            async with Client(ws, transports=("websocket",)):
+                pass
+
+
+async def test_a_broken_polling_connection_resumes_and_loses_nothing() -> None:
+    async with serving(create_app(echo_server())) as base:
+        port = int(base.rsplit(":", 1)[1])
+        proxy = FaultProxy(port)
+        await proxy.start()
+        try:
+            via_proxy = f"ws://127.0.0.1:{proxy.port}"
+            async with (
+                Client(via_proxy, transports=("polling",), reconnect=FAST) as poller,
+                Client(base.replace("http://", "ws://")) as publisher,
+            ):
+                received = Received(poller)
+                await poller.join("r")
+                await publisher.join("r")
+                session = poller.session_id
+                for i in range(40):
+                    await publisher.publish("r", "m", i)
+                    if i == 15:
+                        proxy.drop()  # every HTTP connection of the poller, mid-poll
+                items = await received.wait_for(40)
+                assert [data for data, _ in items] == list(range(40))
+                assert poller.session_id == session  # resumed, not a new session
+                assert poller.counters["reconnects"] >= 1
+                assert poller.counters["gaps"] == 0
+        finally:
+            await proxy.close()
