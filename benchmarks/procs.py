@@ -74,6 +74,10 @@ class Impl:
     server_module: str
     compression: str = "none"
     server_args: tuple[str, ...] = ()
+    transport: str = "websocket"
+    """What the client dials: "websocket", or "polling" (HTTP long polling)."""
+    default: bool = True
+    """Run unless ``--impls`` names others (the ASGI paths are asked for by name)."""
 
     def heartbeat_args(self, interval: float | None) -> list[str]:
         """Server flags for a heartbeat every ``interval`` seconds (None: its default)."""
@@ -104,6 +108,19 @@ IMPLS: dict[str, Impl] = {
         server_args=("--compression", "deflate"),
     ),
     "sio": Impl("sio", "python-socketio", "benchmarks.servers.sio_server"),
+    "rtchat-asgi": Impl(
+        "rtchat-asgi",
+        "rtchat on uvicorn (ASGI)",
+        "benchmarks.servers.rtchat_asgi_server",
+        default=False,
+    ),
+    "rtchat-polling": Impl(
+        "rtchat-polling",
+        "rtchat, HTTP long polling (uvicorn)",
+        "benchmarks.servers.rtchat_asgi_server",
+        transport="polling",
+        default=False,
+    ),
 }
 
 
@@ -269,7 +286,7 @@ class ClientProcess:
         self.scenario = scenario
         self.url = url
         self.server_pid = server_pid
-        self.params = {**params, "compression": impl.compression}
+        self.params = {**params, "compression": impl.compression, "transport": impl.transport}
         self.proc: asyncio.subprocess.Process | None = None
         self.log: IO[bytes] | None = None
 

@@ -75,8 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--impls",
         type=lambda s: _csv(s, IMPLS, "implementation"),
-        default=list(IMPLS),
-        help="comma-separated: " + ",".join(IMPLS),
+        default=[name for name, impl in IMPLS.items() if impl.default],
+        help="comma-separated: " + ",".join(IMPLS) + " (the last two only when named)",
     )
     parser.add_argument(
         "--parallel",

@@ -221,6 +221,8 @@ async def run(
     scenario: str, url: str, params: dict[str, Any], server_pid: int
 ) -> dict[str, Any] | None:
     _settings["compression"] = params.get("compression") == "deflate"
+    polling = params.get("transport") == "polling"
+    _settings["transports"] = ("polling",) if polling else ("websocket",)
     measured: dict[str, Measured] = {
         "seq": _seq,
         "pipelined": _pipelined,

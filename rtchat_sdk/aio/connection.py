@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -318,7 +319,13 @@ class Link:
         """One HTTP long-polling connection (PROTOCOL §1.1), from its opening POST to its end."""
         target = polling_url(url)
         if self._http is None:
-            self._http = httpx.AsyncClient(trust_env=self.proxy is True, proxy=self._proxy_url())
+            # No Nagle: a request's headers and body go out as written, not 40 ms later.
+            nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            self._http = httpx.AsyncClient(
+                trust_env=self.proxy is True,
+                proxy=self._proxy_url(),
+                transport=httpx.AsyncHTTPTransport(socket_options=nodelay),
+            )
         poller = Poller(self._http, target, connect_timeout=self.connect_timeout)
         self._cancel_flush()
         self._session.connection_made(self._clock())
