@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from rtchat_sdk import Client, Delivery, ReconnectPolicy
+from server_ref import ServerConfig
 from server_ref.asgi import create_app
 from tests.faultproxy import FaultProxy
 from tests.test_asgi import echo_server, serving
@@ -92,3 +93,14 @@ async def test_a_broken_polling_connection_resumes_and_loses_nothing() -> None:
                 assert poller.counters["gaps"] == 0
         finally:
             await proxy.close()
+
+
+async def test_many_requests_at_once_are_split_over_posts_within_the_servers_limit() -> None:
+    config = ServerConfig(poll_max_frames=10)
+    async with serving(create_app(echo_server(config))) as base:
+        ws = base.replace("http://", "ws://")
+        async with Client(ws, transports=("polling",)) as client:
+            answers = await asyncio.gather(
+                *(client.request("echo", i, timeout=10) for i in range(250))
+            )
+            assert answers == list(range(250))

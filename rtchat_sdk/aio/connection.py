@@ -326,7 +326,13 @@ class Link:
                 proxy=self._proxy_url(),
                 transport=httpx.AsyncHTTPTransport(socket_options=nodelay),
             )
-        poller = Poller(self._http, target, connect_timeout=self.connect_timeout)
+        session = self._session
+        poller = Poller(
+            self._http,
+            target,
+            connect_timeout=self.connect_timeout,
+            limits=lambda: (session.poll_max_frames, session.max_frame_bytes),
+        )
         self._cancel_flush()
         self._session.connection_made(self._clock())
         try:

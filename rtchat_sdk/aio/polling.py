@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -41,8 +42,17 @@ def polling_url(url: str) -> str:
 class Poller:
     """One polling connection: its sid, its acknowledged cursor, its writer."""
 
-    def __init__(self, http: httpx.AsyncClient, url: str, *, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        url: str,
+        *,
+        connect_timeout: float,
+        limits: Callable[[], tuple[int, int]] = lambda: (100, 1 << 20),
+    ) -> None:
         self._http = http
+        self._limits = limits
+        """(frames, bytes) one POST may carry: the server's welcome says."""
         self.url = url
         self._timeout = connect_timeout
         self.sid: str | None = None
@@ -122,7 +132,7 @@ class Poller:
             await self._wakeup.wait()
             self._wakeup.clear()
             while self._outgoing:
-                frames, self._outgoing = self._outgoing, []
+                frames = self._take()
                 try:
                     await self._request("POST", self._body(frames), timeout=self._timeout)
                 except PollingFailed as exc:
@@ -131,6 +141,19 @@ class Poller:
                     self._idle.set()
                     return
             self._idle.set()
+
+    def _take(self) -> list[str]:
+        """The next POST's frames, in order, within the server's limits (at least one)."""
+        max_frames, max_bytes = self._limits()
+        taken: list[str] = []
+        size = 2
+        while self._outgoing and len(taken) < max_frames:
+            frame = self._outgoing[0]
+            if taken and size + len(frame) + 1 > max_bytes:
+                break
+            taken.append(self._outgoing.pop(0))
+            size += len(frame) + 1
+        return taken
 
     @staticmethod
     def _body(frames: list[str]) -> bytes:

@@ -222,6 +222,9 @@ class Limits(_Frame):
     history_size: int
     history_seconds: float
     session_ttl: float
+    poll_max_frames: int = Field(
+        default=100, ge=1, description="Frames per long-poll answer and per POST, at most."
+    )
 
 
 # --------------------------------------------------------------------------

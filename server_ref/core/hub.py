@@ -114,6 +114,7 @@ class Hub:
             history_size=config.history_size,
             history_seconds=config.history_seconds,
             session_ttl=config.session_ttl,
+            poll_max_frames=config.poll_max_frames,
         )
 
     # ------------------------------------------------------------------
