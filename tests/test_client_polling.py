@@ -67,8 +67,34 @@ async def test_a_refused_websocket_upgrade_falls_back_to_polling(
                 pass
 
 
-async def test_a_broken_polling_connection_resumes_and_loses_nothing() -> None:
-    async with serving(create_app(echo_server())) as base:
+async def test_a_lost_polling_connection_resumes_its_session_and_loses_nothing() -> None:
+    app = create_app(echo_server())
+    async with serving(app) as base:
+        ws = base.replace("http://", "ws://")
+        async with (
+            Client(ws, transports=("polling",), reconnect=FAST) as poller,
+            Client(ws) as publisher,
+        ):
+            received = Received(poller)
+            await poller.join("r")
+            await publisher.join("r")
+            session = poller.session_id
+            for i in range(40):
+                await publisher.publish("r", "m", i)
+                if i == 15:  # the server forgets the polling connection (as after its
+                    # idle timeout): the client's next request gets 404 and it reconnects
+                    for connection in list(app.polling.connections.values()):
+                        await app.polling._finish(connection, None)
+            items = await received.wait_for(40)
+            assert [data for data, _ in items] == list(range(40))
+            assert poller.session_id == session  # resumed, not a new session
+            assert poller.counters["reconnects"] >= 1
+            assert poller.counters["gaps"] == 0
+
+
+async def test_dropped_http_connections_are_asked_again_on_the_same_polling_connection() -> None:
+    app = create_app(echo_server())
+    async with serving(app) as base:
         port = int(base.rsplit(":", 1)[1])
         proxy = FaultProxy(port)
         await proxy.start()
@@ -81,16 +107,14 @@ async def test_a_broken_polling_connection_resumes_and_loses_nothing() -> None:
                 received = Received(poller)
                 await poller.join("r")
                 await publisher.join("r")
-                session = poller.session_id
                 for i in range(40):
                     await publisher.publish("r", "m", i)
-                    if i == 15:
-                        proxy.drop()  # every HTTP connection of the poller, mid-poll
+                    if i in (10, 25):
+                        proxy.drop()  # every TCP connection of the poller, mid-poll
                 items = await received.wait_for(40)
                 assert [data for data, _ in items] == list(range(40))
-                assert poller.session_id == session  # resumed, not a new session
-                assert poller.counters["reconnects"] >= 1
-                assert poller.counters["gaps"] == 0
+                assert poller.counters["reconnects"] == 0  # one polling connection throughout
+                assert proxy.stats.drops == 2
         finally:
             await proxy.close()
 
@@ -104,3 +128,34 @@ async def test_many_requests_at_once_are_split_over_posts_within_the_servers_lim
                 *(client.request("echo", i, timeout=10) for i in range(250))
             )
             assert answers == list(range(250))
+
+
+async def test_a_poll_answer_cut_mid_body_is_delivered_by_the_next_poll_once() -> None:
+    app = create_app(echo_server())
+    async with serving(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+        proxy = FaultProxy(port)
+        await proxy.start()
+        try:
+            via_proxy = f"ws://127.0.0.1:{proxy.port}"
+            async with (
+                Client(via_proxy, transports=("polling",), reconnect=FAST) as poller,
+                Client(base.replace("http://", "ws://")) as publisher,
+            ):
+                received = Received(poller)
+                await poller.join("r")
+                await publisher.join("r")
+                (sid,) = app.polling.connections
+                async with asyncio.timeout(5):  # the client's next poll is held
+                    while not app.polling.connections[sid].holding:  # noqa: ASYNC110
+                        await asyncio.sleep(0.005)
+                proxy.cut_mid_frame()  # the held poll's answer will be cut half-way
+                await publisher.publish("r", "m", "cut")
+                assert await received.wait_for(1) == [("cut", 1)]
+                assert await poller.request("echo", "after", timeout=5) == "after"
+                assert proxy.stats.cuts == 1
+                assert list(app.polling.connections) == [sid]  # the same connection
+                assert poller.counters["reconnects"] == 0
+                assert len(received.items) == 1
+        finally:
+            await proxy.close()

@@ -25,6 +25,10 @@ log = logging.getLogger("rtchat_sdk")
 
 POLL_MARGIN = 10.0
 """Seconds a poll may take beyond the server's hold (25 s by default) before it counts as lost."""
+RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+"""Waits before asking again after a request whose answer was lost on the way (a reset,
+a cut): a poll with the same ``ack`` gets the same batch, a POST's frames are safe to send
+again (ids and dedupe); after these, the connection counts as broken."""
 
 
 class PollingFailed(Exception):
@@ -68,7 +72,7 @@ class Poller:
 
     async def open(self, frames: list[str]) -> None:
         """POST the hello (and what follows it); raises ``PollingFailed``."""
-        answer = await self._request("POST", self._body(frames), timeout=self._timeout)
+        answer = await self._request("POST", self._body(frames), timeout=self._timeout, retry=False)
         sid = answer.get("sid")
         if not isinstance(sid, str):
             raise PollingFailed(f"the server's answer to the opening POST has no sid: {answer}")
@@ -166,21 +170,34 @@ class Poller:
         *,
         timeout: float,
         params: dict[str, str] | None = None,
+        retry: bool = True,
     ) -> dict[str, Any]:
+        """One request's JSON answer; a lost answer is asked for again (``RETRIES``),
+        except for the opening POST (a second one would open a second connection)."""
         query = dict(params or {})
         if self.sid is not None:
             query["sid"] = self.sid
-        try:
-            response = await self._http.request(
-                method,
-                self.url,
-                params=query,
-                content=body,
-                headers={"content-type": "application/json"},
-                timeout=timeout,
-            )
-        except httpx.HTTPError as exc:
-            raise PollingFailed(f"{method} {self.url}: {type(exc).__name__}: {exc}") from exc
+        waits = iter(RETRIES if retry else ())
+        while True:
+            try:
+                response = await self._http.request(
+                    method,
+                    self.url,
+                    params=query,
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=timeout,
+                )
+                break
+            except httpx.TransportError as exc:
+                wait = next(waits, None)
+                if wait is None:
+                    why = f"{method} {self.url}: {type(exc).__name__}: {exc}"
+                    raise PollingFailed(why) from exc
+                log.debug("%s %s lost (%r): asking again in %ss", method, self.url, exc, wait)
+                await asyncio.sleep(wait)
+            except httpx.HTTPError as exc:
+                raise PollingFailed(f"{method} {self.url}: {type(exc).__name__}: {exc}") from exc
         if response.status_code != 200:
             raise PollingFailed(f"{method} {self.url}: HTTP {response.status_code} {response.text}")
         try:
