@@ -144,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
         )
     parser.add_argument(
+        "--asgi",
+        action="store_true",
+        help="serve through the ASGI app under uvicorn: WebSocket, HTTP long polling and"
+        " health on one port (needs uvicorn; about 1.7x the memory per connection)",
+    )
+    parser.add_argument(
         "--redis",
         metavar="URL",
         default=os.environ.get("REDIS_URL") or None,
@@ -200,7 +206,12 @@ def _broker(args: argparse.Namespace, config: ServerConfig) -> tuple[Broker | No
 
 
 async def _serve(
-    host: str, port: int, config: ServerConfig, broker: Broker | None, broker_name: str
+    host: str,
+    port: int,
+    config: ServerConfig,
+    broker: Broker | None,
+    broker_name: str,
+    asgi: bool = False,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -227,7 +238,13 @@ async def _serve(
             continue
         handled.append(sig)
 
-    server = Server(config, broker=broker)
+    if asgi:
+        from .asgi import uvicorn_listener  # uvicorn only for those who ask
+
+        server = Server(config, broker=broker, transport=uvicorn_listener)
+        broker_name += ", uvicorn: WebSocket, long polling at /poll, health"
+    else:
+        server = Server(config, broker=broker)
     server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
     try:
         try:
@@ -269,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        return asyncio.run(_serve(args.host, args.port, config, broker, broker_name))
+        return asyncio.run(_serve(args.host, args.port, config, broker, broker_name, args.asgi))
     except KeyboardInterrupt:  # SIGINT before the handlers were installed or after removal
         return 128 + signal.SIGINT
 

@@ -28,11 +28,13 @@ from typing import Any
 from rtchat_sdk import protocol as p
 
 from .app import Context
+from .config import ServerConfig
 from .server import Server
 from .transports.asgi import Receive, Scope, Send, serve_http, serve_websocket
+from .transports.base import Endpoint, Listener
 from .transports.polling import Polling
 
-__all__ = ["RtchatApp", "app", "create_app"]
+__all__ = ["RtchatApp", "UvicornListener", "app", "create_app", "uvicorn_listener"]
 
 
 class RtchatApp:
@@ -123,3 +125,59 @@ def _default_server() -> Server:
 
 app = create_app(_default_server())
 """``uvicorn server_ref.asgi:app``: the command line's server (``echo``), as ASGI."""
+
+
+class UvicornListener(Listener):
+    """``Server(transport=uvicorn_listener)``: the server's own port served by uvicorn
+    through this app, so WebSocket, long polling and health share one port
+    (``rtchat-server --asgi``)."""
+
+    def __init__(self, server: Server) -> None:
+        self._app = RtchatApp(server)
+        self._uvicorn: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._port: int | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        import uvicorn  # only for those who serve through it
+
+        config = uvicorn.Config(
+            self._app,
+            host=host,
+            port=port,
+            lifespan="off",  # the Server starts and stops itself
+            log_level="warning",
+            ws_max_size=self._app.server.config.max_frame_bytes,
+            ws_ping_interval=None,  # rtchat's heartbeats run at the app level
+        )
+        self._uvicorn = uvicorn.Server(config)
+        self._uvicorn.capture_signals = contextlib.nullcontext  # the command line owns signals
+        self._task = asyncio.create_task(self._uvicorn.serve(), name="rtchat-uvicorn")
+        while not self._uvicorn.started:
+            if self._task.done():
+                self._task.result()  # raises why it could not start (address in use...)
+                raise OSError(f"uvicorn did not start on {host}:{port}")
+            await asyncio.sleep(0.01)
+        self._port = self._uvicorn.servers[0].sockets[0].getsockname()[1]
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("server is not started")
+        return self._port
+
+    def stop_accepting(self) -> None:
+        return None  # uvicorn stops accepting when it exits, in wait_closed
+
+    async def wait_closed(self) -> None:
+        await self._app.polling.close_all()
+        if self._uvicorn is not None and self._task is not None:
+            self._uvicorn.should_exit = True
+            await self._task
+
+
+def uvicorn_listener(endpoint: Endpoint, config: ServerConfig) -> Listener:
+    """A ``ListenerFactory``: the ASGI app under uvicorn (the endpoint is the ``Server``)."""
+    if not isinstance(endpoint, Server):
+        raise TypeError("uvicorn_listener serves a Server")
+    return UvicornListener(endpoint)

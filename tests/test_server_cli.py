@@ -30,7 +30,9 @@ from server_ref import ServerConfig
 from server_ref.__main__ import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
-LISTENING = re.compile(r"^rtchat server listening on ws://127\.0\.0\.1:(\d+) \(in-memory broker\)$")
+LISTENING = re.compile(
+    r"^rtchat server listening on ws://127\.0\.0\.1:(\d+) \(in-memory broker(, uvicorn: .*)?\)$"
+)
 STEP = 10.0  # generous bound on any one wait; a test only waits this long when it fails
 
 
@@ -330,3 +332,22 @@ async def test_second_signal_exits_at_once(spawn: Spawn, sig: signal.Signals) ->
             assert await server.wait(timeout=5.0) == -sig
         finally:
             ws.transport.resume_reading()
+
+
+@pytest.mark.timeout(30)
+async def test_asgi_serves_websocket_long_polling_and_health_on_one_port(spawn: Spawn) -> None:
+    from rtchat_sdk import Client
+    from tests.helpers import http_get
+
+    server = await spawn("--asgi")
+    url = f"ws://127.0.0.1:{server.port}"
+    assert await http_get(url, "/readyz") == (200, {"status": "ready"})
+    async with (
+        Client(url, transports=("websocket",)) as ws,
+        Client(url, transports=("polling",)) as poll,
+    ):
+        assert (ws.transport, poll.transport) == ("websocket", "polling")
+        assert await ws.request("echo", 1, timeout=5) == 1
+        assert await poll.request("echo", 2, timeout=5) == 2
+    server.signal(signal.SIGTERM)
+    assert await asyncio.wait_for(server.proc.wait(), STEP) == 0
