@@ -213,3 +213,25 @@ async def test_a_server_shutdown_reaches_a_held_poll_with_the_close() -> None:
         assert [f["code"] for f in body["frames"]] == ["shutting_down"]
         assert body["close"]["code"] == 1001
     assert isinstance(server, Server)
+
+
+async def test_polling_connections_count_against_max_connections_and_the_extra_is_refused() -> None:
+    """Held polls per node are bounded: at most one per connection, and connections by
+    ``max_connections``; one past it gets ``overloaded`` and the close in its first batch."""
+    config = ServerConfig(max_connections=1, overload_retry_after=2.0)
+    async with (
+        serving(create_app(echo_server(config))) as url,
+        httpx.AsyncClient(base_url=url) as http,
+    ):
+        first = await open_poller(http)
+        assert [f["type"] for f in await first.frames()] == ["welcome"]
+        second = await open_poller(http)
+        body = await second.poll()
+        assert [(f["type"], f["code"], f["retry_after"]) for f in body["frames"]] == [
+            ("error", "overloaded", 2.0)
+        ]
+        assert body["close"]["code"] == 1013
+        gone = await http.get("/poll", params={"sid": second.sid, "ack": body["cursor"]})
+        assert gone.status_code == 404
+        await first.send({"type": "request", "id": 1, "event": "echo", "data": "still here"})
+        assert await first.frames() == [{"type": "reply", "id": 1, "data": "still here"}]
