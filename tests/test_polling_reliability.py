@@ -9,17 +9,19 @@ again); one that stays down past that resumes the session on a new one.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
-from rtchat_sdk import Client, ConnectionState, ReconnectPolicy
-from server_ref import Context, Server
+from rtchat_sdk import Client, ReconnectPolicy
+from server_ref import Server
 from server_ref.asgi import uvicorn_listener
 from tests.faultproxy import FaultProxy
-from tests.helpers import Inbox
-from tests.test_resume import take_offline, wait_state
+from tests.test_resume import (
+    cut_request_runs_once,
+    dropped_link_replays_what_was_missed,
+    sent_while_down_goes_in_order,
+)
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -49,58 +51,15 @@ def polling(url: str) -> Client:
 async def test_a_link_down_past_the_retries_resumes_and_replays_what_was_missed(
     server: Server, proxy: FaultProxy
 ) -> None:
-    async with Client(server.url) as sender, polling(proxy.url) as receiver:
-        inbox = Inbox(receiver)
-        await sender.join("r")
-        await receiver.join("r")
-        session = receiver.session_id
-        await sender.publish("r", "m", 0)
-        await inbox.wait_for(1)
-        await take_offline(receiver, proxy)  # refused: the retries run out, it reconnects
-        for i in range(1, 6):
-            await sender.publish("r", "m", i)  # the receiver is away
-        proxy.refuse(False)
-        await wait_state(receiver, ConnectionState.CONNECTED)
-        await sender.publish("r", "m", 6)
-        assert await inbox.settle(server) == list(range(7))
-        assert receiver.session_id == session
-        assert receiver.counters["gaps"] == 0
-        assert receiver.counters["reconnects"] >= 1
+    await dropped_link_replays_what_was_missed(server, proxy, polling)
 
 
 async def test_messages_sent_while_down_wait_in_the_outbox_and_go_in_order(
     server: Server, proxy: FaultProxy
 ) -> None:
-    async with Client(server.url) as watcher, polling(proxy.url) as sender:
-        inbox = Inbox(watcher)
-        await watcher.join("r")
-        await sender.join("r")
-        await take_offline(sender, proxy)
-        sends = [asyncio.ensure_future(sender.publish("r", "m", i)) for i in range(20)]
-        await asyncio.sleep(0)  # let them queue
-        assert sender.outbox_size == 20
-        proxy.refuse(False)
-        offsets = await asyncio.gather(*sends)
-        assert offsets == list(range(1, 21))
-        assert await inbox.settle(server) == list(range(20))
+    await sent_while_down_goes_in_order(server, proxy, polling)
 
 
 async def test_a_request_whose_answer_is_cut_runs_once(server: Server, proxy: FaultProxy) -> None:
-    calls: list[int] = []
-    started = asyncio.Event()
-    release = asyncio.Event()
-
-    @server.on("count")
-    async def count(ctx: Context, n: int) -> int:
-        calls.append(n)
-        started.set()
-        await release.wait()
-        return n * 2
-
-    async with polling(proxy.url) as client:
-        pending = asyncio.ensure_future(client.request("count", 21))
-        await asyncio.wait_for(started.wait(), 5)
-        proxy.drop()  # processed; the poll that would carry the reply is cut
-        release.set()
-        assert await pending == 42
-        assert calls == [21]
+    client = await cut_request_runs_once(server, proxy, polling)
+    assert client.counters["reconnects"] == 0  # asked again on the same polling connection

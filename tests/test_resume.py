@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -64,13 +64,24 @@ async def wait_reconnected(client: Client) -> None:
             await changed.wait()
 
 
-async def test_dropped_link_resumes_and_replays_what_was_missed(
-    server: Server, proxy: FaultProxy
-) -> None:
-    async with Client(server.url) as sender, Client(proxy.url, reconnect=FAST) as receiver:
+Dial = Callable[[str], Client]
+"""Makes the client under test for a URL (WebSocket here; long polling in
+``test_polling_reliability.py``, which runs the same scenarios)."""
+
+
+def websocket(url: str) -> Client:
+    return Client(url, reconnect=FAST)
+
+
+async def dropped_link_replays_what_was_missed(
+    server: Server, proxy: FaultProxy, dial: Dial
+) -> Client:
+    """The receiver's link is cut and kept down while 5 messages go out; it resumes."""
+    async with Client(server.url) as sender, dial(proxy.url) as receiver:
         inbox = Inbox(receiver)
         await sender.join("r")
         await receiver.join("r")
+        session = receiver.session_id
         await sender.publish("r", "m", 0)
         await inbox.wait_for(1)
         await take_offline(receiver, proxy)
@@ -80,14 +91,21 @@ async def test_dropped_link_resumes_and_replays_what_was_missed(
         await wait_state(receiver, ConnectionState.CONNECTED)
         await sender.publish("r", "m", 6)
         assert await inbox.settle(server) == list(range(7))
+        assert receiver.session_id == session
         assert receiver.counters["gaps"] == 0
         assert receiver.counters["reconnects"] >= 1
+    return receiver
 
 
-async def test_messages_sent_while_down_wait_in_the_outbox_and_go_in_order(
+async def test_dropped_link_resumes_and_replays_what_was_missed(
     server: Server, proxy: FaultProxy
 ) -> None:
-    async with Client(server.url) as watcher, Client(proxy.url, reconnect=FAST) as sender:
+    await dropped_link_replays_what_was_missed(server, proxy, websocket)
+
+
+async def sent_while_down_goes_in_order(server: Server, proxy: FaultProxy, dial: Dial) -> None:
+    """20 publishes made while the link is down wait in the outbox, then go in order."""
+    async with Client(server.url) as watcher, dial(proxy.url) as sender:
         inbox = Inbox(watcher)
         await watcher.join("r")
         await sender.join("r")
@@ -101,7 +119,14 @@ async def test_messages_sent_while_down_wait_in_the_outbox_and_go_in_order(
         assert await inbox.settle(server) == list(range(20))
 
 
-async def test_request_resent_after_a_cut_runs_once(server: Server, proxy: FaultProxy) -> None:
+async def test_messages_sent_while_down_wait_in_the_outbox_and_go_in_order(
+    server: Server, proxy: FaultProxy
+) -> None:
+    await sent_while_down_goes_in_order(server, proxy, websocket)
+
+
+async def cut_request_runs_once(server: Server, proxy: FaultProxy, dial: Dial) -> Client:
+    """A request is processed, then the link drops before its reply: it runs once."""
     calls: list[int] = []
     started = asyncio.Event()
     release = asyncio.Event()
@@ -113,14 +138,19 @@ async def test_request_resent_after_a_cut_runs_once(server: Server, proxy: Fault
         await release.wait()
         return n * 2
 
-    async with Client(proxy.url, reconnect=FAST) as client:
+    async with dial(proxy.url) as client:
         pending = asyncio.ensure_future(client.request("count", 21))
         await asyncio.wait_for(started.wait(), 5)
         proxy.drop()  # the request was processed, its reply will be lost
         release.set()
         assert await pending == 42
         assert calls == [21]
-        assert client.counters["resent"] == 1
+    return client
+
+
+async def test_request_resent_after_a_cut_runs_once(server: Server, proxy: FaultProxy) -> None:
+    client = await cut_request_runs_once(server, proxy, websocket)
+    assert client.counters["resent"] == 1  # a new connection: the outbox wrote it again
 
 
 class _Record(logging.Handler):
