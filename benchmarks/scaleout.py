@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from benchmarks.common import PAYLOAD, cpu_seconds, raise_nofile
 from benchmarks.procs import ROOT, _env, _stop, client_cpu, server_cpu
@@ -77,9 +78,7 @@ async def _redis_server() -> AsyncIterator[tuple[str, int]]:
                 try:
                     await client.ping()
                     break
-                except OSError:
-                    await asyncio.sleep(0.02)  # starting
-                except Exception:  # redis-py's ConnectionError while it starts
+                except (OSError, RedisError):  # still starting
                     await asyncio.sleep(0.02)
         yield url, proc.pid
     finally:

@@ -4,13 +4,15 @@ upgrade is refused; and resuming without loss when the polling connection breaks
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from rtchat_sdk import Client, Delivery, ReconnectPolicy
 from server_ref import ServerConfig
-from server_ref.asgi import create_app
+from server_ref.asgi import RtchatApp, create_app
 from tests.faultproxy import FaultProxy
 from tests.test_asgi import echo_server, serving
 
@@ -35,6 +37,22 @@ class Received:
                 self.changed.clear()
                 await self.changed.wait()
         return self.items
+
+
+@contextlib.asynccontextmanager
+async def proxied(app: RtchatApp) -> AsyncIterator[tuple[FaultProxy, Client, Client, Received]]:
+    """``app`` under uvicorn; a polling client through a fault proxy and a WebSocket
+    publisher, both in room ``r``: (proxy, poller, publisher, what the poller received)."""
+    async with (
+        serving(app) as base,
+        FaultProxy(int(base.rsplit(":", 1)[1])) as proxy,
+        Client(proxy.url, transports=("polling",), reconnect=FAST) as poller,
+        Client(base.replace("http://", "ws://")) as publisher,
+    ):
+        received = Received(poller)
+        await poller.join("r")
+        await publisher.join("r")
+        yield proxy, poller, publisher, received
 
 
 async def test_a_polling_client_requests_joins_publishes_and_receives() -> None:
@@ -93,30 +111,15 @@ async def test_a_lost_polling_connection_resumes_its_session_and_loses_nothing()
 
 
 async def test_dropped_http_connections_are_asked_again_on_the_same_polling_connection() -> None:
-    app = create_app(echo_server())
-    async with serving(app) as base:
-        port = int(base.rsplit(":", 1)[1])
-        proxy = FaultProxy(port)
-        await proxy.start()
-        try:
-            via_proxy = f"ws://127.0.0.1:{proxy.port}"
-            async with (
-                Client(via_proxy, transports=("polling",), reconnect=FAST) as poller,
-                Client(base.replace("http://", "ws://")) as publisher,
-            ):
-                received = Received(poller)
-                await poller.join("r")
-                await publisher.join("r")
-                for i in range(40):
-                    await publisher.publish("r", "m", i)
-                    if i in (10, 25):
-                        proxy.drop()  # every TCP connection of the poller, mid-poll
-                items = await received.wait_for(40)
-                assert [data for data, _ in items] == list(range(40))
-                assert poller.counters["reconnects"] == 0  # one polling connection throughout
-                assert proxy.stats.drops == 2
-        finally:
-            await proxy.close()
+    async with proxied(create_app(echo_server())) as (proxy, poller, publisher, received):
+        for i in range(40):
+            await publisher.publish("r", "m", i)
+            if i in (10, 25):
+                proxy.drop()  # every TCP connection of the poller, mid-poll
+        items = await received.wait_for(40)
+        assert [data for data, _ in items] == list(range(40))
+        assert poller.counters["reconnects"] == 0  # one polling connection throughout
+        assert proxy.stats.drops == 2
 
 
 async def test_many_requests_at_once_are_split_over_posts_within_the_servers_limit() -> None:
@@ -132,30 +135,16 @@ async def test_many_requests_at_once_are_split_over_posts_within_the_servers_lim
 
 async def test_a_poll_answer_cut_mid_body_is_delivered_by_the_next_poll_once() -> None:
     app = create_app(echo_server())
-    async with serving(app) as base:
-        port = int(base.rsplit(":", 1)[1])
-        proxy = FaultProxy(port)
-        await proxy.start()
-        try:
-            via_proxy = f"ws://127.0.0.1:{proxy.port}"
-            async with (
-                Client(via_proxy, transports=("polling",), reconnect=FAST) as poller,
-                Client(base.replace("http://", "ws://")) as publisher,
-            ):
-                received = Received(poller)
-                await poller.join("r")
-                await publisher.join("r")
-                (sid,) = app.polling.connections
-                async with asyncio.timeout(5):  # the client's next poll is held
-                    while not app.polling.connections[sid].holding:  # noqa: ASYNC110
-                        await asyncio.sleep(0.005)
-                proxy.cut_mid_frame()  # the held poll's answer will be cut half-way
-                await publisher.publish("r", "m", "cut")
-                assert await received.wait_for(1) == [("cut", 1)]
-                assert await poller.request("echo", "after", timeout=5) == "after"
-                assert proxy.stats.cuts == 1
-                assert list(app.polling.connections) == [sid]  # the same connection
-                assert poller.counters["reconnects"] == 0
-                assert len(received.items) == 1
-        finally:
-            await proxy.close()
+    async with proxied(app) as (proxy, poller, publisher, received):
+        (sid,) = app.polling.connections
+        async with asyncio.timeout(5):  # the client's next poll is held
+            while not app.polling.connections[sid].holding:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+        proxy.cut_mid_frame()  # the held poll's answer will be cut half-way
+        await publisher.publish("r", "m", "cut")
+        assert await received.wait_for(1) == [("cut", 1)]
+        assert await poller.request("echo", "after", timeout=5) == "after"
+        assert proxy.stats.cuts == 1
+        assert list(app.polling.connections) == [sid]  # the same connection
+        assert poller.counters["reconnects"] == 0
+        assert len(received.items) == 1

@@ -19,7 +19,7 @@ from server_ref import Server
 from server_ref.broker import Draft, StreamEntry
 from server_ref.broker.redis import RedisBroker
 from tests.faultproxy import FaultProxy
-from tests.helpers import free_port, http_get
+from tests.helpers import Inbox, free_port, http_get
 from tests.redis_support import OwnRedis
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(60)]
@@ -56,24 +56,6 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
             await asyncio.sleep(0.02)
 
 
-class Received:
-    def __init__(self, client: Client) -> None:
-        self.items: list[int] = []
-        self.changed = asyncio.Event()
-        client.on("m")(self.add)
-
-    def add(self, n: int) -> None:
-        self.items.append(n)
-        self.changed.set()
-
-    async def wait_for(self, count: int, timeout: float = 20.0) -> list[int]:
-        async with asyncio.timeout(timeout):
-            while len(self.items) < count:
-                self.changed.clear()
-                await self.changed.wait()
-        return self.items
-
-
 async def test_a_killed_pubsub_connection_loses_nothing_and_reports_not_ready_meanwhile(
     own_redis: OwnRedis,
 ) -> None:
@@ -81,7 +63,7 @@ async def test_a_killed_pubsub_connection_loses_nothing_and_reports_not_ready_me
     admin = Redis.from_url(own_redis.url)
     try:
         async with Client(node_a.url) as client:
-            received = Received(client)
+            received = Inbox(client)
             await client.join("r")
             total = 600
             for i in range(total):
@@ -110,7 +92,7 @@ async def test_a_wedged_pubsub_is_noticed_reported_and_healed_without_loss(
     node_b = await start_node(own_redis.url)
     try:
         async with Client(node_a.url) as client:
-            received = Received(client)
+            received = Inbox(client)
             await client.join("r")
             await node_b.publish("r", "m", 0)
             await received.wait_for(1)

@@ -101,7 +101,6 @@ class Relay:
         self._probe_sent = 0
         self._probe_back = 0
         self._probe_sent_at = 0.0
-        self._probe_back_at = time.monotonic()
         self._reason: str | None = "pub/sub not connected yet"
         self.history: deque[tuple[float, str | None]] = deque(maxlen=64)
         """The latest changes of ``reason``, with their (monotonic) times."""
@@ -250,7 +249,6 @@ class Relay:
             with contextlib.suppress(*_DOWN):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
             raise
-        self._probe_back_at = time.monotonic()
         self._probe_sent = self._probe_back
         if self._started:
             self.reconnects += 1
@@ -283,7 +281,6 @@ class Relay:
     def _took(self, data: str) -> None:
         """A probe came back: the subscription delivers."""
         self._probe_back = max(self._probe_back, int(data.removeprefix("probe:")))
-        self._probe_back_at = time.monotonic()
         if self._probe_back >= self._probe_sent:
             self.reason = None
 
@@ -338,7 +335,3 @@ class Relay:
                 )
             except _DOWN as exc:
                 self.reason = f"redis unavailable: {exc!r}"
-
-    def probe_age(self) -> float:
-        """Seconds since a probe last came back (or the relay connected)."""
-        return time.monotonic() - self._probe_back_at

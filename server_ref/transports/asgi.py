@@ -223,7 +223,8 @@ async def serve_http(
     path = request_path(scope)
     if path == "/poll" and polling is not None:
         status, body = await _serve_poll(polling, scope, receive)
-        await _respond(send, status, "application/json", json.dumps(body).encode())
+        payload = body if isinstance(body, bytes) else json.dumps(body).encode()
+        await _respond(send, status, "application/json", payload)
         return
     if scope.get("method") not in ("GET", "HEAD"):
         await _respond(send, 405, "application/json", b'{"error": "method not allowed"}')

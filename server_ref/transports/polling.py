@@ -30,8 +30,8 @@ from .base import Endpoint, Transport
 
 __all__ = ["PollConnection", "Polling", "Reply"]
 
-Reply = tuple[int, dict[str, Any]]
-"""An HTTP status and its JSON body."""
+Reply = tuple[int, dict[str, Any] | bytes]
+"""An HTTP status and its JSON body (as data, or already encoded)."""
 
 UNKNOWN: Reply = (404, {"error": "unknown_session"})
 
@@ -232,11 +232,10 @@ class Polling:
             await self._endpoint.received(pc.conn, json.dumps(frame, separators=(",", ":")))
 
     @staticmethod
-    def _answer(cursor: int, frames: list[str], close: dict[str, Any] | None) -> dict[str, Any]:
-        answer: dict[str, Any] = {"cursor": cursor, "frames": [json.loads(f) for f in frames]}
-        if close is not None:
-            answer["close"] = close
-        return answer
+    def _answer(cursor: int, frames: list[str], close: dict[str, Any] | None) -> bytes:
+        """The poll answer, around the frames' encoded text (each frame is JSON already)."""
+        tail = "" if close is None else f',"close":{json.dumps(close)}'
+        return f'{{"cursor":{cursor},"frames":[{",".join(frames)}]{tail}}}'.encode()
 
     async def _finish(self, pc: PollConnection, peer_code: int | None) -> None:
         """The connection is over: the server is told once, and the sid is forgotten."""
