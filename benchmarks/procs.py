@@ -116,6 +116,14 @@ IMPLS: dict[str, Impl] = {
     ),
     "rtchat-polling": Impl(
         "rtchat-polling",
+        "rtchat, HTTP long polling",
+        "benchmarks.servers.rtchat_server",
+        transport="polling",
+        default=False,
+        server_args=("--log-level", "ERROR"),
+    ),
+    "rtchat-polling-asgi": Impl(
+        "rtchat-polling-asgi",
         "rtchat, HTTP long polling (uvicorn)",
         "benchmarks.servers.rtchat_asgi_server",
         transport="polling",

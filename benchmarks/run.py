@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--impls",
         type=lambda s: _csv(s, IMPLS, "implementation"),
         default=[name for name, impl in IMPLS.items() if impl.default],
-        help="comma-separated: " + ",".join(IMPLS) + " (the last two only when named)",
+        help="comma-separated: "
+        + ",".join(IMPLS)
+        + " (rtchat-asgi and rtchat-polling* only when named)",
     )
     parser.add_argument(
         "--parallel",

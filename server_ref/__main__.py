@@ -69,6 +69,7 @@ CONFIG_HELP: dict[str, str] = {
     "poll_idle_timeout": "seconds without a request before a polling connection is dropped",
     "poll_max_frames": "frames per poll answer and per POST, at most",
     "compression": "accept permessage-deflate from clients that ask for it",
+    "demo": "serve a small chat page at /demo/ (uses /rtchat.js, the browser client)",
 }
 """Help text per ServerConfig field; a field missing here still gets a flag."""
 
@@ -146,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--asgi",
         action="store_true",
-        help="serve through the ASGI app under uvicorn: WebSocket, HTTP long polling and"
-        " health on one port (needs uvicorn; about 1.7x the memory per connection)",
+        help="serve through the ASGI app under uvicorn instead of websockets' server (the"
+        " same endpoints on one port; needs uvicorn; about 1.7x the memory per connection)",
     )
     parser.add_argument(
         "--redis",
@@ -242,7 +243,7 @@ async def _serve(
         from .asgi import uvicorn_listener  # uvicorn only for those who ask
 
         server = Server(config, broker=broker, transport=uvicorn_listener)
-        broker_name += ", uvicorn: WebSocket, long polling at /poll, health"
+        broker_name += ", served by uvicorn"
     else:
         server = Server(config, broker=broker)
     server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
@@ -264,6 +265,8 @@ async def _serve(
             f"rtchat server listening on ws://{_display_host(host)}:{server.port} ({broker_name})",
             flush=True,
         )
+        if config.demo:
+            print(f"demo chat page at http://{_display_host(host)}:{server.port}/demo/", flush=True)
         await stop.wait()
         await server.close()
         log.info("server stopped")

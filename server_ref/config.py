@@ -35,6 +35,8 @@ class ServerConfig:
     """Seconds without a request after which a polling connection counts as dropped."""
     poll_max_frames: int = 100
     """Frames per poll answer, and per POST, at most."""
+    demo: bool = False
+    """Serve the demo chat page at ``/demo/`` (``rtchat-server --demo``)."""
     compression: bool = False
     """Accept permessage-deflate from clients that ask. Off by default: it costs
     ~33 KB of memory per connection and a third of the throughput on small

@@ -43,6 +43,7 @@ from .core.commands import (
 )
 from .core.hub import Hub
 from .errors import FrameTooLarge
+from .static import static_answer
 from .transports.base import HttpAnswer, Listener, ListenerFactory, Transport
 from .transports.websocket import websocket_listener
 
@@ -167,6 +168,11 @@ class Server:
     @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def listener(self) -> Listener | None:
+        """The transport's listener once started (its own state, e.g. long polling)."""
+        return self._listener
 
     async def open(self) -> None:
         """Start the broker and take connections, without listening on a port of its own.
@@ -321,7 +327,8 @@ class Server:
     # Endpoint: what transports call
 
     def http_get(self, path: str) -> HttpAnswer | None:
-        """``/healthz``: 200 while the process serves; ``/readyz``: 200 only when ready."""
+        """``/healthz``: 200 while the process serves; ``/readyz``: 200 only when ready;
+        the browser client ``/rtchat.js`` and, with ``demo`` on, the page ``/demo/``."""
         if path == "/healthz":
             return _json_answer(200, {"status": "live"})
         if path == "/readyz":
@@ -329,7 +336,7 @@ class Server:
             if reason is not None:
                 return _json_answer(503, {"status": "not ready", "reason": reason})
             return _json_answer(200, {"status": "ready"})
-        return None
+        return static_answer(path, demo=self.config.demo)
 
     def opened(self, transport: Transport) -> int:
         conn = self.hub.connection_opened(self._clock())

@@ -315,7 +315,8 @@ def chaos_server(calls: Counter[tuple[str, int]]) -> Server:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-async def test_chaos_nothing_lost_duplicated_or_reordered() -> None:
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
+async def test_chaos_nothing_lost_duplicated_or_reordered(transport: str) -> None:
     print(f"\nchaos seed: {SEED} (set RTCHAT_CHAOS_SEED={SEED} to replay this run)")
     rng = random.Random(SEED)
     calls: Counter[tuple[str, int]] = Counter()
@@ -333,6 +334,7 @@ async def test_chaos_nothing_lost_duplicated_or_reordered() -> None:
             client = Client(
                 proxy.url,
                 auth={"user": name},
+                transports=(transport,),
                 reconnect=FAST,
                 connect_timeout=2.0,
                 request_timeout=60.0,

@@ -1,11 +1,14 @@
-"""HTTP long polling (PROTOCOL.md §1.1) from raw HTTP, under uvicorn, as a client in
-another language would speak it: open, poll with acks, send, goodbye, and the limits."""
+"""HTTP long polling (PROTOCOL.md §1.1) from raw HTTP, as a client in another language
+would speak it: open, poll with acks, send, goodbye, and the limits. Each test runs
+against both servers of it: the built-in one (websockets' port, plain HTTP through
+``http_front``) and the ASGI app under uvicorn."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -14,30 +17,59 @@ from websockets.asyncio.client import connect
 
 from rtchat_sdk import Client
 from server_ref import ServerConfig
-from server_ref.asgi import RtchatApp, create_app
+from server_ref.asgi import create_app
+from server_ref.transports.polling import Polling
+from server_ref.transports.websocket import WebSocketListener
 from tests.test_asgi import echo_server, serving
 
 pytestmark = pytest.mark.timeout(30)
 
 HELLO = {"type": "hello", "protocol": 1}
+SERVERS = ["builtin", "uvicorn"]
 
 
-APP = "rtchat_app"
+class Served:
+    """A running server: its http:// URL, its long-polling state, and how to close it."""
+
+    def __init__(self, url: str, polling: Polling, close: Callable[[], Awaitable[None]]) -> None:
+        self.url = url
+        self.polling = polling
+        self.close = close
+
+
+@contextlib.asynccontextmanager
+async def served(kind: str, config: ServerConfig | None = None) -> AsyncIterator[Served]:
+    server = echo_server(config)
+    if kind == "uvicorn":
+        app = create_app(server)
+        async with serving(app) as url:
+            yield Served(url, app.polling, app.close)
+        return
+    await server.start("127.0.0.1", 0)
+    try:
+        assert isinstance(server.listener, WebSocketListener)
+        url = f"http://127.0.0.1:{server.port}"
+        yield Served(url, server.listener.http.polling, server.close)
+    finally:
+        await server.close()
+
+
+@pytest.fixture(params=SERVERS)
+async def srv(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    config = ServerConfig(poll_timeout=0.5, poll_idle_timeout=1.0, poll_max_frames=5)
+    async with served(request.param, config) as running:
+        yield running
 
 
 @pytest.fixture
-async def base(request: pytest.FixtureRequest) -> AsyncIterator[str]:
-    config = ServerConfig(poll_timeout=0.5, poll_idle_timeout=1.0, poll_max_frames=5)
-    app = create_app(echo_server(config))
-    setattr(request.node, APP, app)  # for held()
-    async with serving(app) as url:
-        yield url
+def base(srv: Served) -> str:
+    return srv.url
 
 
-async def held(app: RtchatApp, sid: str) -> None:
+async def held(polling: Polling, sid: str) -> None:
     """Until the server holds a poll of ``sid`` (its request has arrived)."""
     async with asyncio.timeout(5):
-        while not app.polling.connections[sid].holding:  # noqa: ASYNC110 (no event to await)
+        while not polling.connections[sid].holding:  # noqa: ASYNC110 (no event to await)
             await asyncio.sleep(0.005)
 
 
@@ -100,14 +132,12 @@ async def test_a_lost_poll_answer_is_sent_again_unchanged_and_then_forgotten(bas
         assert answer.status_code == 400  # forgotten batches cannot be asked for
 
 
-async def test_a_new_poll_answers_the_held_one_empty(
-    base: str, request: pytest.FixtureRequest
-) -> None:
-    async with httpx.AsyncClient(base_url=base) as http:
+async def test_a_new_poll_answers_the_held_one_empty(srv: Served) -> None:
+    async with httpx.AsyncClient(base_url=srv.url) as http:
         poller = await open_poller(http)
         await poller.frames()
         first = asyncio.ensure_future(poller.poll())
-        await held(getattr(request.node, APP), poller.sid)
+        await held(srv.polling, poller.sid)
         newer = asyncio.ensure_future(poller.poll())
         assert await asyncio.wait_for(first, 5) == {"cursor": poller.ack, "frames": []}
         await poller.send({"type": "request", "id": 1, "event": "echo", "data": 2})
@@ -149,14 +179,15 @@ async def test_goodbye_ends_the_connection_and_its_session(base: str) -> None:
         assert (after.status_code, after.json()) == (404, {"error": "unknown_session"})
 
 
-async def test_a_silent_connection_is_dropped_and_its_session_stays_resumable() -> None:
-    config = ServerConfig(poll_timeout=0.5, poll_idle_timeout=1.0)
-    app = create_app(echo_server(config))
-    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+async def test_a_silent_connection_is_dropped_and_its_session_stays_resumable(
+    srv: Served,
+) -> None:
+    url = srv.url
+    async with httpx.AsyncClient(base_url=url) as http:
         poller = await open_poller(http)
         (welcome,) = await poller.frames()
         async with asyncio.timeout(10):  # dropped after 1 s without a request
-            while poller.sid in app.polling.connections:  # noqa: ASYNC110 (the sweeper's timer)
+            while poller.sid in srv.polling.connections:  # noqa: ASYNC110 (the sweeper's timer)
                 await asyncio.sleep(0.05)
         gone = await http.get("/poll", params={"sid": poller.sid, "ack": poller.ack})
         assert (gone.status_code, gone.json()) == (404, {"error": "unknown_session"})
@@ -200,28 +231,27 @@ async def test_bodies_over_the_limits_are_refused_whole(base: str) -> None:
         assert await poller.frames() == [{"type": "reply", "id": 1, "data": "ok"}]
 
 
-async def test_a_server_shutdown_reaches_a_held_poll_with_the_close() -> None:
-    server = echo_server()
-    app = create_app(server)
-    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_a_server_shutdown_reaches_a_held_poll_with_the_close(kind: str) -> None:
+    async with served(kind) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         poller = await open_poller(http)
         await poller.frames()
         first = asyncio.ensure_future(poller.poll())
-        await held(app, poller.sid)
-        await app.close()
+        await held(srv.polling, poller.sid)
+        await srv.close()
         body = await asyncio.wait_for(first, 5)
         assert [f["code"] for f in body["frames"]] == ["shutting_down"]
         assert body["close"]["code"] == 1001
 
 
-async def test_polling_connections_count_against_max_connections_and_the_extra_is_refused() -> None:
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_polling_connections_count_against_max_connections_and_the_extra_is_refused(
+    kind: str,
+) -> None:
     """Held polls per node are bounded: at most one per connection, and connections by
     ``max_connections``; one past it gets ``overloaded`` and the close in its first batch."""
     config = ServerConfig(max_connections=1, overload_retry_after=2.0)
-    async with (
-        serving(create_app(echo_server(config))) as url,
-        httpx.AsyncClient(base_url=url) as http,
-    ):
+    async with served(kind, config) as srv, httpx.AsyncClient(base_url=srv.url) as http:
         first = await open_poller(http)
         assert [f["type"] for f in await first.frames()] == ["welcome"]
         second = await open_poller(http)

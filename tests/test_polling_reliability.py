@@ -1,8 +1,9 @@
 """The reliability scenarios of ``test_resume.py`` with the client on HTTP long polling.
 
-The server is a real one whose port is served through the ASGI app under
-uvicorn (``Server(transport=uvicorn_listener)``, as ``rtchat-server --asgi``);
-the polling client reaches it through the fault proxy. A link that breaks
+The server is a real one, run twice: with its built-in listener (websockets'
+port, plain HTTP through ``http_front``, as ``rtchat-server``) and served
+through the ASGI app under uvicorn (``Server(transport=uvicorn_listener)``, as
+``rtchat-server --asgi``); the polling client reaches it through the fault proxy. A link that breaks
 briefly is recovered on the same polling connection (its requests asked
 again); one that stays down past that resumes the session on a new one.
 """
@@ -28,9 +29,9 @@ pytestmark = pytest.mark.timeout(40)
 FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.3)
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[Server]:
-    srv = Server(transport=uvicorn_listener)
+@pytest.fixture(params=["builtin", "uvicorn"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    srv = Server(transport=uvicorn_listener) if request.param == "uvicorn" else Server()
     await srv.start("127.0.0.1", 0)
     try:
         yield srv

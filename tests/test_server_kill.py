@@ -179,7 +179,9 @@ async def wait_state(client: Client, state: ConnectionState) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["websocket", "polling"])
 async def test_sigkill_mid_traffic_gaps_are_reported_and_nothing_acked_is_lost_silently(
+    transport: str,
     server_log: IO[bytes],
 ) -> None:
     server = ServerProcess(
@@ -195,6 +197,7 @@ async def test_sigkill_mid_traffic_gaps_are_reported_and_nothing_acked_is_lost_s
             client = Client(
                 proxy.url if name == OFFLINE else server.url,
                 auth={"user": name},
+                transports=(transport,),
                 reconnect=FAST,
                 connect_timeout=1.0,
                 request_timeout=30.0,

@@ -237,11 +237,18 @@ async def serve_http(
     await _respond(send, *answer)
 
 
-async def _respond(send: Send, status: int, content_type: str, payload: bytes) -> None:
+async def _respond(
+    send: Send,
+    status: int,
+    content_type: str,
+    payload: bytes,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> None:
     headers = [
         (b"content-type", content_type.encode()),
         (b"content-length", str(len(payload)).encode()),
         (b"cache-control", b"no-store"),
+        *((name.lower().encode(), value.encode()) for name, value in extra),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     with contextlib.suppress(OSError):

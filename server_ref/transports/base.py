@@ -43,11 +43,12 @@ __all__ = ["Endpoint", "HttpAnswer", "Listener", "ListenerFactory", "Transport"]
 
 
 class HttpAnswer(NamedTuple):
-    """A plain HTTP response: status, content type, body."""
+    """A plain HTTP response: status, content type, body, and any other headers."""
 
     status: int
     content_type: str
     body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Transport(ABC):

@@ -20,7 +20,6 @@ import socket
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from rtchat_sdk import protocol as p
@@ -28,6 +27,7 @@ from rtchat_sdk.wsio import write_framed
 
 from ..config import ServerConfig
 from .base import Endpoint, Listener, Transport
+from .http_front import HttpService, front_for
 
 __all__ = ["WebSocketListener", "WebSocketTransport", "websocket_listener"]
 
@@ -137,12 +137,16 @@ class WebSocketTransport(Transport):
 
 
 class WebSocketListener(Listener):
-    """websockets' server feeding an ``Endpoint``."""
+    """websockets' server feeding an ``Endpoint``, with plain HTTP (long polling, health,
+    ``/rtchat.js``) on the same port through ``http_front``."""
 
-    def __init__(self, endpoint: Endpoint, *, max_frame_bytes: int, compression: bool) -> None:
+    def __init__(self, endpoint: Endpoint, config: ServerConfig) -> None:
         self._endpoint = endpoint
-        self._max_frame_bytes = max_frame_bytes
-        self._compression = compression
+        self._max_frame_bytes = config.max_frame_bytes
+        self._compression = config.compression
+        self.http = HttpService(endpoint, config)
+        """The plain HTTP requests on the port, long polling among them."""
+        self._front = front_for(self.http, config)
         self._server: WsServer | None = None
         self._writer: _Writer | None = None
         self._port: int | None = None
@@ -153,7 +157,7 @@ class WebSocketListener(Listener):
             self._handle,
             host,
             port,
-            process_request=self._http,
+            create_connection=self._front,
             max_size=self._max_frame_bytes,
             ping_interval=None,  # rtchat's own heartbeats run at the app level
             compression="deflate" if self._compression else None,
@@ -176,24 +180,9 @@ class WebSocketListener(Listener):
             self._server.close(close_connections=False)
 
     async def wait_closed(self) -> None:
+        await self.http.close()
         if self._server is not None:
             await self._server.wait_closed()
-
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """A plain HTTP GET of one of the server's paths (health) is answered here."""
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            return None
-        answer = self._endpoint.http_get(request.path.split("?", 1)[0])
-        if answer is None:
-            return None  # websockets answers 426 Upgrade Required
-        response = connection.respond(answer.status, "")  # with Date, Server, Connection: close
-        headers = response.headers
-        del headers["Content-Type"], headers["Content-Length"]  # Headers adds on assignment
-        headers["Content-Type"] = answer.content_type
-        headers["Content-Length"] = str(len(answer.body))
-        headers["Cache-Control"] = "no-store"
-        response.body = answer.body
-        return response
 
     async def _handle(self, ws: ServerConnection) -> None:
         assert self._writer is not None  # set by start(), before any connection
@@ -214,6 +203,4 @@ class WebSocketListener(Listener):
 
 def websocket_listener(endpoint: Endpoint, config: ServerConfig) -> WebSocketListener:
     """The default ``ListenerFactory``: WebSocket with the config's frame limit and compression."""
-    return WebSocketListener(
-        endpoint, max_frame_bytes=config.max_frame_bytes, compression=config.compression
-    )
+    return WebSocketListener(endpoint, config)
