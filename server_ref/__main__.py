@@ -34,7 +34,7 @@ from typing import Any, get_type_hints
 from rtchat_sdk import protocol as p
 
 from .app import Context
-from .broker import Broker
+from .broker import MAX_CALLS, Broker
 from .config import ServerConfig
 from .errors import BrokerUnavailable
 from .server import Server
@@ -164,6 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="prefix of every Redis key, so several deployments can share one Redis",
     )
     parser.add_argument(
+        "--redis-max-calls",
+        metavar="N",
+        type=_number(int),
+        default=MAX_CALLS,
+        help="with --redis: requests between nodes in flight per node, each way (long-polling"
+        " requests forwarded to the node holding the connection); past it, 503 overloaded",
+    )
+    parser.add_argument(
         "--log-level", type=_log_level, default="INFO", help=f"one of {', '.join(LOG_LEVELS)}"
     )
     return parser
@@ -202,6 +210,7 @@ def _broker(args: argparse.Namespace, config: ServerConfig) -> tuple[Broker | No
         history_seconds=config.history_seconds,
         dedupe_size=config.dedupe_size,
         dedupe_ttl=max(3_600.0, 2 * config.session_ttl),
+        max_calls=args.redis_max_calls,
     )
     return broker, f"redis broker at {args.redis}, prefix {args.redis_prefix!r}"
 

@@ -8,13 +8,25 @@ pub/sub), so the tests wait for what they expect, with a timeout.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from rtchat_sdk import protocol as p
-from server_ref.broker import Broker, Draft, MemoryBroker, SessionRecord, StreamEntry
+from server_ref.broker import (
+    Broker,
+    CallFailed,
+    CallsBusy,
+    CallTimeout,
+    Draft,
+    MemoryBroker,
+    NodeGone,
+    SessionRecord,
+    StreamEntry,
+)
 from server_ref.broker.redis import RedisBroker
 from server_ref.errors import FrameTooLarge
 from tests.redis_support import Collected, cleanup, new_prefix, require_redis
@@ -263,3 +275,107 @@ async def test_an_id_between_processed_ones_was_not_processed(make: Make) -> Non
     await broker.forget_replies("s", 2)  # the client holds replies up to 2
     assert await broker.recall_reply("s", 1) == (True, None)
     assert await broker.recall_reply("s", 3) == (False, None)
+
+
+# ----------------------------------------------------------------------
+# Calls between nodes
+
+
+async def two_nodes(make: Make, **limits: Any) -> tuple[Broker, Broker]:
+    """A caller's broker and a callee's: one in-process broker serves both nodes, as
+    several servers of one process share it; Redis nodes each have their own."""
+    caller = await make(**limits)
+    if isinstance(caller, MemoryBroker):
+        return caller, caller
+    return caller, await make(**limits)
+
+
+class Gate:
+    """A handler that holds each call until released; it records what it was called with."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    async def __call__(self, payload: str) -> str:
+        self.calls.append(payload)
+        self.started.set()
+        await self.release.wait()
+        self.finished.set()
+        return f"done {payload}"
+
+
+async def test_a_call_reaches_the_node_served_and_brings_back_its_answer(make: Make) -> None:
+    caller, callee = await two_nodes(make)
+
+    async def shout(payload: str) -> str:
+        return payload.upper()
+
+    await callee.serve_node("n1", shout)
+    payload = "a line\nanother, é, " + "x" * 100_000  # newlines, non-ASCII, a large body
+    assert await caller.call_node("n1", payload, 5.0) == payload.upper()
+    gate = Gate()
+    gate.release.set()
+    await callee.serve_node("n1", gate)  # served again: the new handler answers
+    assert await caller.call_node("n1", "p", 5.0) == "done p"
+
+
+async def test_a_call_to_a_node_nobody_serves_fails_at_once(make: Make) -> None:
+    caller, callee = await two_nodes(make)
+    gate = Gate()
+    gate.release.set()
+    await callee.serve_node("n1", gate)
+    await callee.unserve_node("n1")
+    started = time.monotonic()
+    for node in ("n1", "never-served"):
+        with pytest.raises(NodeGone):
+            await caller.call_node(node, "p", 10.0)
+    assert time.monotonic() - started < 2.0  # not after the timeout
+    assert gate.calls == []
+
+
+async def test_a_call_unanswered_in_time_times_out_and_its_handler_still_runs(
+    make: Make,
+) -> None:
+    caller, callee = await two_nodes(make)
+    gate = Gate()
+    await callee.serve_node("n1", gate)
+    with pytest.raises(CallTimeout):
+        await caller.call_node("n1", "p", 0.3)
+    assert isinstance(CallTimeout("x"), TimeoutError)
+    gate.release.set()
+    await asyncio.wait_for(gate.finished.wait(), 5)  # not cut short by the caller's timeout
+    assert gate.calls == ["p"]
+
+
+async def test_a_handler_that_raises_fails_the_call(make: Make) -> None:
+    caller, callee = await two_nodes(make)
+
+    async def broken(payload: str) -> str:
+        raise RuntimeError("no")
+
+    await callee.serve_node("n1", broken)
+    with pytest.raises(CallFailed, match="RuntimeError") as failed:
+        await caller.call_node("n1", "p", 5.0)
+    assert not isinstance(failed.value, CallTimeout | NodeGone | CallsBusy)
+
+
+async def test_calls_in_flight_are_bounded_by_max_calls_on_both_sides(make: Make) -> None:
+    caller, callee = await two_nodes(make, max_calls=1)
+    gate = Gate()
+    await callee.serve_node("n1", gate)
+    held = asyncio.ensure_future(caller.call_node("n1", "first", 0.5))
+    await asyncio.wait_for(gate.started.wait(), 5)
+    with pytest.raises(CallsBusy, match="from this node"):  # the caller's limit: at once
+        await caller.call_node("n1", "second", 5.0)
+    with pytest.raises(CallTimeout):
+        await held
+    # The caller has none in flight now; the callee still answers "first": busy.
+    with pytest.raises(CallsBusy, match="answering"):
+        await caller.call_node("n1", "third", 5.0)
+    gate.release.set()
+    await asyncio.wait_for(gate.finished.wait(), 5)
+    assert await caller.call_node("n1", "fourth", 5.0) == "done fourth"
+    assert gate.calls == ["first", "fourth"]  # what was refused never ran

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -31,7 +32,8 @@ from server_ref.__main__ import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(
-    r"^rtchat server listening on ws://127\.0\.0\.1:(\d+) \(in-memory broker(, uvicorn: .*)?\)$"
+    r"^rtchat server listening on ws://127\.0\.0\.1:(\d+)"
+    r" \(in-memory broker(, served by uvicorn)?\)$"
 )
 STEP = 10.0  # generous bound on any one wait; a test only waits this long when it fails
 
@@ -335,13 +337,25 @@ async def test_second_signal_exits_at_once(spawn: Spawn, sig: signal.Signals) ->
 
 
 @pytest.mark.timeout(30)
-async def test_asgi_serves_websocket_long_polling_and_health_on_one_port(spawn: Spawn) -> None:
+@pytest.mark.parametrize("flags", [(), ("--asgi",)], ids=["builtin", "asgi"])
+async def test_websocket_long_polling_health_and_the_js_share_one_port(
+    spawn: Spawn, flags: tuple[str, ...]
+) -> None:
     from rtchat_sdk import Client
     from tests.helpers import http_get
 
-    server = await spawn("--asgi")
+    server = await spawn(*flags, "--demo")
     url = f"ws://127.0.0.1:{server.port}"
     assert await http_get(url, "/readyz") == (200, {"status": "ready"})
+    async with httpx.AsyncClient(base_url=url.replace("ws://", "http://")) as http:
+        script = await http.get("/rtchat.js")
+        assert (script.status_code, script.headers["content-type"]) == (
+            200,
+            "text/javascript; charset=utf-8",
+        )
+        page = await http.get("/demo/")
+        assert page.status_code == 200
+        assert "rtchat.js" in page.text
     async with (
         Client(url, transports=("websocket",)) as ws,
         Client(url, transports=("polling",)) as poll,

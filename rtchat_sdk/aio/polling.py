@@ -27,8 +27,11 @@ POLL_MARGIN = 10.0
 """Seconds a poll may take beyond the server's hold (25 s by default) before it counts as lost."""
 RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 """Waits before asking again after a request whose answer was lost on the way (a reset,
-a cut): a poll with the same ``ack`` gets the same batch, a POST's frames are safe to send
-again (ids and dedupe); after these, the connection counts as broken."""
+a cut, or a 502/503/504: a node that could not reach the one holding the connection, or
+a proxy's): a poll with the same ``ack`` gets the same batch, a POST's frames are safe to
+send again (ids and dedupe); after these, the connection counts as broken."""
+RETRY_STATUSES = frozenset({502, 503, 504})
+"""Answers that say the request may not have been carried out: asked again."""
 
 
 class PollingFailed(Exception):
@@ -188,16 +191,22 @@ class Poller:
                     headers={"content-type": "application/json"},
                     timeout=timeout,
                 )
-                break
             except httpx.TransportError as exc:
+                why = f"{method} {self.url}: {type(exc).__name__}: {exc}"
                 wait = next(waits, None)
                 if wait is None:
-                    why = f"{method} {self.url}: {type(exc).__name__}: {exc}"
                     raise PollingFailed(why) from exc
-                log.debug("%s %s lost (%r): asking again in %ss", method, self.url, exc, wait)
-                await asyncio.sleep(wait)
             except httpx.HTTPError as exc:
                 raise PollingFailed(f"{method} {self.url}: {type(exc).__name__}: {exc}") from exc
+            else:
+                if response.status_code not in RETRY_STATUSES:
+                    break
+                why = f"{method} {self.url}: HTTP {response.status_code} {response.text}"
+                wait = next(waits, None)
+                if wait is None:
+                    raise PollingFailed(why)
+            log.debug("%s: asking again in %ss", why, wait)
+            await asyncio.sleep(wait)
         if response.status_code != 200:
             raise PollingFailed(f"{method} {self.url}: HTTP {response.status_code} {response.text}")
         try:

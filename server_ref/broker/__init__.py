@@ -1,10 +1,16 @@
 """Where the server keeps streams: memory by default, Redis to scale out."""
 
 from .base import (
+    MAX_CALLS,
     Broker,
+    CallFailed,
+    CallHandler,
+    CallsBusy,
+    CallTimeout,
     Clock,
     Draft,
     EntryListener,
+    NodeGone,
     ReplacedListener,
     Replay,
     SessionRecord,
@@ -13,11 +19,17 @@ from .base import (
 from .memory import MemoryBroker
 
 __all__ = [
+    "MAX_CALLS",
     "Broker",
+    "CallFailed",
+    "CallHandler",
+    "CallTimeout",
+    "CallsBusy",
     "Clock",
     "Draft",
     "EntryListener",
     "MemoryBroker",
+    "NodeGone",
     "ReplacedListener",
     "Replay",
     "SessionRecord",

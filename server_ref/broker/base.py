@@ -18,7 +18,13 @@ Redis:
   connection drops. ``replace`` tells the owning node, wherever it is, that
   another connection took the session over (close code 4006);
 * dedupe records: per session, which message ids were processed and the
-  replies they got, so a resent message is answered again, not run again.
+  replies they got, so a resent message is answered again, not run again;
+* calls between nodes: ``serve_node`` answers the calls addressed to a node,
+  ``call_node`` sends one and waits for its answer (a request for a polling
+  connection another node holds). A call may be lost (``CallTimeout``): only
+  what is safe to ask again goes this way. A node nobody serves is known at
+  once (``NodeGone``). At most ``max_calls`` are in flight each way (those made
+  and awaited, those being answered); past it a call fails with ``CallsBusy``.
 
 A broker whose store cannot be reached raises ``BrokerUnavailable`` (from
 ``server_ref.errors``) from any method: the server then answers the message
@@ -32,22 +38,29 @@ uses, so TTLs and history ages agree with the server's own deadlines.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic_core import to_json
 
 from rtchat_sdk import protocol as p
+from rtchat_sdk.errors import RTChatError
 
 from ..errors import FrameTooLarge
 
 __all__ = [
     "LATER",
+    "MAX_CALLS",
     "Broker",
+    "CallFailed",
+    "CallHandler",
+    "CallTimeout",
+    "CallsBusy",
     "Clock",
     "Draft",
     "EntryListener",
+    "NodeGone",
     "Replay",
     "ReplacedListener",
     "SessionRecord",
@@ -149,6 +162,28 @@ ReplacedListener = Callable[[str], None]
 
 LATER: Any = object()
 """What ``Broker.answer_now`` returns for a call that must be awaited."""
+
+CallHandler = Callable[[str], Awaitable[str]]
+"""Answers one call addressed to a node: the call's payload in, its answer out."""
+
+MAX_CALLS = 10_000
+"""Calls in flight per broker, each way, by default (``max_calls``)."""
+
+
+class CallFailed(RTChatError):
+    """A call to another node got no answer; the subclasses say why."""
+
+
+class NodeGone(CallFailed):
+    """No node serves the address called: it is gone (or never was)."""
+
+
+class CallTimeout(CallFailed, TimeoutError):
+    """No answer in time: the call or its answer was lost, or the node is slow or stuck."""
+
+
+class CallsBusy(CallFailed):
+    """``max_calls`` calls are in flight already, on the calling node or on the called one."""
 
 
 class Broker(ABC):
@@ -261,3 +296,29 @@ class Broker(ABC):
     @abstractmethod
     async def forget_replies(self, session_id: str, upto: int) -> None:
         """The client holds every reply up to ``upto``: they need not be kept."""
+
+    # ------------------------------------------------------------------
+    # Calls between nodes
+
+    @abstractmethod
+    async def serve_node(self, node: str, handler: CallHandler) -> None:
+        """Answer the calls addressed to ``node`` with ``handler``, once this returns.
+
+        One handler per node: serving it again replaces the handler. A handler
+        that raises answers the call with ``CallFailed``.
+        """
+
+    @abstractmethod
+    async def unserve_node(self, node: str) -> None:
+        """Stop answering the calls addressed to ``node`` (they get ``NodeGone``)."""
+
+    @abstractmethod
+    async def call_node(self, node: str, payload: str, timeout: float) -> str:
+        """Call ``node`` with ``payload``; its handler's answer.
+
+        Raises ``NodeGone`` at once when no node serves ``node``, ``CallsBusy``
+        at the ``max_calls`` limit, ``CallTimeout`` after ``timeout`` seconds
+        without an answer (the handler may still run: only idempotent calls
+        belong here), ``CallFailed`` when the handler raised, and
+        ``BrokerUnavailable`` when the store cannot be reached.
+        """

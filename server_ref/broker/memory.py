@@ -8,11 +8,13 @@ Sessions expire lazily at their TTL; each keeps the replies to its newest
 ``dedupe_size`` processed messages, and the newest ``dedupe_size`` append keys
 are remembered with the entry they made. Subscribers are called inside
 ``append``, before it returns. Several servers in one process may share one
-``MemoryBroker`` as several nodes share a Redis.
+``MemoryBroker`` as several nodes share a Redis; a call to a node runs its
+handler in a task of this process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import secrets
 import time
@@ -22,15 +24,20 @@ from typing import Any
 
 from .base import (
     LATER,
+    MAX_CALLS,
     Broker,
+    CallHandler,
+    CallTimeout,
     Clock,
     Draft,
     EntryListener,
+    NodeGone,
     ReplacedListener,
     Replay,
     SessionRecord,
     StreamEntry,
 )
+from .calls import Calls
 
 __all__ = ["MemoryBroker"]
 
@@ -72,10 +79,13 @@ class MemoryBroker(Broker):
         history_size: int = 1_000,
         history_seconds: float = 300.0,
         dedupe_size: int = 2_000,
+        max_calls: int = MAX_CALLS,
         clock: Clock | None = None,
     ) -> None:
         if history_size < 1 or history_seconds <= 0 or dedupe_size < 1:
             raise ValueError("history and dedupe limits must be positive")
+        self._calls = Calls(max_calls)
+        self._served: dict[str, CallHandler] = {}
         self.history_size = history_size
         self.history_seconds = history_seconds
         self.dedupe_size = dedupe_size
@@ -103,6 +113,9 @@ class MemoryBroker(Broker):
         """Take the server's clock, unless one was given when the broker was made."""
         if clock is not None and not self._own_clock:
             self._clock = clock
+
+    async def close(self) -> None:
+        await self._calls.close()
 
     def _stream(self, name: str) -> _Stream:
         stream = self._streams.get(name)
@@ -253,3 +266,28 @@ class MemoryBroker(Broker):
         dedupe.replies = {i: r for i, r in dedupe.replies.items() if i > upto}
         dedupe.order = deque(dedupe.replies)
         dedupe.floor = max(dedupe.floor, min(upto, dedupe.highest))
+
+    async def serve_node(self, node: str, handler: CallHandler) -> None:
+        self._served[node] = handler
+
+    async def unserve_node(self, node: str) -> None:
+        self._served.pop(node, None)
+
+    async def call_node(self, node: str, payload: str, timeout: float) -> str:
+        handler = self._served.get(node)
+        if handler is None:
+            raise NodeGone(f"no node serves {node!r}")
+        with self._calls.making():
+            answer: asyncio.Future[tuple[str, str]] = asyncio.get_running_loop().create_future()
+
+            async def run() -> None:  # a task of its own: a timeout does not cut it short
+                got = await self._calls.answer(handler, payload)
+                if not answer.done():
+                    answer.set_result(got)
+
+            self._calls.spawn(run())
+            try:
+                kind, text = await asyncio.wait_for(answer, timeout)
+            except TimeoutError as exc:
+                raise CallTimeout(f"no answer from node {node!r} within {timeout}s") from exc
+        return Calls.outcome(node, kind, text)

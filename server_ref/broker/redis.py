@@ -18,7 +18,9 @@ What is kept where (``redis_lua`` has the stream keys):
 * fan-out: each stream's channel ``<prefix>:ch:<stream>`` and each node's
   probe channel,
   read by ``redis_relay.Relay``; each node also follows its own stream
-  ``node:<node>``, whose entries name the sessions another node took over.
+  ``node:<node>``, whose entries name the sessions another node took over;
+* calls between nodes (``redis_calls``): pub/sub on ``<prefix>:call:<node>``
+  and each broker's answers channel, at most ``max_calls`` in flight each way.
 
 Times are the broker's clock, wall time by default (``time.time``): nodes
 compare each other's entry times and expiries, which a per-process monotonic
@@ -45,7 +47,10 @@ from redis.exceptions import RedisError
 from ..errors import BrokerUnavailable, FrameTooLarge
 from . import redis_lua
 from .base import (
+    MAX_CALLS,
     Broker,
+    CallFailed,
+    CallHandler,
     Clock,
     Draft,
     EntryListener,
@@ -54,6 +59,8 @@ from .base import (
     SessionRecord,
     StreamEntry,
 )
+from .calls import Calls
+from .redis_calls import NodeCalls
 from .redis_relay import Relay
 
 __all__ = ["BrokerUnavailable", "RedisBroker"]
@@ -102,6 +109,7 @@ class RedisBroker(Broker):
         probe_timeout: float = 3.0,
         connect_timeout: float = 3.0,
         max_connections: int = 32,
+        max_calls: int = MAX_CALLS,
         clock: Clock | None = None,
     ) -> None:
         limits = (history_size, history_seconds, dedupe_size, dedupe_ttl, live_ttl, stream_ttl)
@@ -132,6 +140,9 @@ class RedisBroker(Broker):
         """Tokens of the sessions saved here with no TTL -> their session ids (refreshed)."""
         self._refresher: asyncio.Task[None] | None = None
         self._scripts: dict[str, Any] = {}
+        self._calls = Calls(max_calls)
+        """Calls between nodes in flight (``max_calls`` each way)."""
+        self._node_calls: NodeCalls | None = None
 
     # ------------------------------------------------------------------
     # Keys
@@ -190,6 +201,8 @@ class RedisBroker(Broker):
                 probe_timeout=self._probe_timeout,
             )
             await self._relay.start(self._connect_timeout)
+            self._node_calls = NodeCalls(self._redis, self._relay, self.prefix, self._calls)
+            await self._node_calls.start()
         except (RedisError, OSError, TimeoutError) as exc:
             await self.close()
             raise BrokerUnavailable(f"cannot reach Redis at {self.url}: {exc}") from exc
@@ -201,6 +214,9 @@ class RedisBroker(Broker):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
             self._refresher = None
+        if self._node_calls is not None:
+            await self._node_calls.close()
+            self._node_calls = None
         if self._relay is not None:
             await self._relay.close()
             self._relay = None
@@ -449,3 +465,29 @@ class RedisBroker(Broker):
     async def forget_replies(self, session_id: str, upto: int) -> None:
         replies, ids = self._dedupe_keys(session_id)
         await self._scripts["FORGET_REPLIES"](keys=[replies, ids], args=[upto])
+
+    # ------------------------------------------------------------------
+    # Calls between nodes
+
+    @property
+    def node_calls(self) -> NodeCalls:
+        if self._node_calls is None:
+            raise RuntimeError("the Redis broker is not started")
+        return self._node_calls
+
+    @_store_call
+    async def serve_node(self, node: str, handler: CallHandler) -> None:
+        await self.node_calls.serve(node, handler)
+
+    async def unserve_node(self, node: str) -> None:
+        if self._node_calls is not None:  # a closed broker serves nothing already
+            with contextlib.suppress(*STORE_ERRORS):
+                await self._node_calls.unserve(node)
+
+    async def call_node(self, node: str, payload: str, timeout: float) -> str:
+        try:  # not _store_call: CallTimeout is a TimeoutError (an OSError), and must stay one
+            return await self.node_calls.call(node, payload, timeout)
+        except CallFailed:
+            raise
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"redis: {exc!r}") from exc

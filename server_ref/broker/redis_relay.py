@@ -13,7 +13,10 @@ down, and a wedged connection can look healthy. The relay does not trust it:
   starts a new epoch rather than reuse offsets;
 * every ``probe_interval`` it publishes a probe on the node's own channel; a
   probe that does not come back within ``probe_timeout`` means the
-  connection is wedged: the node reports not ready and the relay reconnects.
+  connection is wedged: the node reports not ready and the relay reconnects;
+* plain channels (``listen``: the calls between nodes, ``redis_calls``) ride
+  the same connection, resubscribed with it, with no offsets: what they lose
+  while it is down is lost, and their callers ask again.
 
 One task reads the connection; subscribes are written from the callers' tasks
 and confirmed through the reader.
@@ -95,6 +98,8 @@ class Relay:
         self._probe_timeout = probe_timeout
         self.follows: dict[str, Follow] = {}
         self._by_channel: dict[str, Follow] = {}
+        self._plain: dict[str, Callable[[str], None]] = {}
+        """Channels ``listen`` follows -> what gets each message."""
         self._pubsub: PubSub | None = None
         self._confirmed: dict[str, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
@@ -183,6 +188,20 @@ class Relay:
                 with contextlib.suppress(*_DOWN):
                     await self._pubsub.unsubscribe(f.channel)
 
+    async def listen(self, channel: str, listener: Callable[[str], None]) -> None:
+        """Call ``listener`` with each message of ``channel`` from now on (no offsets)."""
+        self._plain[channel] = listener
+        try:
+            await self._subscribe(channel)
+        except BaseException:
+            self._plain.pop(channel, None)
+            raise
+
+    async def unlisten(self, channel: str) -> None:
+        if self._plain.pop(channel, None) is not None and self._pubsub is not None:
+            with contextlib.suppress(*_DOWN):
+                await self._pubsub.unsubscribe(channel)
+
     def _forget(self, f: Follow) -> None:
         self.follows.pop(f.stream, None)
         self._by_channel.pop(f.channel, None)
@@ -228,7 +247,7 @@ class Relay:
         """A new subscription with every channel followed; each stream filled up to now."""
         pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
         try:
-            channels = [self._probe_channel, *self._by_channel]
+            channels = [self._probe_channel, *self._by_channel, *self._plain]
             await pubsub.subscribe(*channels)
             pending = set(channels)
             while pending:  # the confirmations, in order
@@ -271,6 +290,11 @@ class Relay:
                         await self._relay(f, entry)
                     else:
                         f.early.append(entry)
+                elif channel in self._plain:
+                    try:
+                        self._plain[channel](data)
+                    except Exception:
+                        log.exception("a channel listener raised")
                 elif channel == self._probe_channel:
                     self._took(data)
             elif kind == "subscribe":

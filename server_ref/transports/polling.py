@@ -10,7 +10,9 @@ is dropped, as a broken WebSocket would be.
 
 The HTTP side is the caller's (``asgi.py``): it parses the request and
 calls ``open``, ``poll``, ``post`` or ``goodbye``, which return the status
-and the JSON body to answer with.
+and the JSON body to answer with. A request for a connection another node
+holds is answered by that node (``polling_nodes.py``), so a client's requests
+may land on any node.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,14 +27,11 @@ from typing import Any
 from rtchat_sdk import protocol as p
 
 from ..config import ServerConfig
+from ..errors import BrokerUnavailable
 from .base import Endpoint, Transport
+from .polling_nodes import UNKNOWN, Forwarder, Reply
 
 __all__ = ["PollConnection", "Polling", "Reply"]
-
-Reply = tuple[int, dict[str, Any] | bytes]
-"""An HTTP status and its JSON body (as data, or already encoded)."""
-
-UNKNOWN: Reply = (404, {"error": "unknown_session"})
 
 
 class PollConnection(Transport):
@@ -55,6 +53,9 @@ class PollConnection(Transport):
         self.finished = False
         self.last_seen = now
         self._held: asyncio.Future[bool] | None = None
+        self.posting = asyncio.Lock()
+        """Held while a POST's frames are fed: a resent POST (its answer was lost, maybe
+        while it was still being fed) waits its turn, so frames stay in order."""
 
     # Transport
 
@@ -143,6 +144,8 @@ class Polling:
         self._sweeper: asyncio.Task[None] | None = None
         self.max_body_bytes = config.max_frame_bytes
         """A request body past this is refused (413) and not read further."""
+        self.nodes = Forwarder(endpoint, config.poll_timeout)
+        """Requests for other nodes' connections, and theirs for ours."""
 
     async def open(self, body: bytes) -> Reply:
         frames = self._frames(body)
@@ -150,7 +153,11 @@ class Polling:
             return frames
         if not frames or not isinstance(frames[0], dict) or frames[0].get("type") != "hello":
             return 400, {"error": "the first request of a polling connection holds a hello"}
-        pc = PollConnection(secrets.token_urlsafe(24), self._config, self._clock())
+        try:
+            await self.nodes.serve(self._local)  # before a sid another node may be asked for
+        except BrokerUnavailable:
+            return 503, {"error": "unavailable"}
+        pc = PollConnection(self.nodes.new_sid(), self._config, self._clock())
         pc.conn = self._endpoint.opened(pc)
         self.connections[pc.sid] = pc
         self._start_sweeper()
@@ -158,6 +165,33 @@ class Polling:
         return 200, {"sid": pc.sid}
 
     async def poll(self, sid: str, ack: int) -> Reply:
+        if self.nodes.holds(sid):
+            return await self._poll(sid, ack)
+        return await self.nodes.forward("GET", sid, str(ack))
+
+    async def post(self, sid: str, body: bytes) -> Reply:
+        if self.nodes.holds(sid):
+            return await self._post(sid, body)
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            return 400, {"error": "the body is not JSON"}
+        return await self.nodes.forward("POST", sid, text)
+
+    async def goodbye(self, sid: str) -> Reply:
+        if self.nodes.holds(sid):
+            return await self._goodbye(sid)
+        return await self.nodes.forward("DELETE", sid, "")
+
+    async def _local(self, method: str, sid: str, arg: str) -> Reply:
+        """A request another node forwarded, for a connection of this one."""
+        if method == "GET":
+            return await self._poll(sid, int(arg))
+        if method == "POST":
+            return await self._post(sid, arg.encode())
+        return await self._goodbye(sid)
+
+    async def _poll(self, sid: str, ack: int) -> Reply:
         pc = self.connections.get(sid)
         if pc is None or pc.finished:
             return UNKNOWN
@@ -182,7 +216,7 @@ class Polling:
             await self._finish(pc, None)
         return 200, self._answer(cursor, frames, close)
 
-    async def post(self, sid: str, body: bytes) -> Reply:
+    async def _post(self, sid: str, body: bytes) -> Reply:
         pc = self.connections.get(sid)
         if pc is None or pc.finished:
             return UNKNOWN
@@ -190,10 +224,11 @@ class Polling:
         frames = self._frames(body)
         if isinstance(frames, tuple):
             return frames
-        await self._feed(pc, frames)
+        async with pc.posting:
+            await self._feed(pc, frames)
         return 200, {"ok": True}
 
-    async def goodbye(self, sid: str) -> Reply:
+    async def _goodbye(self, sid: str) -> Reply:
         pc = self.connections.get(sid)
         if pc is None or pc.finished:
             return UNKNOWN
@@ -201,6 +236,7 @@ class Polling:
         return 200, {"ok": True}
 
     async def close_all(self) -> None:
+        await self.nodes.unserve()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
