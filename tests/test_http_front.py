@@ -90,12 +90,12 @@ async def test_a_head_request_gets_the_headers_without_the_body(server: Server) 
 
 async def test_the_browser_client_and_the_demo_page_are_served(server: Server) -> None:
     async with raw(server) as (reader, writer):
-        writer.write(get("/rtchat.js") + get("/demo") + get("/demo/"))
+        writer.write(get("/rtchat.js") + get("/demo?transport=polling") + get("/demo/"))
         status, headers, body = await read_response(reader)
         assert (status, headers["content-type"]) == (200, "text/javascript; charset=utf-8")
         assert b"export class Client" in body
         status, headers, _ = await read_response(reader)
-        assert (status, headers["location"]) == (308, "demo/")
+        assert (status, headers["location"]) == (308, "demo/?transport=polling")
         status, headers, body = await read_response(reader)
         assert (status, headers["content-type"]) == (200, "text/html; charset=utf-8")
         assert b"rtchat.js" in body

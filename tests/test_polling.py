@@ -264,3 +264,28 @@ async def test_polling_connections_count_against_max_connections_and_the_extra_i
         assert gone.status_code == 404
         await first.send({"type": "request", "id": 1, "event": "echo", "data": "still here"})
         assert await first.frames() == [{"type": "reply", "id": 1, "data": "still here"}]
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+async def test_a_held_poll_whose_client_went_away_is_answered_at_once(kind: str) -> None:
+    """A closed tab leaves no poll held until poll_timeout (a graceful shutdown would
+    wait for it)."""
+    async with served(kind, ServerConfig(poll_timeout=20)) as srv:
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            poller = await open_poller(http)
+            await poller.frames()
+        host, port = srv.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        query = f"sid={poller.sid}&ack={poller.ack}"
+        writer.write(f"GET /poll?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await held(srv.polling, poller.sid)
+        writer.close()  # the tab is closed mid-poll
+        await writer.wait_closed()
+        async with asyncio.timeout(5):  # not the 20 s of poll_timeout
+            while srv.polling.connections[poller.sid].holding:  # noqa: ASYNC110 (no event)
+                await asyncio.sleep(0.005)
+        # The connection is still there, and nothing was taken from it.
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            poller.http = http
+            await poller.send({"type": "request", "id": 1, "event": "echo", "data": "after"})
+            assert await poller.frames() == [{"type": "reply", "id": 1, "data": "after"}]

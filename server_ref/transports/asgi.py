@@ -193,6 +193,21 @@ async def _read_body(receive: Receive, limit: int) -> bytes | None:
             return b"".join(chunks) if size <= limit else None
 
 
+async def _poll_while_there(polling: Polling, sid: str, ack: int, receive: Receive) -> Reply:
+    """A poll, answered empty at once if its client goes away while it is held (a
+    closed tab), so that nothing (a server's graceful shutdown) waits for it."""
+    await receive()  # the GET's empty body; the next message is the disconnect
+    poll = asyncio.ensure_future(polling.poll(sid, ack))
+    gone = asyncio.ensure_future(receive())
+    try:
+        await asyncio.wait({poll, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not poll.done():
+            polling.release(sid)
+        return await poll
+    finally:
+        gone.cancel()
+
+
 async def _serve_poll(polling: Polling, scope: Scope, receive: Receive) -> Reply:
     """PROTOCOL §1.1: open, poll, send, goodbye."""
     query = parse_qs(scope.get("query_string", b"").decode())
@@ -203,7 +218,7 @@ async def _serve_poll(polling: Polling, scope: Scope, receive: Receive) -> Reply
             ack = int(query.get("ack", ["0"])[0])
         except ValueError:
             return 400, {"error": "ack must be an integer"}
-        return await polling.poll(sid, ack)
+        return await _poll_while_there(polling, sid, ack, receive)
     if method == "DELETE":
         return await polling.goodbye(sid)
     if method != "POST":
@@ -234,7 +249,11 @@ async def serve_http(
         missing = json.dumps({"error": f"no such path: {path}"}).encode()
         await _respond(send, 404, "application/json", missing)
         return
-    await _respond(send, *answer)
+    status, content_type, payload, headers = answer
+    query = scope.get("query_string", b"").decode()
+    if 300 <= status < 400 and query:  # a redirect keeps the page's options
+        headers = tuple((k, f"{v}?{query}" if k == "Location" else v) for k, v in headers)
+    await _respond(send, status, content_type, payload, headers)
 
 
 async def _respond(

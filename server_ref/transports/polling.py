@@ -183,6 +183,12 @@ class Polling:
             return await self._goodbye(sid)
         return await self.nodes.forward("DELETE", sid, "")
 
+    def release(self, sid: str) -> None:
+        """The client of ``sid``'s held poll went away: answer that poll (empty) now."""
+        pc = self.connections.get(sid)
+        if pc is not None:
+            pc.supersede()
+
     async def _local(self, method: str, sid: str, arg: str) -> Reply:
         """A request another node forwarded, for a connection of this one."""
         if method == "GET":
