@@ -228,10 +228,9 @@ async def test_wss_to_a_plain_server_says_tls_failed(server: Server) -> None:
     with pytest.raises(ConnectionFailed) as caught:
         async with Client(url, proxy=None):
             pass
-    assert str(caught.value) == (
-        f"cannot connect to {url}: TLS handshake failed: connection reset"
-        " (is the server serving TLS? use ws:// for a plain one)"
-    )
+    message = str(caught.value)  # the TLS library's words for it vary: reset, version...
+    assert message.startswith(f"cannot connect to {url}: TLS handshake failed: ")
+    assert message.endswith(" (is the server serving TLS? use ws:// for a plain one)")
 
 
 async def test_an_http_server_that_is_not_rtchat_is_named() -> None:

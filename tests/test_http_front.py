@@ -175,3 +175,14 @@ async def test_websocket_clients_and_plain_http_share_the_port(server: Server) -
             writer.write(get("/healthz"))
             assert (await read_response(reader))[0] == 200
             assert await client.request("echo", {"still": "open"}, timeout=5) == {"still": "open"}
+
+
+async def test_bytes_that_cannot_start_a_request_get_400_and_a_close_at_once(
+    server: Server,
+) -> None:
+    """A TLS hello to this plain port (0x16...) is refused at once, not after a timeout."""
+    async with raw(server) as (reader, writer):
+        writer.write(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        status, _, _ = await read_response(reader)
+        assert status == 400
+        assert await closed(reader)

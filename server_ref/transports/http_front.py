@@ -14,8 +14,10 @@ websockets sees it:
   the same ASGI code the ASGI app uses (``asgi.serve_http``: ``/poll``, the
   endpoint's GET paths, 404), so every HTTP endpoint is written once.
 
-A socket that sends no complete request head within ``handshake_timeout``
-(on connecting, or idle between keep-alive requests) is closed; a head over
+A socket whose first byte cannot start an HTTP method (a TLS hello sent to a
+plain port) gets 400 and a close at once; one that sends no complete request
+head within ``handshake_timeout`` (on connecting, or idle between keep-alive
+requests) is closed; a head over
 ``MAX_HEAD_BYTES`` gets 431, a body over ``max_frame_bytes`` 413, a request
 h11 cannot parse 400, each followed by a close.
 """
@@ -293,6 +295,11 @@ class FrontConnection(asyncio.Protocol):
         assert socket is not None
         head = self._head
         head += data
+        if not head[:1].isalpha():  # no HTTP method: a TLS hello to a plain port, or noise
+            self._stop()
+            socket.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n")
+            socket.close()
+            return
         end = head.find(b"\r\n\r\n")
         if (end < 0 and len(head) > MAX_HEAD_BYTES) or end > MAX_HEAD_BYTES:
             self._stop()
