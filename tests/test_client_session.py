@@ -42,7 +42,11 @@ def test_hello_first_and_nothing_else_before_welcome() -> None:
     assert sent[0]["resume"] is None
     s.receive_text(welcome(), 0)
     assert [f["type"] for f in frames(s)] == ["emit"]
-    assert events(s) == [Welcomed("s1", False)]
+    (welcomed,) = events(s)
+    assert isinstance(welcomed, Welcomed)
+    assert (welcomed.session, welcomed.resumed) == ("s1", False)
+    assert welcomed.limits is not None  # the driver's long polling follows them
+    assert (welcomed.limits.poll_max_frames, welcomed.limits.poll_timeout) == (100, 25.0)
 
 
 def test_ids_increase_and_replies_correlate_out_of_order() -> None:

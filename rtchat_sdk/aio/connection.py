@@ -110,6 +110,9 @@ class Link:
         self.closing = False
         """Set once: no more connections (close() was called, or the link gave up)."""
         self._welcomed_here = False
+        self._poll_limits = (100, 25.0)
+        """Frames per POST and a poll's hold: the welcome's ``poll_max_frames`` and
+        ``poll_timeout`` (PROTOCOL §1.1), their defaults until one came."""
         self.fatal: RTChatError | None = None
         """Why no retry can help, once the server said so (or a fatal close code)."""
         self._retry_after: float | None = None
@@ -161,8 +164,10 @@ class Link:
     def _observe(self, event: SessionEvent) -> None:
         """The events that concern the connection itself."""
         match event:
-            case Welcomed():
+            case Welcomed(limits=limits):
                 self._welcomed_here = True
+                if limits is not None:
+                    self._poll_limits = limits.poll_max_frames, limits.poll_timeout
             case Refused(code=code, message=message, retry_after=retry_after):
                 self.fatal = self.fatal or refusal_error(code, message)
                 if self.fatal is None:
@@ -331,7 +336,7 @@ class Link:
             self._http,
             target,
             connect_timeout=self.connect_timeout,
-            limits=lambda: (session.poll_max_frames, session.max_frame_bytes),
+            limits=lambda: (self._poll_limits[0], session.max_frame_bytes),
         )
         self._cancel_flush()
         self._session.connection_made(self._clock())
@@ -347,7 +352,7 @@ class Link:
         try:
             self.after_io()
             while close is None and not self.closing:
-                batch, close = await poller.next_batch(hold=30.0)
+                batch, close = await poller.next_batch(hold=self._poll_limits[1])
                 self._session.receive_text(batch, self._clock())
                 self.after_io()
                 if self._dispatcher.full:

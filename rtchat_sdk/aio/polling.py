@@ -24,7 +24,8 @@ __all__ = ["PollingFailed", "Poller", "polling_url"]
 log = logging.getLogger("rtchat_sdk")
 
 POLL_MARGIN = 10.0
-"""Seconds a poll may take beyond the server's hold (25 s by default) before it counts as lost."""
+"""Seconds a poll may take beyond the server's hold (``welcome.limits.poll_timeout``, 25 s
+by default) before it counts as lost."""
 RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 """Waits before asking again after a request whose answer was lost on the way (a reset,
 a cut, or a 502/503/504: a node that could not reach the one holding the connection, or

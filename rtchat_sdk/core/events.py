@@ -66,6 +66,8 @@ class ConnectionState(StrEnum):
 class Welcomed:
     session: str
     resumed: bool
+    limits: p.Limits | None = None
+    """The server's limits (the driver's long polling follows them)."""
 
 
 @dataclass(frozen=True, slots=True)

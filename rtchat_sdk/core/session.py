@@ -109,7 +109,6 @@ class ClientSession:
         self.heartbeat = Heartbeat(ping_always=True, spread=ping_spread, random=random)
         """The deadlines of PROTOCOL §9: our pings, and when the server counts as gone."""
         self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES
-        self.poll_max_frames = 100
         self._hello_at = 0.0
         self._ever_sent: set[int] = set()
         self._unlisted_rooms: list[str] = []
@@ -398,7 +397,6 @@ class ClientSession:
             for stream in self._unlisted_rooms:
                 self._drop_room(stream, "not_rejoined")
         self.max_frame_bytes = frame.limits.max_frame_bytes
-        self.poll_max_frames = frame.limits.poll_max_frames  # what one POST may carry
         for entry in self.outbox:
             if entry.size > self.max_frame_bytes:
                 self._settle(entry.id)
@@ -426,7 +424,7 @@ class ClientSession:
             frame.heartbeat.interval, frame.heartbeat.timeout, now, first_ping_from=self._hello_at
         )
         self._timer_stale = True
-        self._events.append(Welcomed(frame.session, frame.resumed))
+        self._events.append(Welcomed(frame.session, frame.resumed, frame.limits))
         self._pump()
 
     def _on_reply(self, frame: p.ReplyFrame) -> None:

@@ -225,6 +225,9 @@ class Limits(_Frame):
     poll_max_frames: int = Field(
         default=100, ge=1, description="Frames per long-poll answer and per POST, at most."
     )
+    poll_timeout: float = Field(
+        default=25.0, gt=0, description="Seconds a long poll is held when there is nothing to send."
+    )
 
 
 # --------------------------------------------------------------------------

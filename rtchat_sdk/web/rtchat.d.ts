@@ -224,6 +224,8 @@ export declare class Session {
   rtt: number | null;
   maxFrameBytes: number;
   pollMaxFrames: number;
+  /** Seconds the server holds a poll (welcome.limits.poll_timeout); a poll is lost 10 s after. */
+  pollTimeout: number;
   readonly streams: Map<string, { epoch: string; offset: number; ns: string; room: string | null }>;
   readonly counters: Omit<Counters, "reconnects" | "failedAttempts" | "outboxSize">;
   readonly outboxSize: number;

@@ -22,7 +22,7 @@
 
 export const PROTOCOL_VERSION = 1;
 const MAX_RESUME_STREAMS = 10_000;
-const POLL_HOLD = 30; // s the server may hold a poll (its poll_timeout is 25), and then...
+const POLL_HOLD = 25; // s the server holds a poll (welcome.limits.poll_timeout), and then...
 const POLL_MARGIN = 10; // ...s more before the poll counts as lost
 /** Waits (s) before asking again after an HTTP answer lost on the way (a reset, 502/503/504). */
 const POLL_RETRIES = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6];
@@ -220,6 +220,7 @@ export class Session {
     this.counters = { sent: 0, resent: 0, retried: 0, duplicatesDropped: 0, gaps: 0, timedOut: 0, dropped: 0, connections: 0 };
     this.maxFrameBytes = 1 << 20; // the server's, from its last welcome
     this.pollMaxFrames = 100;
+    this.pollTimeout = POLL_HOLD; // s the server holds a poll, from its last welcome
     this._outbox = new Map(); // id -> entry; a Map keeps insertion order, which is id order
     this._outboxBytes = 0;
     this._unsent = []; // ids to write on this connection, ascending
@@ -422,6 +423,7 @@ export class Session {
     }
     if (Number.isInteger(limits.max_frame_bytes)) this.maxFrameBytes = limits.max_frame_bytes;
     this.pollMaxFrames = limits.poll_max_frames > 0 ? Math.floor(limits.poll_max_frames) : 100;
+    this.pollTimeout = limits.poll_timeout > 0 ? limits.poll_timeout : POLL_HOLD;
     for (const entry of [...this._outbox.values()]) {
       if (entry.size <= this.maxFrameBytes) continue;
       this._settle(entry.id); // it would be refused (1009) at every reconnect: fail it now
@@ -658,7 +660,8 @@ class PollingTransport extends Transport {
   async start() {
     try {
       while (!this._done) {
-        const answer = await this._request("GET", null, { timeout: POLL_HOLD + POLL_MARGIN, params: { ack: String(this.ack) } });
+        const hold = this._limits()[2];
+        const answer = await this._request("GET", null, { timeout: hold + POLL_MARGIN, params: { ack: String(this.ack) } });
         if (this._done) return;
         if (!Number.isInteger(answer.cursor) || !Array.isArray(answer.frames)) throw new PollFailed(`not a poll answer: ${JSON.stringify(answer)}`);
         this.ack = answer.cursor;
@@ -1123,7 +1126,7 @@ export class Client extends Namespace {
       env.logger.warn?.(`rtchat: no WebSocket to ${url} (${wsWhy}): trying HTTP long polling`);
     }
     const target = pollingUrl(url);
-    const poll = (this._transport = new PollingTransport(target, env, this.connectTimeout, () => [s.pollMaxFrames, s.maxFrameBytes]));
+    const poll = (this._transport = new PollingTransport(target, env, this.connectTimeout, () => [s.pollMaxFrames, s.maxFrameBytes, s.pollTimeout]));
     s.connectionMade(env.clock());
     try {
       await poll.open(s.dataToSend());

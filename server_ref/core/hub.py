@@ -115,6 +115,7 @@ class Hub:
             history_seconds=config.history_seconds,
             session_ttl=config.session_ttl,
             poll_max_frames=config.poll_max_frames,
+            poll_timeout=config.poll_timeout,
         )
 
     # ------------------------------------------------------------------

@@ -98,7 +98,7 @@ export function welcome(over = {}) {
   return {
     type: "welcome", protocol: 1, session: "s1", token: "tok1", resumed: false,
     heartbeat: { interval: 20, timeout: 10 },
-    limits: { max_frame_bytes: 1 << 20, max_in_flight: 1000, history_size: 1000, history_seconds: 300, session_ttl: 300, poll_max_frames: 100 },
+    limits: { max_frame_bytes: 1 << 20, max_in_flight: 1000, history_size: 1000, history_seconds: 300, session_ttl: 300, poll_max_frames: 100, poll_timeout: 25 },
     inbox: { stream: `inbox:${over.session ?? "s1"}`, epoch: "ie", offset: 0, ns: null, room: null },
     server: "rtchat", ...over,
   };

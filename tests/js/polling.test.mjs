@@ -144,3 +144,17 @@ test("close() over polling posts what is queued, then DELETE", T, async () => {
   assert.deepEqual(posted(s.server).map((f) => f.event), ["last"]);
   assert.equal(s.client.state, "closed");
 });
+
+test("a poll is waited for as long as the welcome's poll_timeout says, plus a margin", T, async () => {
+  const quiet = { heartbeat: { interval: 1000, timeout: 1000 } }; // no pings in the way
+  const limits = { ...welcome().limits, poll_timeout: 60 };
+  const s = await overPolling({}, { ...quiet, limits });
+  const gets = () => s.server.gets().length;
+  const before = gets();
+  await s.clock.advance(36); // past the default 25 s + 10: still held, as the server said
+  assert.equal(gets(), before);
+  await s.clock.advance(35); // past 60 + 10: counted as lost, and asked for again
+  assert.equal(gets(), before + 1);
+  assert.equal(s.server.gets().at(-1).url.searchParams.get("ack"), "1");
+  assert.equal(s.client.transport, "polling");
+});
