@@ -18,7 +18,7 @@ Runner = Callable[[str, str, dict[str, Any], int], Awaitable[dict[str, Any] | No
 
 
 def _runner(impl: str) -> Runner:
-    if impl in ("rtchat", "rtchat-deflate", "rtchat-asgi", "rtchat-polling"):
+    if impl.startswith("rtchat"):  # every rtchat variant runs the same client program
         from benchmarks.clients.rtchat_client import run as rtchat_run
 
         return rtchat_run
