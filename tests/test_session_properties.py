@@ -1013,3 +1013,24 @@ TestDriverTimerRunsLate.settings = SETTINGS
 
 TestTimedOutMessagesStayInFlight = TimedOutMessagesStayInFlight.TestCase
 TestTimedOutMessagesStayInFlight.settings = SETTINGS
+
+
+def test_a_late_entry_of_an_unfollowed_stream_does_not_stop_the_next_subscribe() -> None:
+    """Found by hypothesis (SessionsExpireWhileAway): the expired session's node
+    unsubscribed from the room while the world wrote to it; the entry the broker
+    still handed over made the hub note the stream as followed again, so the new
+    session restored into the room was never subscribed, and the echo of its own
+    publish never came ("lost silently: room:/:lobby epoch-2 offset 2")."""
+    state = SessionsExpireWhileAway()
+    state.app_joins_the_room_and_connects()
+    state.link_carries_everything_in_flight()
+    state.link_drops_losing_frames_both_ways()
+    state.client_reconnects()
+    state.server_forgets_the_session()
+    state.server_answers_calls(calls=1, pick=0)
+    state.the_world_writes(stream="room")
+    state.app_sends(echo=True, give_up_after=None, kind="publish")
+    state.link_carries_everything_in_flight()
+    state.link_delivers_recent_deliveries_again(count=1)
+    state._heal()  # as teardown does, without its hypothesis statistics
+    state._check_everything_settled()  # nothing owed lost silently

@@ -100,7 +100,9 @@ class Sessions:
         (A member replaying at that moment learns of it from its replay only
         if the history no longer holds the skipped entries.)
         """
-        last = self.following.get(entry.stream)
+        if entry.stream not in self.following:
+            return []  # late, from a stream being unfollowed: noting it would follow it again
+        last = self.following[entry.stream]
         self.following[entry.stream] = (entry.epoch, entry.offset)
         if last is None or last[0] != entry.epoch or entry.offset <= last[1] + 1:
             return []
