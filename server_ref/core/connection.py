@@ -82,9 +82,10 @@ def classify_decode_error(text: str | bytes, exc: ValidationError) -> tuple[str,
     kind = first["type"]
     if kind == "json_invalid":
         return p.ErrorCode.BAD_JSON, f"frame is not valid JSON: {first['msg']}", None
-    if kind in ("dict_type", "model_attributes_type"):
+    top = not first["loc"]  # a field's own dict_type (``auth: true``) is invalid_frame
+    if top and kind in ("dict_type", "model_attributes_type"):
         return p.ErrorCode.BAD_FRAME, "frame must be a JSON object", None
-    if kind == "union_tag_not_found":
+    if top and kind == "union_tag_not_found":
         return p.ErrorCode.BAD_FRAME, "frame has no 'type' field", None
     raw: Any = None
     with contextlib.suppress(ValueError):
