@@ -30,7 +30,7 @@ from .protocol import CloseCode, ErrorCode
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-__all__ = ["ReconnectPolicy", "close_error", "is_retryable", "refusal_error"]
+__all__ = ["ReconnectPolicy", "close_error", "is_retryable", "reconnect_at_once", "refusal_error"]
 
 _FATAL_REFUSALS: dict[str, type[FatalConnectionError]] = {
     ErrorCode.UNAUTHORIZED: Unauthorized,
@@ -67,6 +67,12 @@ def close_error(
         )
     cls = _FATAL_CLOSES.get(received) if received is not None else None
     return None if cls is None else cls("refused", reason or f"closed with code {received}")
+
+
+def reconnect_at_once(received: int | None) -> bool:
+    """A close to answer with a new connection at once, without a backoff wait:
+    4008, the credentials expired (the next hello carries fresh ones)."""
+    return received == CloseCode.TOKEN_EXPIRED
 
 
 def is_retryable(exc: BaseException) -> bool:

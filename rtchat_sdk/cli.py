@@ -7,7 +7,8 @@
     rtchat request URL EVENT [JSON] [--timeout S]
 
 Every subcommand also takes ``--ns /path`` (namespace, default ``/``),
-``--user NAME`` (sent as the hello's auth ``{"user": NAME}``),
+``--user NAME`` (sent as the hello's auth ``{"user": NAME}``), ``--token T``
+(a bearer token such as a JWT, sent as ``auth.token``; default ``$RTCHAT_TOKEN``),
 ``--connect-timeout S`` and ``-v`` (log the SDK's info messages on stderr).
 
 ``listen`` prints one JSON object per delivery on stdout, one a line, flushed
@@ -129,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--user", help='user name, sent as auth {"user": USER}')
     common.add_argument(
+        "--token",
+        default=os.environ.get("RTCHAT_TOKEN") or None,
+        help="bearer token (e.g. a JWT), sent as auth.token (default: $RTCHAT_TOKEN)",
+    )
+    common.add_argument(
         "--connect-timeout",
         type=_positive,
         default=10.0,
@@ -232,6 +238,7 @@ def _client(args: argparse.Namespace, reconnect: ReconnectPolicy | None) -> Clie
     return Client(
         args.url,
         auth={"user": args.user} if args.user is not None else None,
+        token=args.token,
         reconnect=reconnect,
         connect_timeout=args.connect_timeout,
         name="rtchat-cli",

@@ -2,7 +2,8 @@
 
 Every field of :class:`ServerConfig` is a flag (``heartbeat_interval`` is
 ``--heartbeat-interval``) whose default comes from the dataclass, so a new
-field gets its flag without touching this module. The server answers a
+field gets its flag without touching this module; the fields that are not
+numbers (TLS, allowed origins: ``OWN_FLAGS``) have flags written here. The server answers a
 built-in ``echo`` request in the default namespace ``/``.
 
 Exit codes:
@@ -34,12 +35,13 @@ from typing import Any, get_type_hints
 from rtchat_sdk import protocol as p
 
 from .app import Context
+from .auth_flags import add_jwt_flags, jwt_authenticator
 from .broker import MAX_CALLS, Broker
 from .config import ServerConfig
 from .errors import BrokerUnavailable
-from .server import Server
+from .server import Authenticator, Server
 
-__all__ = ["build_parser", "config_from_args", "main"]
+__all__ = ["OWN_FLAGS", "build_parser", "config_from_args", "main"]
 
 log = logging.getLogger("server_ref.cli")
 
@@ -68,10 +70,14 @@ CONFIG_HELP: dict[str, str] = {
     "poll_timeout": "seconds a long poll is held when there is nothing to send",
     "poll_idle_timeout": "seconds without a request before a polling connection is dropped",
     "poll_max_frames": "frames per poll answer and per POST, at most",
+    "token_expiry_grace": "seconds a connection outlives its token's expiry (then 4008)",
     "compression": "accept permessage-deflate from clients that ask for it",
     "demo": "serve a small chat page at /demo/ (uses /rtchat.js, the browser client)",
 }
 """Help text per ServerConfig field; a field missing here still gets a flag."""
+
+OWN_FLAGS = frozenset({"certfile", "keyfile", "ssl_context", "allowed_origins"})
+"""ServerConfig fields that are not numbers: flags of their own, or none (a context)."""
 
 
 def _flag(field_name: str) -> str:
@@ -123,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hints = get_type_hints(ServerConfig)
     for field in dataclasses.fields(ServerConfig):
+        if field.name in OWN_FLAGS:
+            continue
         kind = hints[field.name]
         help_text = CONFIG_HELP.get(field.name, f"ServerConfig.{field.name}")
         if kind is bool:
@@ -144,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N" if kind is int else "SECONDS" if help_text.startswith("seconds") else "X",
             help=help_text,
         )
+    _tls_and_origin_flags(parser)
     parser.add_argument(
         "--asgi",
         action="store_true",
@@ -174,14 +183,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", type=_log_level, default="INFO", help=f"one of {', '.join(LOG_LEVELS)}"
     )
+    add_jwt_flags(parser)
     return parser
+
+
+def _tls_and_origin_flags(parser: argparse.ArgumentParser) -> None:
+    """The ServerConfig fields that are not numbers: their flags are written here."""
+    parser.add_argument(
+        "--certfile",
+        metavar="PATH",
+        help="PEM certificate chain: serve TLS (wss://, https://) on the port",
+    )
+    parser.add_argument(
+        "--keyfile", metavar="PATH", help="PEM private key of --certfile, if not in it"
+    )
+    parser.add_argument(
+        "--allowed-origin",
+        dest="allowed_origins",
+        metavar="ORIGIN",
+        action="append",
+        default=[],
+        help="a browser origin (https://app.example, or *) allowed to connect; repeatable;"
+        " others get 403 (none: every origin, and no CORS headers)",
+    )
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
     """Build the ServerConfig; an invalid one exits 2 through ``parser.error``."""
-    names = [f.name for f in dataclasses.fields(ServerConfig)]
+    names = [f.name for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)]
+    values = {name: getattr(args, name) for name in names}
+    values["allowed_origins"] = tuple(values.get("allowed_origins", ()))
     try:
-        return ServerConfig(**{name: getattr(args, name) for name in names})
+        config = ServerConfig(**values)
+        config.server_ssl()  # a certificate that cannot be loaded is a bad command line
+        return config
+    except OSError as exc:  # ssl.SSLError included
+        parser.error(f"--certfile/--keyfile: cannot load the certificate: {exc}")
     except (TypeError, ValueError) as exc:
         # Speak in flags, not field names: "--dedupe-size must be at least --max-in-flight".
         pattern = r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b"
@@ -222,6 +259,7 @@ async def _serve(
     broker: Broker | None,
     broker_name: str,
     asgi: bool = False,
+    authenticate: Authenticator | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -251,10 +289,12 @@ async def _serve(
     if asgi:
         from .asgi import uvicorn_listener  # uvicorn only for those who ask
 
-        server = Server(config, broker=broker, transport=uvicorn_listener)
+        server = Server(
+            config, broker=broker, transport=uvicorn_listener, authenticate=authenticate
+        )
         broker_name += ", served by uvicorn"
     else:
-        server = Server(config, broker=broker)
+        server = Server(config, broker=broker, authenticate=authenticate)
     server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
     try:
         try:
@@ -270,12 +310,11 @@ async def _serve(
                 file=sys.stderr,
             )
             return 1
-        print(
-            f"rtchat server listening on ws://{_display_host(host)}:{server.port} ({broker_name})",
-            flush=True,
-        )
+        ws, web = ("wss", "https") if config.tls else ("ws", "http")
+        address = f"{_display_host(host)}:{server.port}"
+        print(f"rtchat server listening on {ws}://{address} ({broker_name})", flush=True)
         if config.demo:
-            print(f"demo chat page at http://{_display_host(host)}:{server.port}/demo/", flush=True)
+            print(f"demo chat page at {web}://{address}/demo/", flush=True)
         await stop.wait()
         await server.close()
         log.info("server stopped")
@@ -290,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(parser, args)
+    authenticate = jwt_authenticator(parser, args)
     logging.basicConfig(level=args.log_level, format=LOG_FORMAT, stream=sys.stderr)
     try:
         broker, broker_name = _broker(args, config)
@@ -298,7 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     try:
-        return asyncio.run(_serve(args.host, args.port, config, broker, broker_name, args.asgi))
+        return asyncio.run(
+            _serve(args.host, args.port, config, broker, broker_name, args.asgi, authenticate)
+        )
     except KeyboardInterrupt:  # SIGINT before the handlers were installed or after removal
         return 128 + signal.SIGINT
 

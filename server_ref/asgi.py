@@ -31,7 +31,8 @@ from .app import Context
 from .config import ServerConfig
 from .server import Server
 from .transports.asgi import Receive, Scope, Send, serve_http, serve_websocket
-from .transports.base import Endpoint, Listener
+from .transports.base import Endpoint, Listener, bearer_token
+from .transports.origins import origin_allowed, origin_of
 from .transports.polling import Polling
 
 __all__ = ["RtchatApp", "UvicornListener", "app", "create_app", "uvicorn_listener"]
@@ -55,13 +56,27 @@ class RtchatApp:
             return
         await self._open()
         if kind == "websocket":
-            if not self.websocket:
+            origin = origin_of(scope.get("headers", ()))
+            if not self.websocket or not origin_allowed(self.server.config.allowed_origins, origin):
                 await receive()  # websocket.connect
                 await send({"type": "websocket.close", "code": 1008})  # the server answers 403
                 return
-            await serve_websocket(self.server, receive, send, self.server.config.max_frame_bytes)
+            await serve_websocket(
+                self.server,
+                receive,
+                send,
+                self.server.config.max_frame_bytes,
+                bearer=bearer_token(scope.get("headers", [])),
+            )
         elif kind == "http":
-            await serve_http(self.server, scope, receive, send, self.polling)
+            await serve_http(
+                self.server,
+                scope,
+                receive,
+                send,
+                self.polling,
+                allowed_origins=self.server.config.allowed_origins,
+            )
 
     async def _open(self) -> None:
         if self.server.not_ready() == "not started":
@@ -150,6 +165,8 @@ class UvicornListener(Listener):
             ws_max_size=self._app.server.config.max_frame_bytes,
             ws_ping_interval=None,  # rtchat's heartbeats run at the app level
         )
+        config.load()  # then uvicorn listens with our TLS context, if any (not loaded again)
+        config.ssl = self._app.server.config.server_ssl()
         self._uvicorn = uvicorn.Server(config)
         self._uvicorn.capture_signals = contextlib.nullcontext  # the command line owns signals
         self._task = asyncio.create_task(self._uvicorn.serve(), name="rtchat-uvicorn")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+import ssl
+from dataclasses import dataclass, field, fields
 
 __all__ = ["ServerConfig"]
 
@@ -35,6 +36,10 @@ class ServerConfig:
     """Seconds without a request after which a polling connection counts as dropped."""
     poll_max_frames: int = 100
     """Frames per poll answer, and per POST, at most."""
+    token_expiry_grace: float = 30.0
+    """Seconds a connection stays open after its credentials expire (the ``expires_in``
+    an authenticator returns, e.g. a JWT's ``exp``); then it is closed with 4008
+    TOKEN_EXPIRED and the client reconnects with fresh credentials."""
     demo: bool = False
     """Serve the demo chat page at ``/demo/`` (``rtchat-server --demo``)."""
     compression: bool = False
@@ -42,13 +47,42 @@ class ServerConfig:
     ~33 KB of memory per connection and a third of the throughput on small
     messages (docs/performance.md); turn it on for large, repetitive payloads
     over slow links."""
+    certfile: str | None = None
+    """PEM certificate chain: serve TLS (``wss://``, ``https://``) on the port."""
+    keyfile: str | None = None
+    """PEM private key of ``certfile`` (None: the key is in ``certfile``)."""
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
+    """A server TLS context made by the embedding app (``Server(ssl=...)``); wins over
+    ``certfile``."""
+    allowed_origins: tuple[str, ...] = ()
+    """Browser origins (``https://app.example``, or ``*``) allowed to connect; others get
+    403. Empty: every origin, and no CORS headers (transports/origins.py)."""
 
     def __post_init__(self) -> None:
+        if self.keyfile is not None and self.certfile is None:
+            raise ValueError("keyfile needs certfile")
+        if self.allowed_origins:  # imported here: transports import this module
+            from .transports.origins import normalize_origin
+
+            self.allowed_origins = tuple(normalize_origin(o) for o in self.allowed_origins)
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{f.name} must be positive, got {value!r}")
         if self.dedupe_size < self.max_in_flight:
             raise ValueError("dedupe_size must be at least max_in_flight")
+
+    @property
+    def tls(self) -> bool:
+        """The port serves TLS: its URLs are ``wss://`` and ``https://``."""
+        return self.ssl_context is not None or self.certfile is not None
+
+    def server_ssl(self) -> ssl.SSLContext | None:
+        """The TLS context to listen with, loading ``certfile`` (OSError if it cannot)."""
+        if self.ssl_context is not None or self.certfile is None:
+            return self.ssl_context
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.certfile, self.keyfile)
+        return context

@@ -5,7 +5,8 @@
     RTChatError
     ├── HandlerFailure   a handler could not produce a reply: the error frame's fields
     ├── FrameTooLarge    (also a ValueError) a delivery would pass max_frame_bytes
-    └── BrokerUnavailable  the broker's store (Redis) cannot be reached
+    ├── BrokerUnavailable  the broker's store (Redis) cannot be reached
+    └── CredentialsRefused an authenticator refuses a hello, saying why (4001)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from rtchat_sdk.errors import RTChatError
 
-__all__ = ["BrokerUnavailable", "FrameTooLarge", "HandlerFailure"]
+__all__ = ["BrokerUnavailable", "CredentialsRefused", "FrameTooLarge", "HandlerFailure"]
 
 
 class HandlerFailure(RTChatError):
@@ -33,3 +34,8 @@ class FrameTooLarge(RTChatError, ValueError):
 
 class BrokerUnavailable(RTChatError):
     """The broker's store cannot be reached (at start: the server does not start)."""
+
+
+class CredentialsRefused(RTChatError):
+    """Raised by an authenticator to refuse a hello with a reason the client is told
+    (returning None refuses too, with a generic one)."""

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from ssl import SSLContext
 from typing import Any
 
 from rtchat_sdk import protocol as p
@@ -38,6 +40,7 @@ from .core.commands import (
     Close,
     Deliver,
     Handle,
+    Identity,
     MayJoin,
     Send,
 )
@@ -47,12 +50,16 @@ from .static import static_answer
 from .transports.base import HttpAnswer, Listener, ListenerFactory, Transport
 from .transports.websocket import websocket_listener
 
-__all__ = ["Authenticator", "FrameTooLarge", "Server", "ServerConfig", "run_call"]
+__all__ = ["Authenticator", "FrameTooLarge", "Identity", "Server", "ServerConfig", "run_call"]
 
 log = logging.getLogger("server_ref")
 
-Authenticator = Callable[[dict[str, Any] | None], "str | Awaitable[str | None] | None"]
-"""Gets ``hello.auth``; returns the user identity, or None to refuse."""
+Authenticator = Callable[
+    [dict[str, Any] | None], "str | Identity | Awaitable[str | Identity | None] | None"
+]
+"""Gets ``hello.auth`` (with ``token`` from an ``Authorization: Bearer`` header when
+the hello has none); returns the user, an ``Identity`` (user, claims, expiry), or None
+to refuse; or raises ``CredentialsRefused`` to refuse with a reason (``auth.py``)."""
 
 _WITH_LISTENER = frozenset({"subscribe", "unsubscribe"})
 
@@ -108,8 +115,11 @@ class Server:
         authenticate: Authenticator | None = None,
         clock: Callable[[], float] = time.monotonic,
         transport: ListenerFactory = websocket_listener,
+        ssl: SSLContext | None = None,
     ) -> None:
         self.config = config or ServerConfig()
+        if ssl is not None:  # serve TLS with the app's own context (ServerConfig.ssl_context)
+            self.config = dataclasses.replace(self.config, ssl_context=ssl)
         self._make_listener = transport
         """What ``start`` listens with (``transports/``): WebSocket unless told otherwise."""
         self.broker = broker or MemoryBroker(
@@ -167,7 +177,8 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
+        scheme = "wss" if self.config.tls else "ws"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def listener(self) -> Listener | None:
@@ -339,7 +350,7 @@ class Server:
         return static_answer(path, demo=self.config.demo)
 
     def opened(self, transport: Transport) -> int:
-        conn = self.hub.connection_opened(self._clock())
+        conn = self.hub.connection_opened(self._clock(), transport.bearer)
         self._transports[conn] = transport
         self._drain()
         return conn

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from ssl import SSLContext
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel
@@ -50,8 +51,9 @@ from ..errors import (
 from ..events import Event, event_name, validate_payload
 from ..outbox import Outbox, OverflowPolicy
 from .connection import AttemptCallback, Link
+from .credentials import Credentials, TokenSource
 from .dispatcher import Dispatcher, GapCallback
-from .endpoint import ProxySetting, check_url
+from .endpoint import ProxySetting, check_ssl, check_url
 from .handlers import ErrorCallback, HandlerRegistry
 
 __all__ = ["Client", "NamespaceClient", "StateCallback"]
@@ -175,6 +177,7 @@ class Client(NamespaceClient):
         url: str | Sequence[str],
         *,
         auth: dict[str, Any] | None = None,
+        token: TokenSource | None = None,
         reconnect: ReconnectPolicy | None = None,
         outbox: Outbox | None = None,
         request_timeout: float = 30.0,
@@ -186,6 +189,7 @@ class Client(NamespaceClient):
         name: str = "rtchat-python",
         compression: bool = False,
         proxy: ProxySetting = True,
+        ssl: SSLContext | None = None,
         transports: Sequence[str] = ("websocket", "polling"),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -200,6 +204,7 @@ class Client(NamespaceClient):
         if not urls:
             raise ValueError("at least one URL is needed")
         _check_auth(auth)
+        credentials = Credentials(auth, token)
         # The options as given, for the app to read back (the link holds its own).
         self.urls = urls
         self.reconnect = reconnect or ReconnectPolicy()
@@ -213,6 +218,9 @@ class Client(NamespaceClient):
         self.proxy = proxy
         """True: the proxy the environment names (HTTPS_PROXY, ALL_PROXY, NO_PROXY...);
         a URL: that proxy; None: always connect directly."""
+        self.ssl = check_ssl(ssl, urls)
+        """TLS for ``wss://`` URLs (and their ``https://`` polling): None verifies the
+        server's certificate with the system's CAs; a context is used as given."""
         self._clock = clock
         self._session = ClientSession(
             outbox=outbox,
@@ -249,7 +257,9 @@ class Client(NamespaceClient):
             max_frame_bytes=max_frame_bytes,
             compression=compression,
             proxy=proxy,
+            ssl=self.ssl,
             transports=transports,
+            credentials=credentials,
             clock=clock,
             on_event=self._on_event,
             on_state=self._set_state,

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any
 
 import httpx
@@ -27,7 +28,7 @@ from websockets.exceptions import (
 )
 from websockets.protocol import State
 
-from ..backoff import ReconnectPolicy, close_error, refusal_error
+from ..backoff import ReconnectPolicy, close_error, reconnect_at_once, refusal_error
 from ..core import (
     ClientSession,
     ConnectionState,
@@ -41,8 +42,10 @@ from ..errors import (
     ConnectionFailed,
     GaveUp,
     RTChatError,
+    Unauthorized,
 )
 from ..wsio import write_framed
+from .credentials import Credentials
 from .dispatcher import Dispatcher
 from .endpoint import ProxySetting, choose_proxy, describe_failure
 from .polling import Poller, PollingFailed, polling_url
@@ -74,7 +77,9 @@ class Link:
         max_frame_bytes: int,
         compression: bool,
         proxy: ProxySetting,
+        ssl: SSLContext | None = None,
         transports: tuple[str, ...] = ("websocket", "polling"),
+        credentials: Credentials | None = None,
         clock: Callable[[], float],
         on_event: Callable[[SessionEvent], None],
         on_state: Callable[[ConnectionState], None],
@@ -89,11 +94,17 @@ class Link:
         self.max_frame_bytes = max_frame_bytes
         self.compression = compression
         self.proxy = proxy
+        self.ssl = ssl
+        """The TLS context for ``wss://`` and ``https://`` (None: verified, system CAs)."""
         self.transports = transports
         """What to dial, in order: "websocket" and/or "polling" (HTTP long polling)."""
         self.transport: str | None = None
         """What carries the current connection ("websocket" or "polling"), if any."""
         self.poller: Poller | None = None
+        self._credentials = credentials or Credentials(session.auth, None)
+        """The hello's ``auth`` (and token, fetched again before each dial)."""
+        self._at_once = False
+        """The last connection closed with a code that wants a new one without waiting."""
         self._http: httpx.AsyncClient | None = None
         self._clock = clock
         self._on_event = on_event
@@ -191,6 +202,7 @@ class Link:
         index = 0
         attempt = 0
         ever_welcomed = False
+        renewed = False  # a refused token was renewed: the next refusal is final
         while not self.closing:
             url = self.urls[index % len(self.urls)]
             self._on_state(
@@ -203,16 +215,22 @@ class Link:
                 except Exception:
                     log.exception("attempt callback raised")
             started = self._clock()
-            error = await self._connect_once(url)
+            error = await self._connect_with_credentials(url)
             if self.closing:
                 return
             if self._welcomed_here:
-                ever_welcomed = True
+                ever_welcomed, renewed = True, False
                 attempt = 0
                 if self._clock() - started >= policy.stable_after:
                     delays, failures, failing_since = policy.delays(), 0, None
             else:
                 self.failed_attempts += 1
+            if isinstance(self.fatal, Unauthorized) and not renewed:
+                renewed = await self._credentials.renew()
+                if renewed and not self.closing:  # another token: try it once, at once
+                    log.info("credentials refused (%s): retrying with a new token", self.fatal)
+                    self.fatal = None
+                    continue
             if self.fatal is not None or not policy.classify(error):
                 self._end(self.fatal or error)
                 return
@@ -234,7 +252,7 @@ class Link:
                 return
             if not self._welcomed_here:
                 index += 1  # this URL failed: try the next one
-            delay = next(delays)
+            delay = 0.0 if self._at_once else next(delays)
             if self._retry_after is not None:
                 # The server asked for a pause: wait it out, then add our jitter so
                 # everyone it sent away does not come back in the same instant.
@@ -247,6 +265,17 @@ class Link:
                 delay=delay,
             )
             await asyncio.sleep(delay)
+
+    async def _connect_with_credentials(self, url: str) -> RTChatError:
+        """Fetch the hello's credentials (a token callable runs here), then connect."""
+        self._welcomed_here = self._at_once = False
+        try:
+            self._session.auth = await self._credentials.for_hello()
+        except ConnectionFailed as exc:
+            return exc
+        if self.closing:
+            return ConnectionFailed("the client was closed")
+        return await self._connect_once(url)
 
     async def _connect_once(self, url: str) -> RTChatError:
         """One connection, from its dial to its end; returns why it ended.
@@ -279,6 +308,7 @@ class Link:
                 compression="deflate" if self.compression else None,
                 max_size=self.max_frame_bytes,
                 proxy=proxy,
+                ssl=(self.ssl or True) if url.lower().startswith("wss://") else None,
             )
         except (OSError, TimeoutError, WebSocketException, ImportError, ValueError) as exc:
             why = describe_failure(exc, url, timeout=self.connect_timeout, proxy=proxy)
@@ -317,6 +347,7 @@ class Link:
             sent=None if sent is None else sent.code,
             max_frame_bytes=self.max_frame_bytes,
         )
+        self._at_once = reconnect_at_once(code)
         why = f"connection to {url} closed (code {code}: {ws.close_reason})"
         return ConnectionFailed(why), False
 
@@ -326,10 +357,12 @@ class Link:
         if self._http is None:
             # No Nagle: a request's headers and body go out as written, not 40 ms later.
             nodelay = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+            verify = self.ssl or True  # the transport's, and the proxy's: never off by default
             self._http = httpx.AsyncClient(
                 trust_env=self.proxy is True,
                 proxy=self._proxy_url(),
-                transport=httpx.AsyncHTTPTransport(socket_options=nodelay),
+                verify=verify,
+                transport=httpx.AsyncHTTPTransport(verify=verify, socket_options=nodelay),
             )
         session = self._session
         poller = Poller(
@@ -372,6 +405,7 @@ class Link:
             self.fatal = self.fatal or close_error(
                 code, reason, sent=None, max_frame_bytes=self.max_frame_bytes
             )
+            self._at_once = reconnect_at_once(code)
         return ConnectionFailed(f"polling connection to {target} closed (code {code}: {reason})")
 
     def _proxy_url(self) -> str | None:

@@ -1,10 +1,12 @@
 """Where the client dials and why a dial failed: URL check, proxy choice, messages.
 
-Three pure functions at the boundary with websockets and the OS:
+Pure functions at the boundary with websockets and the OS:
 
 - ``check_url`` refuses, when the ``Client`` is made, a URL that can never
   work (a scheme rtchat does not speak, no host, a bad port): a usage error
   is a ``ValueError`` at once, not a ``ConnectionFailed`` after a dial.
+- ``check_ssl`` refuses an ``ssl=`` that is not a context, or has no ``wss://``
+  URL to serve.
 - ``choose_proxy`` honours the environment as websockets does
   (``wss``/``ws``/``socks``/``https``/``http`` proxies, ``NO_PROXY``), and
   also ``ALL_PROXY``, which curl and most tools read and websockets does not.
@@ -31,7 +33,14 @@ from websockets.exceptions import (
 from websockets.proxy import get_proxy
 from websockets.uri import parse_uri
 
-__all__ = ["ProxySetting", "check_url", "choose_proxy", "describe_failure"]
+__all__ = [
+    "ProxySetting",
+    "check_ssl",
+    "check_url",
+    "choose_proxy",
+    "describe_failure",
+    "tls_failure",
+]
 
 ProxySetting = str | Literal[True] | None
 """``True``: from the environment; a URL: that proxy; ``None``: connect directly."""
@@ -62,6 +71,22 @@ def check_url(url: str) -> str:
     except ValueError as exc:  # e.g. the port is out of range
         raise ValueError(f"invalid URL {url!r}: {exc}") from None
     return url
+
+
+def check_ssl(context: object, urls: list[str]) -> ssl.SSLContext | None:
+    """``context`` if it can serve ``urls``: an ``SSLContext`` (used as given) for
+    ``wss://`` ones, or None (the system's CAs, verification on). Never a bool, so
+    verification cannot be turned off by one word: make a context that does so."""
+    if context is None:
+        return None
+    if not isinstance(context, ssl.SSLContext):
+        raise TypeError(
+            f"ssl is an ssl.SSLContext or None (verified with the system CAs),"
+            f" not {type(context).__name__}"
+        )
+    if not any(url.lower().startswith("wss://") for url in urls):
+        raise ValueError("ssl= is for wss:// URLs, and none was given")
+    return context
 
 
 def choose_proxy(url: str, proxy: ProxySetting) -> str | None:
@@ -103,13 +128,8 @@ def describe_failure(exc: BaseException, url: str, *, timeout: float, proxy: str
             )
         case WebSocketException():
             return f"WebSocket handshake failed: {_text(exc)}"
-        case ssl.SSLCertVerificationError():
-            detail = getattr(exc, "verify_message", None) or _text(exc)
-            return f"TLS certificate verification failed: {detail}"
         case ssl.SSLError():
-            reason = getattr(exc, "reason", None)  # set by OpenSSL; absent when made by hand
-            hint = _NOT_TLS if reason in _PLAIN_PEER_REASONS else ""
-            return f"TLS handshake failed: {reason or _text(exc)}{hint}"
+            return tls_failure(exc) or _text(exc)
         case ConnectionResetError() | ConnectionAbortedError() if uri.secure:
             return f"TLS handshake failed: connection reset{via}{_NOT_TLS}"
         case ConnectionRefusedError():
@@ -132,6 +152,21 @@ def describe_failure(exc: BaseException, url: str, *, timeout: float, proxy: str
             return f"{exc.strerror or _text(exc)}{via}"
         case _:
             return _text(exc)
+
+
+def tls_failure(exc: BaseException) -> str | None:
+    """The words for a TLS failure in ``exc`` or its causes (httpx wraps them), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            detail = getattr(seen, "verify_message", None) or _text(seen)
+            return f"TLS certificate verification failed: {detail}"
+        if isinstance(seen, ssl.SSLError):
+            reason = getattr(seen, "reason", None)  # set by OpenSSL; absent when made by hand
+            hint = _NOT_TLS if reason in _PLAIN_PEER_REASONS else ""
+            return f"TLS handshake failed: {reason or _text(seen)}{hint}"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _text(exc: BaseException) -> str:

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
+from .endpoint import tls_failure
+
 __all__ = ["PollingFailed", "Poller", "polling_url"]
 
 log = logging.getLogger("rtchat_sdk")
@@ -193,8 +195,9 @@ class Poller:
                     timeout=timeout,
                 )
             except httpx.TransportError as exc:
-                why = f"{method} {self.url}: {type(exc).__name__}: {exc}"
-                wait = next(waits, None)
+                tls = tls_failure(exc)  # a certificate is not fixed by asking again
+                why = f"{method} {self.url}: {tls or f'{type(exc).__name__}: {exc}'}"
+                wait = None if tls else next(waits, None)
                 if wait is None:
                     raise PollingFailed(why) from exc
             except httpx.HTTPError as exc:

@@ -133,6 +133,7 @@ class CloseCode(IntEnum):
 
     NORMAL = 1000
     GOING_AWAY = 1001
+    INVALID_DATA = 1007  # by the WebSocket library: a text message that is not UTF-8
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
@@ -144,6 +145,7 @@ class CloseCode(IntEnum):
     SLOW_CONSUMER = 4005
     SESSION_REPLACED = 4006
     TOO_MANY_BAD_FRAMES = 4007
+    TOKEN_EXPIRED = 4008
 
 
 def _require_type(schema: dict[str, Any]) -> None:

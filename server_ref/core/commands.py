@@ -15,7 +15,7 @@ unset and the hub numbers it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Deliver",
     "Finished",
     "Handle",
+    "Identity",
     "MayJoin",
     "Send",
 ]
@@ -89,8 +90,23 @@ class BrokerCall:
 
 
 @dataclass(slots=True)
+class Identity:
+    """Who an authenticator says a hello speaks for (it may also return a plain user string).
+
+    ``claims`` are kept with the session for later authorization; ``expires_in``
+    (seconds from the hello, e.g. a JWT's ``exp``) lets the hub close the
+    connection with TOKEN_EXPIRED once the credentials are stale.
+    """
+
+    user: str | None
+    claims: dict[str, Any] = field(default_factory=dict)
+    expires_in: float | None = None
+
+
+@dataclass(slots=True)
 class Authenticate:
-    """Run the app's authenticator on ``hello.auth``; the result is the user or None."""
+    """Run the app's authenticator on ``hello.auth``; the result is the user, an
+    ``Identity``, or None (refused)."""
 
     auth: dict[str, Any] | None
     op: int = 0

@@ -53,7 +53,7 @@ from .commands import (
 )
 from .connection import ConnectionCore
 from .replay import Covered, gap_frame, release_held, replay
-from .running import Conn, Op, Running
+from .running import Conn, CredentialsExpiry, Op, Running
 from .sessions import Session, Sessions
 from .steps import answer, identify, restore_rooms
 
@@ -142,8 +142,11 @@ class Hub:
     # ------------------------------------------------------------------
     # Connections
 
-    def connection_opened(self, now: float) -> int:
-        """A transport accepted a connection; returns its id (refused ones are closed)."""
+    def connection_opened(self, now: float, bearer: str | None = None) -> int:
+        """A transport accepted a connection; returns its id (refused ones are closed).
+
+        ``bearer``: the token of its ``Authorization: Bearer`` header, if any.
+        """
         self._now = now
         self._seq += 1
         conn_id = self._seq
@@ -167,7 +170,7 @@ class Hub:
             handshake_timeout=self.config.handshake_timeout,
             max_bad_frames=self.config.max_bad_frames,
         )
-        c = self._conns[conn_id] = Conn(conn_id, core)
+        c = self._conns[conn_id] = Conn(conn_id, core, bearer)
         self._schedule(c)
         return conn_id
 
@@ -426,6 +429,13 @@ class Hub:
                     item.expires = None
                     self._enqueue(item, self.sessions.drop_local(item))
                 continue
+            if type(item) is CredentialsExpiry:
+                stale = item.conn
+                if stale.id in self._conns:
+                    reason = "credentials expired; reconnect with fresh ones"
+                    stale.core.close(p.CloseCode.TOKEN_EXPIRED, reason)
+                    self._flush(stale)
+                continue
             c: Conn = item
             if c.scheduled != when or c.id not in self._conns:
                 continue  # superseded by an earlier deadline, or gone
@@ -453,10 +463,17 @@ class Hub:
     def _hello(self, c: Conn, hello: p.HelloFrame) -> Op:
         if hello.batch:
             self._out.append(Batching(c.id))
-        user = yield from identify(c.core, hello, self._authenticates)
+        identity = yield from identify(c.core, hello, self._authenticates, c.bearer)
         if c.core.close_code is not None:
             self._flush(c)
             return
+        user, c.claims = identity.user, identity.claims
+        if identity.expires_in is not None:
+            # Stale credentials end the connection (TOKEN_EXPIRED) a grace period after
+            # they expire; the client comes back with fresh ones and resumes.
+            when = self._now + max(0.0, identity.expires_in) + self.config.token_expiry_grace
+            self._seq += 1
+            heapq.heappush(self._timers, (when, self._seq, CredentialsExpiry(c)))
         record: SessionRecord | None = None
         if hello.resume is not None:
             record = yield BrokerCall("load_session", (hello.resume.token,))
@@ -512,6 +529,7 @@ class Hub:
             return
         c.session = session
         session.conn = c
+        session.claims = c.claims
         session.replaying = True
         session.held = []
         try:

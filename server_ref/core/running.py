@@ -13,18 +13,22 @@ from .commands import Call
 from .connection import ConnectionCore
 from .sessions import Session
 
-__all__ = ["Conn", "Op", "Running"]
+__all__ = ["Conn", "CredentialsExpiry", "Op", "Running"]
 
 Op = Generator[Call, Any, Any]
 """An operation: yields calls, receives their results, returns its own."""
 
 
 class Conn:
-    __slots__ = ("busy", "core", "early", "id", "scheduled", "session")
+    __slots__ = ("bearer", "busy", "claims", "core", "early", "id", "scheduled", "session")
 
-    def __init__(self, conn_id: int, core: ConnectionCore) -> None:
+    def __init__(self, conn_id: int, core: ConnectionCore, bearer: str | None = None) -> None:
         self.id = conn_id
         self.core = core
+        self.bearer = bearer
+        """The token of the request's ``Authorization: Bearer`` header, if any."""
+        self.claims: dict[str, Any] = {}
+        """What the authenticator said about the credentials of its hello."""
         self.session: Session | None = None
         self.busy = 0
         """Operations of this connection's messages running or waiting."""
@@ -32,6 +36,15 @@ class Conn:
         """The deadline this connection has in the hub's timer heap."""
         self.early: list[str | bytes] | None = None
         """While its hello is handled: frames that came after it, read once it is."""
+
+
+class CredentialsExpiry:
+    """A timer-heap item: the connection's credentials are stale from its deadline on."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
 
 
 class Running:

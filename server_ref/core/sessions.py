@@ -35,6 +35,7 @@ class Session:
 
     __slots__ = (
         "busy",
+        "claims",
         "conn",
         "expires",
         "held",
@@ -56,6 +57,9 @@ class Session:
         """Sender ids whose entries are this client's own publishes."""
         self.conn: Any = None
         """The hub's connection attached to the session, if any."""
+        self.claims: dict[str, Any] = {}
+        """The authenticator's claims about its current connection's credentials
+        (e.g. a JWT's), for authorization by the app."""
         self.expires: float | None = None
         """When this node forgets the detached session."""
         self.replaying = False

@@ -16,8 +16,8 @@ from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import ValidationFailed
 
 from ..broker.base import Draft, SessionRecord
-from ..errors import BrokerUnavailable, FrameTooLarge, HandlerFailure
-from .commands import Authenticate, BrokerCall, Call, Handle, MayJoin
+from ..errors import BrokerUnavailable, CredentialsRefused, FrameTooLarge, HandlerFailure
+from .commands import Authenticate, BrokerCall, Call, Handle, Identity, MayJoin
 from .connection import ClientMessage, ConnectionCore, unsendable_answer
 from .sessions import Session
 
@@ -29,23 +29,35 @@ Step = Generator[Call, Any, Any]
 
 
 def identify(
-    core: ConnectionCore, hello: p.HelloFrame, authenticates: bool
-) -> Generator[Call, Any, str | None]:
-    """The user a hello speaks for; refuses the connection (4001) when there is none."""
+    core: ConnectionCore, hello: p.HelloFrame, authenticates: bool, bearer: str | None = None
+) -> Generator[Call, Any, Identity]:
+    """Who a hello speaks for; refuses the connection (4001) when nobody.
+
+    ``bearer``: the token of the connection's ``Authorization: Bearer`` header,
+    given to the authenticator as ``auth.token`` when the hello carries none.
+    """
+    auth = hello.auth
     if not authenticates:
-        user = (hello.auth or {}).get("user")
-        return user if isinstance(user, str) else None
+        user = (auth or {}).get("user")
+        return Identity(user if isinstance(user, str) else None)
+    if bearer is not None and (auth is None or "token" not in auth):
+        auth = {**(auth or {}), "token": bearer}
     try:
-        result = yield Authenticate(hello.auth)
+        result = yield Authenticate(auth)
+    except CredentialsRefused as exc:
+        result, reason = None, f"credentials were refused: {exc}"
     except Exception as exc:  # an authenticator bug must not kill the server
         log.exception("authenticate raised")
         result = None
         reason = f"authentication failed: {type(exc).__name__}"
     else:
         reason = "credentials were refused"
-    if result is None:
-        core.refuse(p.ErrorCode.UNAUTHORIZED, reason, p.CloseCode.UNAUTHORIZED)
-    return result  # type: ignore[no-any-return]
+    if isinstance(result, Identity):
+        return result
+    if isinstance(result, str):
+        return Identity(result)
+    core.refuse(p.ErrorCode.UNAUTHORIZED, reason, p.CloseCode.UNAUTHORIZED)
+    return Identity(None)
 
 
 def restore_rooms(

@@ -13,7 +13,9 @@ the socket and the HTTP parsing; this module turns its ``websocket.*`` and
   ``websocket.close``;
 * an ``http`` request to ``/poll`` is long polling (``polling.py``, PROTOCOL
   §1.1); a GET elsewhere goes to ``Endpoint.http_get`` (health); the mount
-  prefix (``root_path``) is taken off the path first; other paths get 404.
+  prefix (``root_path``) is taken off the path first; other paths get 404;
+  a request from a page whose ``Origin`` is not allowed gets 403, an allowed
+  one its CORS headers and its preflight answered (``origins.py``).
 
 Frames larger than ``max_frame_bytes`` close the connection with 1009, as
 the WebSocket transport's library does.
@@ -31,7 +33,8 @@ from urllib.parse import parse_qs
 
 from rtchat_sdk import protocol as p
 
-from .base import Endpoint, Transport
+from .base import Endpoint, Transport, bearer_token
+from .origins import cors_headers, origin_allowed, origin_of, preflight_headers
 from .polling import Polling, Reply
 
 __all__ = ["AsgiWebSocketTransport", "Receive", "Scope", "Send", "serve_http", "serve_websocket"]
@@ -144,14 +147,23 @@ class AsgiWebSocketTransport(Transport):
 
 
 async def serve_websocket(
-    endpoint: Endpoint, receive: Receive, send: Send, max_frame_bytes: int
+    endpoint: Endpoint,
+    receive: Receive,
+    send: Send,
+    max_frame_bytes: int,
+    *,
+    bearer: str | None = None,
 ) -> None:
-    """Run one ASGI WebSocket connection against ``endpoint`` until it ends."""
+    """Run one ASGI WebSocket connection against ``endpoint`` until it ends.
+
+    ``bearer``: the token of the scope's ``Authorization: Bearer`` header, if any.
+    """
     first = await receive()
     if first["type"] != "websocket.connect":
         return
     await send({"type": "websocket.accept"})
     transport = AsgiWebSocketTransport(send, max_frame_bytes)
+    transport.bearer = bearer
     transport.start()
     conn = endpoint.opened(transport)
     peer_code: int | None = None
@@ -227,14 +239,35 @@ async def _serve_poll(polling: Polling, scope: Scope, receive: Receive) -> Reply
     body = await _read_body(receive, limit)
     if body is None:
         return 413, {"error": f"body over max_frame_bytes ({limit})"}
-    return await (polling.post(sid, body) if sid else polling.open(body))
+    if sid:
+        return await polling.post(sid, body)
+    return await polling.open(body, bearer_token(scope.get("headers", [])))
 
 
 async def serve_http(
-    endpoint: Endpoint, scope: Scope, receive: Receive, send: Send, polling: Polling | None = None
+    endpoint: Endpoint,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    polling: Polling | None = None,
+    *,
+    allowed_origins: tuple[str, ...] = (),
 ) -> None:
     """Answer one plain HTTP request: long polling at ``/poll``, the endpoint's GET paths
-    (health), else 404 (405 for other methods)."""
+    (health), else 404 (405 for other methods); 403 for a page of an origin not in
+    ``allowed_origins`` (when set), whose preflight ``OPTIONS`` is answered."""
+    origin = origin_of(scope.get("headers", ()))
+    if not origin_allowed(allowed_origins, origin):
+        await _respond(send, 403, "application/json", b'{"error": "origin not allowed"}')
+        return
+    cors = cors_headers(allowed_origins, origin)
+    if cors:
+        if origin is not None and scope.get("method") == "OPTIONS":
+            preflight = [*preflight_headers(allowed_origins, origin), (b"content-length", b"0")]
+            await send({"type": "http.response.start", "status": 204, "headers": preflight})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        send = _adding_headers(send, cors)
     path = request_path(scope)
     if path == "/poll" and polling is not None:
         status, body = await _serve_poll(polling, scope, receive)
@@ -254,6 +287,17 @@ async def serve_http(
     if 300 <= status < 400 and query:  # a redirect keeps the page's options
         headers = tuple((k, f"{v}?{query}" if k == "Location" else v) for k, v in headers)
     await _respond(send, status, content_type, payload, headers)
+
+
+def _adding_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    """``send``, with ``extra`` headers added to the response's head."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), *extra]}
+        await send(message)
+
+    return sending
 
 
 async def _respond(

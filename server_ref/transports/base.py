@@ -33,13 +33,13 @@ comes next.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
 
-__all__ = ["Endpoint", "HttpAnswer", "Listener", "ListenerFactory", "Transport"]
+__all__ = ["Endpoint", "HttpAnswer", "Listener", "ListenerFactory", "Transport", "bearer_token"]
 
 
 class HttpAnswer(NamedTuple):
@@ -57,6 +57,10 @@ class Transport(ABC):
     batching: bool = False
     """The client accepts batches (a JSON array of frames) in one message."""
 
+    bearer: str | None = None
+    """The token of the opening request's ``Authorization: Bearer`` header, set by
+    the transport before ``Endpoint.opened``; the hello's ``auth.token`` wins."""
+
     @abstractmethod
     def write(self, data: bytes) -> None:
         """Queue one encoded frame; it leaves with the others of this loop pass."""
@@ -72,6 +76,19 @@ class Transport(ABC):
     @abstractmethod
     def abort(self) -> None:
         """Drop the connection now, unsent data and all."""
+
+
+def bearer_token(headers: Iterable[tuple[str | bytes, str | bytes]]) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header among ``headers``, or None."""
+    for name, value in headers:
+        name = name.decode("latin-1") if isinstance(name, bytes) else name
+        if name.lower() != "authorization":
+            continue
+        value = value.decode("latin-1") if isinstance(value, bytes) else value
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
 
 
 class Endpoint(Protocol):

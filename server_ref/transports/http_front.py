@@ -14,6 +14,9 @@ websockets sees it:
   the same ASGI code the ASGI app uses (``asgi.serve_http``: ``/poll``, the
   endpoint's GET paths, 404), so every HTTP endpoint is written once.
 
+With TLS (``ServerConfig.certfile``), the socket is asyncio's TLS transport:
+the front reads decrypted bytes and hands the same transport on.
+
 A socket whose first byte cannot start an HTTP method (a TLS hello sent to a
 plain port) gets 400 and a close at once; one that sends no complete request
 head within ``handshake_timeout`` (on connecting, or idle between keep-alive
@@ -60,6 +63,7 @@ class HttpService:
         self.polling = Polling(endpoint, config)
         self.max_body_bytes = config.max_frame_bytes
         self.idle_timeout = config.handshake_timeout
+        self.allowed_origins = config.allowed_origins
         self.connections: set[HttpConnection] = set()
 
     async def close(self) -> None:
@@ -177,6 +181,7 @@ class HttpConnection(asyncio.Protocol):
                 receive,
                 send,
                 self._service.polling,
+                allowed_origins=self._service.allowed_origins,
             )
             self._respond(request, head.get("status", 500), head.get("headers", []), chunks)
         except Exception:
@@ -244,12 +249,13 @@ def _scope(request: h11.Request, transport: asyncio.Transport | None) -> Scope:
     path, _, query = target.partition(b"?")
     peer = None if transport is None else transport.get_extra_info("peername")
     local = None if transport is None else transport.get_extra_info("sockname")
+    ssl = None if transport is None else transport.get_extra_info("sslcontext")
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": request.http_version.decode(),
         "method": request.method.decode(),
-        "scheme": "http",
+        "scheme": "http" if ssl is None else "https",
         "path": path.decode("utf-8", "replace"),
         "raw_path": path,
         "query_string": query,

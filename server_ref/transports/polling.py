@@ -147,7 +147,9 @@ class Polling:
         self.nodes = Forwarder(endpoint, config.poll_timeout)
         """Requests for other nodes' connections, and theirs for ours."""
 
-    async def open(self, body: bytes) -> Reply:
+    async def open(self, body: bytes, bearer: str | None = None) -> Reply:
+        """Open a connection with the hello in ``body`` (``bearer``: the token of the
+        request's ``Authorization: Bearer`` header, if any)."""
         frames = self._frames(body)
         if isinstance(frames, tuple):
             return frames
@@ -158,6 +160,7 @@ class Polling:
         except BrokerUnavailable:
             return 503, {"error": "unavailable"}
         pc = PollConnection(self.nodes.new_sid(), self._config, self._clock())
+        pc.bearer = bearer
         pc.conn = self._endpoint.opened(pc)
         self.connections[pc.sid] = pc
         self._start_sweeper()
@@ -259,7 +262,7 @@ class Polling:
             return 413, {"error": f"body over max_frame_bytes ({self._config.max_frame_bytes})"}
         try:
             frames = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested past Python's limit: not JSON to us
             return 400, {"error": "the body is not JSON"}
         if not isinstance(frames, list) or not all(isinstance(f, dict) for f in frames):
             return 400, {"error": "the body must be a JSON array of frames (objects)"}

@@ -20,14 +20,16 @@ import socket
 from websockets.asyncio.server import Server as WsServer
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from rtchat_sdk import protocol as p
 from rtchat_sdk.wsio import write_framed
 
 from ..config import ServerConfig
-from .base import Endpoint, Listener, Transport
+from .base import Endpoint, Listener, Transport, bearer_token
 from .http_front import HttpService, front_for
+from .origins import origin_allowed
 
 __all__ = ["WebSocketListener", "WebSocketTransport", "websocket_listener"]
 
@@ -144,6 +146,7 @@ class WebSocketListener(Listener):
         self._endpoint = endpoint
         self._max_frame_bytes = config.max_frame_bytes
         self._compression = config.compression
+        self._config = config
         self.http = HttpService(endpoint, config)
         """The plain HTTP requests on the port, long polling among them."""
         self._front = front_for(self.http, config)
@@ -161,6 +164,8 @@ class WebSocketListener(Listener):
             max_size=self._max_frame_bytes,
             ping_interval=None,  # rtchat's own heartbeats run at the app level
             compression="deflate" if self._compression else None,
+            ssl=self._config.server_ssl(),  # the front then reads decrypted bytes
+            process_request=self._check_origin,
         )
         self._port = next(iter(self._server.sockets)).getsockname()[1]
 
@@ -184,9 +189,16 @@ class WebSocketListener(Listener):
         if self._server is not None:
             await self._server.wait_closed()
 
+    def _check_origin(self, ws: ServerConnection, request: Request) -> Response | None:
+        """403 for a handshake from a page whose origin is not allowed (origins.py)."""
+        if origin_allowed(self._config.allowed_origins, request.headers.get("Origin")):
+            return None
+        return ws.respond(403, "origin not allowed\n")
+
     async def _handle(self, ws: ServerConnection) -> None:
         assert self._writer is not None  # set by start(), before any connection
         transport = WebSocketTransport(ws, self._writer, self._max_frame_bytes)
+        transport.bearer = bearer_token(ws.request.headers.raw_items()) if ws.request else None
         endpoint = self._endpoint
         conn = endpoint.opened(transport)
         try:
