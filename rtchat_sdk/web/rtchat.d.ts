@@ -89,8 +89,9 @@ export interface ClientOptions {
   transports?: TransportName[];
   /** Sent as hello.auth, checked by the server's authenticator. */
   auth?: Record<string, unknown> | null;
-  /** Shorthand for auth: { token }. */
-  token?: string;
+  /** Goes in the hello as auth.token. A function is called before every dial (a fresh
+   * token each time); after a 4001 it is asked once more, and a different token tried once. */
+  token?: string | (() => string | Promise<string>);
   /** Sent as hello.client (default "rtchat-js"). */
   name?: string;
   /** What relative URLs resolve against (default: the page's location.href). */

@@ -837,7 +837,14 @@ export class Client extends Namespace {
       logger: o.logger ?? console,
     };
     if (!this._env.WebSocket && !transports.includes("polling")) throw new TypeError('no WebSocket here: pass options.WebSocket, or allow "polling"');
-    const auth = o.auth ?? (o.token == null ? null : { token: o.token });
+    if (o.token != null && typeof o.token !== "string" && typeof o.token !== "function") {
+      throw new TypeError("token is a string, or a function returning one (or a promise of one)");
+    }
+    if (o.token != null && o.auth?.token !== undefined) throw new TypeError("give the token as token or as auth.token, not both");
+    /** A function: called before every dial, so an expired token is refreshed (PROTOCOL §3.3). */
+    this._token = typeof o.token === "function" ? o.token : null;
+    this._authBase = o.auth ?? null;
+    const auth = typeof o.token === "string" ? { ...this._authBase, token: o.token } : this._authBase;
     if (auth !== null) encodeChecked(auth, auth, "auth", "auth"); // it goes in every hello
     const { maxMessages: maxOutbox, maxBytes: maxOutboxBytes, overflow } = o.outbox ?? {};
     this._session = new Session({ auth, name: o.name ?? "rtchat-js", maxInFlight: o.maxInFlight ?? 1000, handshakeTimeout: this.connectTimeout,
@@ -852,6 +859,8 @@ export class Client extends Namespace {
     this._transport = this._live = null; // the one dialled or served; the one served
     this._timer = this._timerWhen = this._runner = this._fatal = this._retryAfter = this._wake = null;
     this._dispatching = this._closing = this._finished = this._welcomedHere = false;
+    this._expired = this._triedFresh = false;
+    this._freshToken = undefined;
     this._failedAttempts = 0;
     /** Why the client stopped, once it has. */
     this.closedReason = null;
@@ -981,6 +990,7 @@ export class Client extends Namespace {
         return;
       case "welcome":
         this._welcomedHere = true;
+        this._triedFresh = false; // a later refusal may try a fresh token again
         this._setState("connected");
         return this._welcomeSettle.resolve();
       case "refused":
@@ -1077,13 +1087,15 @@ export class Client extends Namespace {
       const url = this.urls[index % this.urls.length];
       this._setState(everWelcomed ? "reconnecting" : "connecting");
       this._each("attempt", ++attempt, url);
-      const started = env.clock(), error = await this._connectOnce(url);
+      const started = env.clock();
+      const error = (await this._takeToken()) ?? (await this._connectOnce(url));
       if (this._closing) return;
       if (this._welcomedHere) {
         everWelcomed = true;
         attempt = 0;
         if (env.clock() - started >= policy.stableAfter) [delays, failures, failingSince] = [backoffDelays(policy, env.random), 0, null];
       } else this._failedAttempts++;
+      if (this._fatal instanceof Unauthorized && (await this._freshTokenAfterRefusal())) continue;
       if (this._fatal) return this._finish(this._fatal);
       if ((!everWelcomed && !this.retryFirstConnect) || !policy.enabled) return this._finish(error);
       failures++;
@@ -1095,15 +1107,52 @@ export class Client extends Namespace {
       if (!this._welcomedHere) index++; // this URL failed: the next one
       // A server's retry_after is waited out and our jitter added, so that everyone it
       // sent away does not come back in the same instant.
-      const delay = delays.next().value + (this._retryAfter ?? 0);
+      // Credentials that expired (4008) are renewed at once: nothing is wrong with the server.
+      const delay = this._expired ? 0 : delays.next().value + (this._retryAfter ?? 0);
+      this._expired = false;
       this._retryAfter = null;
       env.logger.warn?.(`rtchat: ${this._welcomedHere ? "connection lost" : "connection attempt failed"}: ${error.message}; retrying in ${delay.toFixed(2)}s`);
-      await new Promise((resolve) => {
-        const timer = env.setTimeout(resolve, delay * 1000);
-        this._wake = () => (env.clearTimeout(timer), resolve());
-      });
-      this._wake = null;
+      if (delay > 0) {
+        await new Promise((resolve) => {
+          const timer = env.setTimeout(resolve, delay * 1000);
+          this._wake = () => (env.clearTimeout(timer), resolve());
+        });
+        this._wake = null;
+      }
     }
+  }
+
+  /** Before a dial: the token callable's token into the hello (null), or why it failed. */
+  async _takeToken() {
+    if (!this._token) return null;
+    let token = this._freshToken;
+    this._freshToken = undefined;
+    if (token === undefined) {
+      try {
+        token = await this._token();
+      } catch (error) {
+        return new ConnectionFailed(`the token callable failed: ${error?.message ?? error}`, { cause: error });
+      }
+    }
+    if (typeof token !== "string") return new ConnectionFailed(`the token callable returned ${typeof token}, not a string`);
+    this._session.auth = { ...this._authBase, token };
+    return null;
+  }
+
+  /** After a 4001: a token callable is asked once more; a different token is tried once, at once. */
+  async _freshTokenAfterRefusal() {
+    if (!this._token || this._triedFresh) return false;
+    this._triedFresh = true;
+    let token;
+    try {
+      token = await this._token();
+    } catch {
+      return false;
+    }
+    if (typeof token !== "string" || token === this._session.auth?.token) return false;
+    this._freshToken = token;
+    this._fatal = null;
+    return true;
   }
 
   /** One connection, from its dial to its end; resolves with why it ended. A WebSocket first
@@ -1155,6 +1204,7 @@ export class Client extends Namespace {
     const end = await transport.ended;
     this._live = this._transport = null;
     this._fatal ??= closeError(end.code, end.reason);
+    this._expired = end.code === 4008; // TOKEN_EXPIRED: reconnect at once with a fresh token
     if (!this._closing) {
       s.connectionLost(env.clock());
       this._afterIo();
