@@ -23,7 +23,8 @@
         ├── UnknownEvent
         ├── UnknownNamespace
         ├── HandlerError
-        └── InvalidFrame
+        ├── InvalidFrame
+        └── Forbidden            the server's authorization refused this action
 
 Third-party exceptions (websockets, pydantic) are translated into these at the
 boundary, so an application catches ``RTChatError`` and nothing else.
@@ -40,6 +41,7 @@ __all__ = [
     "ConnectionFailed",
     "ConnectionLost",
     "FatalConnectionError",
+    "Forbidden",
     "GaveUp",
     "HandlerError",
     "IncompatibleProtocol",
@@ -162,6 +164,11 @@ class InvalidFrame(RemoteError):
     """The server could not accept a frame we sent."""
 
 
+class Forbidden(RemoteError):
+    """The server's authorization refused this join, publish, emit or request
+    (``forbidden``); the connection stays up, and resending will not help."""
+
+
 _BY_CODE: dict[str, type[RemoteError]] = {
     "unknown_event": UnknownEvent,
     "unknown_namespace": UnknownNamespace,
@@ -172,6 +179,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
     "unknown_type": InvalidFrame,
     "invalid_frame": InvalidFrame,
     "too_large": InvalidFrame,
+    "forbidden": Forbidden,
 }
 
 

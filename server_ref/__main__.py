@@ -3,8 +3,8 @@
 Every field of :class:`ServerConfig` is a flag (``heartbeat_interval`` is
 ``--heartbeat-interval``) whose default comes from the dataclass, so a new
 field gets its flag without touching this module; the fields that are not
-numbers (TLS, allowed origins: ``OWN_FLAGS``) have flags written here. The server answers a
-built-in ``echo`` request in the default namespace ``/``.
+numbers (TLS, allowed origins, trusted proxies: ``OWN_FLAGS``) have flags written
+here. The server answers a built-in ``echo`` request in the default namespace ``/``.
 
 Exit codes:
 
@@ -39,6 +39,7 @@ from .auth_flags import add_jwt_flags, jwt_authenticator
 from .broker import MAX_CALLS, Broker
 from .config import ServerConfig
 from .errors import BrokerUnavailable
+from .room_claims import guard_rooms
 from .server import Authenticator, Server
 
 __all__ = ["OWN_FLAGS", "build_parser", "config_from_args", "main"]
@@ -66,6 +67,11 @@ CONFIG_HELP: dict[str, str] = {
     "shutdown_retry_after": "seconds clients are told to wait before reconnecting",
     "max_connections": "connections accepted at once; past it new ones are told to retry",
     "overload_retry_after": "seconds refused clients are told to wait when overloaded",
+    "max_connections_per_address": "connections at once from one client address (0: no limit)",
+    "rate_per_second": "messages per second one connection may send, on average",
+    "rate_burst": "messages one connection may send at once above that rate",
+    "rate_abuse_limit": "messages refused in a row (rate_limited) before closing with 4009",
+    "max_rooms": "rooms one session may be in; a join past it gets too_many_rooms",
     "unavailable_retry_after": "seconds clients wait to resend what the broker could not take",
     "poll_timeout": "seconds a long poll is held when there is nothing to send",
     "poll_idle_timeout": "seconds without a request before a polling connection is dropped",
@@ -76,7 +82,7 @@ CONFIG_HELP: dict[str, str] = {
 }
 """Help text per ServerConfig field; a field missing here still gets a flag."""
 
-OWN_FLAGS = frozenset({"certfile", "keyfile", "ssl_context", "allowed_origins"})
+OWN_FLAGS = frozenset({"certfile", "keyfile", "ssl_context", "allowed_origins", "trusted_proxies"})
 """ServerConfig fields that are not numbers: flags of their own, or none (a context)."""
 
 
@@ -206,6 +212,15 @@ def _tls_and_origin_flags(parser: argparse.ArgumentParser) -> None:
         help="a browser origin (https://app.example, or *) allowed to connect; repeatable;"
         " others get 403 (none: every origin, and no CORS headers)",
     )
+    parser.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxies",
+        metavar="CIDR",
+        action="append",
+        default=[],
+        help="a proxy network (10.0.0.0/8) whose X-Forwarded-For names the client address;"
+        " repeatable (none: the header is ignored)",
+    )
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ServerConfig:
@@ -213,6 +228,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     names = [f.name for f in dataclasses.fields(ServerConfig) if hasattr(args, f.name)]
     values = {name: getattr(args, name) for name in names}
     values["allowed_origins"] = tuple(values.get("allowed_origins", ()))
+    values["trusted_proxies"] = tuple(values.get("trusted_proxies", ()))
     try:
         config = ServerConfig(**values)
         config.server_ssl()  # a certificate that cannot be loaded is a bad command line
@@ -260,6 +276,7 @@ async def _serve(
     broker_name: str,
     asgi: bool = False,
     authenticate: Authenticator | None = None,
+    rooms_claim: str | None = None,
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -296,6 +313,8 @@ async def _serve(
     else:
         server = Server(config, broker=broker, authenticate=authenticate)
     server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
+    if rooms_claim is not None:  # --jwt-rooms-claim: the token lists the rooms of /
+        guard_rooms(server.namespace(p.DEFAULT_NAMESPACE), rooms_claim)
     try:
         try:
             await server.start(host, port)
@@ -339,7 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     try:
         return asyncio.run(
-            _serve(args.host, args.port, config, broker, broker_name, args.asgi, authenticate)
+            _serve(
+                args.host,
+                args.port,
+                config,
+                broker,
+                broker_name,
+                args.asgi,
+                authenticate,
+                args.jwt_rooms_claim,
+            )
         )
     except KeyboardInterrupt:  # SIGINT before the handlers were installed or after removal
         return 128 + signal.SIGINT

@@ -7,6 +7,11 @@ answered with ``invalid_payload`` without calling the handler. The return
 value is the reply to a request; a pydantic model is sent as its JSON form.
 An exception becomes an error reply: ``RemoteError`` keeps its code, any
 other exception is ``handler_error``. The connection always carries on.
+
+Authorization hooks (``authorize_join``, ``authorize_publish``,
+``authorize_call``, ``authorize_receive``) get the same ``Context`` as
+handlers, claims included, and return a bool, sync or async; a namespace
+without a hook for an action never asks (``core/authz.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, get_type_hints
 
 from pydantic import BaseModel
@@ -23,14 +28,28 @@ from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import RemoteError, ValidationFailed
 from rtchat_sdk.events import Event, event_name, validate_payload
 
+from .core.authz import CALL, JOIN, PUBLISH, RECEIVE
 from .errors import HandlerFailure
 
-__all__ = ["Context", "HandlerFailure", "Host", "JoinCheck", "Namespace"]
+__all__ = [
+    "CallCheck",
+    "Context",
+    "HandlerFailure",
+    "Host",
+    "JoinCheck",
+    "Namespace",
+    "PublishCheck",
+]
 
 log = logging.getLogger("server_ref")
 
 F = TypeVar("F", bound=Callable[..., Any])
 JoinCheck = Callable[["Context", str], "bool | Awaitable[bool]"]
+"""``check(ctx, room)``: may the session join the room."""
+PublishCheck = Callable[["Context", str, str], "bool | Awaitable[bool]"]
+"""``check(ctx, room, event)``: may it publish the event to the room."""
+CallCheck = Callable[["Context", str], "bool | Awaitable[bool]"]
+"""``check(ctx, event)``: may it call the event (emit, request), or receive it (a direct send)."""
 
 
 class Host(Protocol):
@@ -58,12 +77,17 @@ class Host(Protocol):
 
 @dataclass(slots=True)
 class Context:
-    """What a handler knows about the caller, and what it can do for it."""
+    """What a handler (or an authorization hook) knows about the caller, and what it can do.
+
+    ``claims``: what the authenticator said about the credentials of the
+    session's current connection (a JWT's claims), empty without.
+    """
 
     server: Host
     session_id: str
     user: str | None
     ns: str
+    claims: dict[str, Any] = field(default_factory=dict)
 
     async def join(self, room: str) -> None:
         """Put the calling session in ``room`` of this namespace."""
@@ -115,7 +139,8 @@ class Namespace:
             raise ValueError(f"namespace must start with '/': {path!r}")
         self.path = path
         self._handlers: dict[str, _Handler] = {}
-        self._join_check: JoinCheck | None = None
+        self.guards: dict[str, Callable[..., Any]] = {}
+        """The authorization hook per action (``core/authz.py``); the hub reads the keys."""
 
     def on(self, event: str | type[Event]) -> Callable[[F], F]:
         """Register the handler for ``event`` (a name or an Event class)."""
@@ -129,16 +154,43 @@ class Namespace:
         return register
 
     def authorize_join(self, check: JoinCheck) -> JoinCheck:
-        """Decorate ``check(ctx, room) -> bool``: False refuses the join."""
-        self._join_check = check
+        """Decorate ``check(ctx, room) -> bool``: False refuses the join (``forbidden``),
+        and a room restored after a lost session (a ``not_rejoined`` gap)."""
+        self.guards[JOIN] = check
         return check
 
-    async def may_join(self, ctx: Context, room: str) -> bool:
-        if self._join_check is None:
+    def authorize_publish(self, check: PublishCheck) -> PublishCheck:
+        """Decorate ``check(ctx, room, event) -> bool``: False refuses a client's publish."""
+        self.guards[PUBLISH] = check
+        return check
+
+    def authorize_call(self, check: CallCheck) -> CallCheck:
+        """Decorate ``check(ctx, event) -> bool``: False refuses an emit or request
+        before its handler runs (known event or not)."""
+        self.guards[CALL] = check
+        return check
+
+    def authorize_receive(self, check: CallCheck) -> CallCheck:
+        """Decorate ``check(ctx, event) -> bool``, ``ctx`` the recipient's: False makes
+        ``server.send_to`` / ``ctx.send`` in this namespace raise ``Forbidden``."""
+        self.guards[RECEIVE] = check
+        return check
+
+    async def authorize(
+        self, action: str, ctx: Context, room: str | None, event: str | None
+    ) -> bool:
+        """Run the hook for ``action``: True without one; a hook that raises refuses."""
+        check = self.guards.get(action)
+        if check is None:
             return True
-        allowed = self._join_check(ctx, room)
-        if inspect.isawaitable(allowed):
-            allowed = await allowed
+        args = (room,) if action == JOIN else (room, event) if action == PUBLISH else (event,)
+        try:
+            allowed = check(ctx, *args)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+        except Exception:
+            log.exception("%s check in %r raised (refused)", action, self.path)
+            return False
         return bool(allowed)
 
     async def call(self, ctx: Context, event: str, data: Any) -> Any:

@@ -30,6 +30,7 @@ from rtchat_sdk import protocol as p
 from .app import Context
 from .config import ServerConfig
 from .server import Server
+from .transports.addresses import scope_address
 from .transports.asgi import Receive, Scope, Send, serve_http, serve_websocket
 from .transports.base import Endpoint, Listener, bearer_token
 from .transports.origins import origin_allowed, origin_of
@@ -67,6 +68,7 @@ class RtchatApp:
                 send,
                 self.server.config.max_frame_bytes,
                 bearer=bearer_token(scope.get("headers", [])),
+                address=scope_address(scope, self.polling.trusted),
             )
         elif kind == "http":
             await serve_http(

@@ -24,6 +24,7 @@ ENV = {
     "jwt_audience": "RTCHAT_JWT_AUDIENCE",
     "jwt_issuer": "RTCHAT_JWT_ISSUER",
     "jwt_leeway": "RTCHAT_JWT_LEEWAY",
+    "jwt_rooms_claim": "RTCHAT_JWT_ROOMS_CLAIM",
 }
 """The environment variable behind each flag."""
 
@@ -40,6 +41,12 @@ def add_jwt_flags(parser: argparse.ArgumentParser) -> None:
         ("--jwt-audience", "AUD", "required 'aud' claim (else not checked)"),
         ("--jwt-issuer", "ISS", "required 'iss' claim (else not checked)"),
         ("--jwt-leeway", "SECONDS", "clock skew allowed on exp and nbf (else 0)"),
+        (
+            "--jwt-rooms-claim",
+            "NAME",
+            "claim listing the rooms of / a token may join and"
+            " publish to (names, or prefixes ending in *); others are forbidden",
+        ),
     ]
     for flag, metavar, text in flags:
         env = ENV[flag[2:].replace("-", "_")]
@@ -60,6 +67,8 @@ def jwt_authenticator(
     if args.jwt_secret is None and args.jwt_public_key is None:
         if args.jwt_audience is not None or args.jwt_issuer is not None:
             parser.error("--jwt-audience and --jwt-issuer need --jwt-secret or --jwt-public-key")
+        if args.jwt_rooms_claim is not None:
+            parser.error("--jwt-rooms-claim needs --jwt-secret or --jwt-public-key")
         return None
     if args.jwt_secret is not None and args.jwt_public_key is not None:
         parser.error("give --jwt-secret or --jwt-public-key, not both")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import ssl
 from dataclasses import dataclass, field, fields
@@ -27,6 +28,20 @@ class ServerConfig:
     shutdown_retry_after: float = 1.0
     max_connections: int = 50_000
     overload_retry_after: float = 5.0
+    max_connections_per_address: int = 0
+    """Connections held at once from one client address (``trusted_proxies`` says which
+    address that is behind a proxy); past it ``overloaded`` and 1013. 0: no limit."""
+    rate_per_second: float = 1_000.0
+    """Messages a connection may send per second on average (a token bucket); one over it
+    is answered ``rate_limited`` with ``retry_after`` and not processed."""
+    rate_burst: int = 2_000
+    """Messages a connection may send at once above that rate (the bucket's size)."""
+    rate_abuse_limit: int = 10_000
+    """Messages refused in a row (``rate_limited``) after which the connection is closed
+    with 4009 RATE_LIMITED; more than ``max_in_flight``, so a client that waits is never."""
+    max_rooms: int = 1_000
+    """Rooms a session may be in (client joins, and rooms restored on resume); a join past
+    it is answered ``too_many_rooms``."""
     unavailable_retry_after: float = 1.0
     """Seconds a client is told to wait before resending a message the server could
     not process because its broker (Redis) was unreachable (error ``unavailable``)."""
@@ -57,6 +72,9 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     """Browser origins (``https://app.example``, or ``*``) allowed to connect; others get
     403. Empty: every origin, and no CORS headers (transports/origins.py)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """Networks (CIDR) of proxies whose ``X-Forwarded-For`` names the client address.
+    Empty: the header is ignored; the client address is the socket's peer."""
 
     def __post_init__(self) -> None:
         if self.keyfile is not None and self.certfile is None:
@@ -65,14 +83,19 @@ class ServerConfig:
             from .transports.origins import normalize_origin
 
             self.allowed_origins = tuple(normalize_origin(o) for o in self.allowed_origins)
+        self.trusted_proxies = tuple(_network(n) for n in self.trusted_proxies)
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
+            if f.name == "max_connections_per_address" and value == 0:
+                continue  # 0: no limit
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{f.name} must be positive, got {value!r}")
         if self.dedupe_size < self.max_in_flight:
             raise ValueError("dedupe_size must be at least max_in_flight")
+        if self.rate_abuse_limit <= self.max_in_flight:
+            raise ValueError("rate_abuse_limit must be more than max_in_flight")
 
     @property
     def tls(self) -> bool:
@@ -86,3 +109,11 @@ class ServerConfig:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.certfile, self.keyfile)
         return context
+
+
+def _network(cidr: str) -> str:
+    """``cidr`` as an IP network (``10.0.0.0/8``, a bare address is a /32 or /128)."""
+    try:
+        return str(ipaddress.ip_network(cidr.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"trusted proxy {cidr!r} is not an IP network (CIDR)") from None

@@ -27,13 +27,16 @@ from ssl import SSLContext
 from typing import Any
 
 from rtchat_sdk import protocol as p
+from rtchat_sdk.errors import Forbidden
 from rtchat_sdk.events import Event, event_name
 
 from .app import Context, Host, Namespace
 from .broker import Broker, Draft, EntryListener, MemoryBroker, StreamEntry
 from .config import ServerConfig
+from .core.authz import RECEIVE
 from .core.commands import (
     CALLS,
+    Authorize,
     Batching,
     BrokerCall,
     Call,
@@ -41,7 +44,6 @@ from .core.commands import (
     Deliver,
     Handle,
     Identity,
-    MayJoin,
     Send,
 )
 from .core.hub import Hub
@@ -84,11 +86,11 @@ async def run_call(
             return await method(*call.args, listener)
         return await method(*call.args)
     if isinstance(call, Handle):
-        ctx = Context(host, call.session_id, call.user, call.ns)
+        ctx = Context(host, call.session_id, call.user, call.ns, call.claims)
         return await namespaces[call.ns].call(ctx, call.event, call.data)
-    if isinstance(call, MayJoin):
-        ctx = Context(host, call.session_id, call.user, call.ns)
-        return await namespaces[call.ns].may_join(ctx, call.room)
+    if isinstance(call, Authorize):
+        ctx = Context(host, call.session_id, call.user, call.ns, call.claims)
+        return await namespaces[call.ns].authorize(call.action, ctx, call.room, call.event)
     assert authenticate is not None  # the hub asks only when there is an authenticator
     result = authenticate(call.auth)
     if isinstance(result, Awaitable):
@@ -280,7 +282,20 @@ class Server:
         *,
         ns: str = p.DEFAULT_NAMESPACE,
     ) -> int:
-        """Append to one session's inbox and deliver it; returns the offset (raises as publish)."""
+        """Append to one session's inbox and deliver it; returns the offset (raises as publish).
+
+        With an ``authorize_receive`` hook in ``ns``, it is asked first, with the
+        recipient's context (unknown on this node: no user, no claims), and a
+        denial raises ``Forbidden`` (from a handler, the caller gets ``forbidden``).
+        """
+        space = self._namespaces.get(ns)
+        if space is not None and RECEIVE in space.guards:
+            session = self.hub.sessions.by_id.get(session_id)
+            user, claims = (session.record.user, session.claims) if session else (None, {})
+            ctx = Context(self, session_id, user, ns, claims)
+            name = event_name(event)
+            if not await space.authorize(RECEIVE, ctx, None, name):
+                raise Forbidden(p.ErrorCode.FORBIDDEN, f"{session_id} may not receive {name!r}")
         entry = await self._append(p.inbox_stream(session_id), ns, None, event, data, sender=None)
         return entry.offset
 
@@ -350,7 +365,7 @@ class Server:
         return static_answer(path, demo=self.config.demo)
 
     def opened(self, transport: Transport) -> int:
-        conn = self.hub.connection_opened(self._clock(), transport.bearer)
+        conn = self.hub.connection_opened(self._clock(), transport.bearer, transport.address)
         self._transports[conn] = transport
         self._drain()
         return conn
@@ -389,7 +404,7 @@ class Server:
             # The two common calls first, without _outcome's dispatch.
             try:
                 if type(call) is Handle:
-                    ctx = Context(self, call.session_id, call.user, call.ns)
+                    ctx = Context(self, call.session_id, call.user, call.ns, call.claims)
                     result = await self._namespaces[call.ns].call(ctx, call.event, call.data)
                 elif type(call) is BrokerCall and call.method not in _WITH_LISTENER:
                     result = await getattr(self.broker, call.method)(*call.args)

@@ -26,6 +26,7 @@ from server_ref.core.commands import (
     Close,
     Deliver,
     Finished,
+    Identity,
     Send,
 )
 from server_ref.core.hub import Hub
@@ -52,7 +53,7 @@ class HubNet:
         config: ServerConfig | None = None,
         *,
         broker: MemoryBroker | None = None,
-        users: dict[str, str] | None = None,
+        users: dict[str, str | Identity] | None = None,
         auto: bool = True,
         answer_now: bool = False,
     ) -> None:
@@ -66,7 +67,8 @@ class HubNet:
         )
         self.namespaces: dict[str, Namespace] = {p.DEFAULT_NAMESPACE: Namespace("/")}
         self.users = users
-        """Tokens to users; when set, the hub asks an authenticator that uses it."""
+        """Tokens to users (or identities, with claims); when set, the hub asks an
+        authenticator that uses it."""
         self.hub = Hub(
             self.config,
             namespaces=self.namespaces,
@@ -214,7 +216,7 @@ class HubNet:
             listener=self._on_entry,
         )
 
-    def _authenticate(self, auth: dict[str, Any] | None) -> str | None:
+    def _authenticate(self, auth: dict[str, Any] | None) -> str | Identity | None:
         assert self.users is not None
         return self.users.get((auth or {}).get("token", ""))
 

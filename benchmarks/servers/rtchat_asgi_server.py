@@ -27,7 +27,13 @@ async def _serve(host: str, port: int, interval: float, timeout: float) -> None:
     from server_ref import Server, ServerConfig
     from server_ref.asgi import create_app
 
-    server_ref = Server(ServerConfig(heartbeat_interval=interval, heartbeat_timeout=timeout))
+    limits = ServerConfig(
+        heartbeat_interval=interval,
+        heartbeat_timeout=timeout,
+        rate_per_second=1e9,  # as rtchat_server.py: one connection's speed is measured
+        rate_burst=1_000_000_000,
+    )
+    server_ref = Server(limits)
     server_ref.on("echo")(lambda ctx, data: data)
     app = create_app(server_ref)
     config = uvicorn.Config(

@@ -7,6 +7,11 @@ runs ``server_ref.__main__.main`` unchanged (built-in ``echo`` handler,
 in-memory broker, rooms and publish as shipped). It prints
 ``rtchat server listening on ws://HOST:PORT`` once bound; SIGTERM shuts down
 gracefully and exits 0.
+
+The per-connection message rate limit (``--rate-per-second``, ``--rate-burst``;
+1,000/s by default) is lifted: the benchmarks measure how fast one connection
+can go, which a production limit would cap (flags given on the command line
+still win).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from benchmarks.common import (
     raise_nofile,
 )
 
-__all__ = ["main"]
+__all__ = ["UNLIMITED_RATE", "main"]
+
+UNLIMITED_RATE = ("--rate-per-second", "1e9", "--rate-burst", "1000000000")
+"""Flags that take the per-connection rate limit out of the way of a throughput run."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     exit_with_parent()
     from server_ref.__main__ import main as server_main
 
-    return server_main(argv)
+    given = sys.argv[1:] if argv is None else argv
+    return server_main([*UNLIMITED_RATE, *given])
 
 
 if __name__ == "__main__":

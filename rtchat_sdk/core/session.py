@@ -73,6 +73,8 @@ DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 DEFAULT_MAX_IN_FLIGHT = 1_000
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
 _HANDSHAKING = (ConnectionState.CONNECTING, ConnectionState.RECONNECTING)  # hello unanswered
+_RESEND_LATER = frozenset({p.ErrorCode.UNAVAILABLE, p.ErrorCode.RATE_LIMITED})
+"""Errors that do not settle a message: not processed, write it again after ``retry_after``."""
 
 
 class ClientSession:
@@ -470,7 +472,7 @@ class ClientSession:
             else:
                 self._events.append(ServerNotice(frame.code, frame.message, frame.retry_after))
             return
-        if frame.code == p.ErrorCode.UNAVAILABLE and frame.id in self.outbox:
+        if frame.code in _RESEND_LATER and frame.id in self.outbox:
             self._window.later(frame.id, self._now + (frame.retry_after or 1.0))  # not failed
             self.counters.retried += 1
             self._timer_stale = True

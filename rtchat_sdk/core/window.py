@@ -58,7 +58,7 @@ class Window:
         self._oldest = min(outbox.ids(), default=first_id)
         """No message below this id is still unanswered (see ``lowest_unanswered``)."""
         self._later: list[tuple[float, int]] = []
-        """(when, id) of messages the server asked to resend later (``unavailable``)."""
+        """(when, id) of messages to write again later (``unavailable``, ``rate_limited``)."""
 
     def __len__(self) -> int:
         """How many messages are in flight."""

@@ -119,11 +119,14 @@ class ErrorCode(StrEnum):
     UNKNOWN_EVENT = "unknown_event"
     INVALID_PAYLOAD = "invalid_payload"
     HANDLER_ERROR = "handler_error"
+    FORBIDDEN = "forbidden"
     NOT_IN_ROOM = "not_in_room"
     DUPLICATE_ID = "duplicate_id"
     TOO_LARGE = "too_large"
     OVERLOADED = "overloaded"
     UNAVAILABLE = "unavailable"
+    RATE_LIMITED = "rate_limited"
+    TOO_MANY_ROOMS = "too_many_rooms"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
@@ -146,6 +149,7 @@ class CloseCode(IntEnum):
     SESSION_REPLACED = 4006
     TOO_MANY_BAD_FRAMES = 4007
     TOKEN_EXPIRED = 4008
+    RATE_LIMITED = 4009
 
 
 def _require_type(schema: dict[str, Any]) -> None:

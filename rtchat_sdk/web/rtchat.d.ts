@@ -205,6 +205,7 @@ export declare class UnknownEvent extends RemoteError {}
 export declare class UnknownNamespace extends RemoteError {}
 export declare class HandlerError extends RemoteError {}
 export declare class InvalidFrame extends RemoteError {}
+export declare class Forbidden extends RemoteError {}
 
 export declare function remoteError(code: string, message: string, details?: unknown): RemoteError;
 export declare function resolveUrl(url: string | URL, base?: string): string;

@@ -93,11 +93,13 @@ export class UnknownNamespace extends RemoteError {}
 export class HandlerError extends RemoteError {}
 /** The server could not accept a frame we sent, or it was too large. */
 export class InvalidFrame extends RemoteError {}
+/** The server's authorization refused this join, publish, emit or request (`forbidden`). */
+export class Forbidden extends RemoteError {}
 
 const BY_CODE = {
   unknown_event: UnknownEvent, unknown_namespace: UnknownNamespace, handler_error: HandlerError,
   invalid_payload: HandlerError, bad_json: InvalidFrame, bad_frame: InvalidFrame, unknown_type: InvalidFrame,
-  invalid_frame: InvalidFrame, too_large: InvalidFrame,
+  invalid_frame: InvalidFrame, too_large: InvalidFrame, forbidden: Forbidden,
 };
 /** The most specific RemoteError for an error code. */
 export function remoteError(code, message, details = null) {
@@ -225,7 +227,7 @@ export class Session {
     this._outboxBytes = 0;
     this._unsent = []; // ids to write on this connection, ascending
     this._inFlight = new Set(); // written on this connection, unanswered
-    this._later = []; // {at, id}: answered `unavailable`, to write again at `at`
+    this._later = []; // {at, id}: answered `unavailable` or `rate_limited`, to write again at `at`
     this._expiring = new Set(); // ids with an expiry
     this._everSent = new Set();
     this._limit = maxInFlight;
@@ -472,7 +474,7 @@ export class Session {
       const type = HANDSHAKING.has(this.state) ? "refused" : "notice";
       return this._events.push({ type, code, message, retryAfter, fatal: Object.hasOwn(FATAL_REFUSALS, code) });
     }
-    if (code === "unavailable" && this._outbox.has(f.id)) { // not processed: keep it, write it again later
+    if ((code === "unavailable" || code === "rate_limited") && this._outbox.has(f.id)) { // not processed: keep it, write it again later
       this._inFlight.delete(f.id);
       this._later.push({ at: this._now + (retryAfter ?? 1), id: f.id });
       return this.counters.retried++;

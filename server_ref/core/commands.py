@@ -6,7 +6,7 @@ command once made, but for the call's ``op``, which the hub sets.
 
 Sync commands (``Send``, ``Deliver``, ``Close``, ``Batching``, ``Finished``)
 are carried out at once. A ``Call`` needs a result: the driver runs it (a
-broker method, or an app hook: authenticate, authorize_join, a handler) and
+broker method, or an app hook: authenticate, an authorize_* hook, a handler) and
 gives the outcome back with ``Hub.call_done(call.op, result, now)`` or
 ``Hub.call_failed(call.op, exc, now)``. Each operation has at most one call
 outstanding, so ``op`` names both; an operation yields a call with ``op``
@@ -21,6 +21,7 @@ from typing import Any
 __all__ = [
     "CALLS",
     "Authenticate",
+    "Authorize",
     "Batching",
     "BrokerCall",
     "Call",
@@ -30,7 +31,6 @@ __all__ = [
     "Finished",
     "Handle",
     "Identity",
-    "MayJoin",
     "Send",
 ]
 
@@ -113,13 +113,20 @@ class Authenticate:
 
 
 @dataclass(slots=True)
-class MayJoin:
-    """Run namespace ``ns``'s join check for the session; the result is a bool."""
+class Authorize:
+    """Run namespace ``ns``'s hook for ``action`` (``authz.py``); the result is a bool.
+
+    Asked only when the namespace has a hook for the action: no hook, no call.
+    ``room`` is set for join and publish, ``event`` for publish and call.
+    """
 
     ns: str
+    action: str
     session_id: str
     user: str | None
-    room: str
+    claims: dict[str, Any]
+    room: str | None
+    event: str | None
     op: int = 0
 
 
@@ -135,10 +142,11 @@ class Handle:
     user: str | None
     event: str
     data: Any
+    claims: dict[str, Any] = field(default_factory=dict)
     op: int = 0
 
 
-Call = BrokerCall | Authenticate | MayJoin | Handle
-CALLS = (BrokerCall, Authenticate, MayJoin, Handle)
+Call = BrokerCall | Authenticate | Authorize | Handle
+CALLS = (BrokerCall, Authenticate, Authorize, Handle)
 """The call types, for ``isinstance``."""
 Command = Send | Deliver | Close | Batching | Finished | Call

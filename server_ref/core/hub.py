@@ -31,7 +31,7 @@ from __future__ import annotations
 import heapq
 import logging
 import secrets
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -52,10 +52,11 @@ from .commands import (
     Send,
 )
 from .connection import ConnectionCore
+from .limits import Addresses, ConnLimits, admit, bounded_join, cap_rooms, refusal
 from .replay import Covered, gap_frame, release_held, replay
 from .running import Conn, CredentialsExpiry, Op, Running
 from .sessions import Session, Sessions
-from .steps import answer, identify, restore_rooms
+from .steps import Namespaces, answer, identify, restore_rooms
 
 __all__ = ["Hub", "Op"]
 
@@ -71,7 +72,7 @@ class Hub:
         self,
         config: ServerConfig,
         *,
-        namespaces: Container[str],
+        namespaces: Namespaces,
         node: str,
         authenticates: bool = False,
         new_session: Callable[[], tuple[str, str]] | None = None,
@@ -95,10 +96,11 @@ class Hub:
             config.max_frame_bytes,
             config.unavailable_retry_after,
             appends_remembered,
-            self.sessions.join,
+            bounded_join(config.max_rooms, self.sessions.join),
             self.sessions.leave,
         )
         self._conns: dict[int, Conn] = {}
+        self.addresses = Addresses(config.max_connections_per_address)
         self._ops: dict[int, Running] = {}
         self._out: list[Command] = []
         self._timers: list[tuple[float, int, Any]] = []
@@ -142,10 +144,12 @@ class Hub:
     # ------------------------------------------------------------------
     # Connections
 
-    def connection_opened(self, now: float, bearer: str | None = None) -> int:
+    def connection_opened(
+        self, now: float, bearer: str | None = None, address: str | None = None
+    ) -> int:
         """A transport accepted a connection; returns its id (refused ones are closed).
 
-        ``bearer``: the token of its ``Authorization: Bearer`` header, if any.
+        ``bearer``, ``address``: its ``Authorization: Bearer`` token, its client's address.
         """
         self._now = now
         self._seq += 1
@@ -153,24 +157,18 @@ class Hub:
         if self.closing:
             self._out.append(Close(conn_id, p.CloseCode.GOING_AWAY, "server shutting down"))
             return conn_id
-        if len(self._conns) >= self.config.max_connections:
-            retry = self.config.overload_retry_after
-            notice = p.encode_error(
-                p.ErrorCode.OVERLOADED,
-                f"server is at its limit of {self.config.max_connections} connections",
-                retry_after=retry,
-            )
-            self._out.append(Send(conn_id, [notice]))
-            self._out.append(
-                Close(conn_id, p.CloseCode.TRY_AGAIN_LATER, f"overloaded; retry after {retry}s")
-            )
+        refused = refusal(self.config, len(self._conns), self.addresses, conn_id, address)
+        if refused:  # past max_connections or max_connections_per_address: overloaded, 1013
+            self._out.extend(refused)
             return conn_id
         core = ConnectionCore(
             now,
             handshake_timeout=self.config.handshake_timeout,
             max_bad_frames=self.config.max_bad_frames,
         )
-        c = self._conns[conn_id] = Conn(conn_id, core, bearer)
+        limits = ConnLimits(self.config, now, address)
+        c = self._conns[conn_id] = Conn(conn_id, core, bearer, limits)
+        self.addresses.add(address)
         self._schedule(c)
         return conn_id
 
@@ -195,7 +193,8 @@ class Hub:
                 session = c.session
                 assert session is not None  # the core lets messages through only after hello
                 c.busy += 1
-                self._enqueue(session, self._answer(session, frame), answers=c)
+                refused = admit(c, session, frame.id, now)  # over a limit: answered, not run
+                self._enqueue(session, refused or self._answer(session, frame), answers=c)
         self._flush(c, received=True)
 
     def connection_closed(self, conn_id: int, peer_code: int | None, now: float) -> None:
@@ -204,6 +203,7 @@ class Hub:
         c = self._conns.pop(conn_id, None)
         if c is None:
             return
+        self.addresses.remove(c.limits.address)
         c.core.close(p.CloseCode.NORMAL, "closed")  # nothing more is sent or read
         session = c.session
         if session is None or session.conn is not c:
@@ -247,6 +247,7 @@ class Hub:
             self._out.append(Send(c.id, frames))
         if core.close_code is not None:
             if self._conns.pop(c.id, None) is not None:  # closed now: say so once
+                self.addresses.remove(c.limits.address)
                 self._out.append(Close(c.id, core.close_code, core.close_reason))
                 c.scheduled = None
                 self._closed(c)
@@ -484,7 +485,8 @@ class Hub:
             record = SessionRecord(session_id, token, user)
             refused: list[p.StreamPosition] = []
             if hello.resume is not None:
-                refused = yield from restore_rooms(record, hello.resume, self._namespaces)
+                refused = yield from restore_rooms(record, hello.resume, self._namespaces, c.claims)
+                refused += cap_rooms(record, hello.resume, self.config.max_rooms)
                 if hello.resume.session is not None:
                     record.previous.append(hello.resume.session)
             record.owner = self.node

@@ -11,6 +11,7 @@ from typing import Any
 
 from .commands import Call
 from .connection import ConnectionCore
+from .limits import ConnLimits
 from .sessions import Session
 
 __all__ = ["Conn", "CredentialsExpiry", "Op", "Running"]
@@ -20,11 +21,25 @@ Op = Generator[Call, Any, Any]
 
 
 class Conn:
-    __slots__ = ("bearer", "busy", "claims", "core", "early", "id", "scheduled", "session")
+    __slots__ = (
+        "bearer",
+        "busy",
+        "claims",
+        "core",
+        "early",
+        "id",
+        "limits",
+        "scheduled",
+        "session",
+    )
 
-    def __init__(self, conn_id: int, core: ConnectionCore, bearer: str | None = None) -> None:
+    def __init__(
+        self, conn_id: int, core: ConnectionCore, bearer: str | None, limits: ConnLimits
+    ) -> None:
         self.id = conn_id
         self.core = core
+        self.limits = limits
+        """Its client address, message rate and refusals (``limits.py``)."""
         self.bearer = bearer
         """The token of the request's ``Authorization: Bearer`` header, if any."""
         self.claims: dict[str, Any] = {}

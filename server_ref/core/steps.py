@@ -9,7 +9,7 @@ handshake and of carrying out one client message.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Container, Generator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from rtchat_sdk import protocol as p
@@ -17,11 +17,19 @@ from rtchat_sdk.errors import ValidationFailed
 
 from ..broker.base import Draft, SessionRecord
 from ..errors import BrokerUnavailable, CredentialsRefused, FrameTooLarge, HandlerFailure
-from .commands import Authenticate, BrokerCall, Call, Handle, Identity, MayJoin
+from .authz import CALL, JOIN, PUBLISH, Namespaces, forbidden
+from .commands import Authenticate, Authorize, BrokerCall, Call, Handle, Identity
 from .connection import ClientMessage, ConnectionCore, unsendable_answer
 from .sessions import Session
 
-__all__ = ["answer", "duplicate_answer", "identify", "restore_rooms", "unavailable_answer"]
+__all__ = [
+    "Namespaces",
+    "answer",
+    "duplicate_answer",
+    "identify",
+    "restore_rooms",
+    "unavailable_answer",
+]
 
 log = logging.getLogger("server_ref")
 
@@ -61,28 +69,30 @@ def identify(
 
 
 def restore_rooms(
-    record: SessionRecord, resume: p.ResumeInfo, namespaces: Container[str]
+    record: SessionRecord, resume: p.ResumeInfo, namespaces: Namespaces, claims: dict[str, Any]
 ) -> Generator[Call, Any, list[p.StreamPosition]]:
     """Put a new session in the rooms a client followed under its lost session.
 
-    Each room is checked like a join; returns the positions refused.
+    Each room is checked like a join (with the new hello's claims); returns
+    the positions refused.
     """
     refused: list[p.StreamPosition] = []
     for position in resume.streams:
-        if position.room is None or position.ns is None:
+        ns, room = position.ns, position.room
+        if room is None or ns is None:
             continue
-        allowed = False
-        if position.ns in namespaces and position.stream == p.room_stream(
-            position.ns, position.room
-        ):
+        space = namespaces.get(ns)
+        allowed = space is not None and position.stream == p.room_stream(ns, room)
+        if allowed and space is not None and JOIN in space.guards:
             try:
-                allowed = yield MayJoin(position.ns, record.id, record.user, position.room)
+                allowed = yield Authorize(ns, JOIN, record.id, record.user, claims, room, None)
             except Exception:  # a join check that raises refuses the join
-                log.exception("join check for %r in %r raised", position.room, position.ns)
+                log.exception("join check for %r in %r raised", room, ns)
+                allowed = False
         if not allowed:
             refused.append(position)
             continue
-        record.rooms[(position.ns, position.room)] = (position.epoch, position.offset)
+        record.rooms[(ns, room)] = (position.epoch, position.offset)
     return refused
 
 
@@ -111,7 +121,7 @@ def unavailable_answer(session: Session, frame: ClientMessage, why: str, retry: 
 
 
 def answer(
-    namespaces: Container[str],
+    namespaces: Namespaces,
     max_frame_bytes: int,
     retry_after: float,
     appends_remembered: bool,
@@ -147,21 +157,27 @@ def answer(
             )
         if processed:
             return duplicate_answer(frame.id, stored)
-    user = session.record.user
+    user, claims = session.record.user, session.claims
+    space = namespaces.get(frame.ns)
     try:
-        if frame.ns not in namespaces:
+        if space is None:
             reply = p.encode_error(
                 p.ErrorCode.UNKNOWN_NAMESPACE, f"no namespace {frame.ns!r} on this server", frame.id
             )
-        elif isinstance(frame, p.RequestFrame):
-            data = yield Handle(frame.ns, session.id, user, frame.event, frame.data)
-            reply = p.encode_reply(frame.id, data)
-        elif isinstance(frame, p.EmitFrame):
-            yield Handle(frame.ns, session.id, user, frame.event, frame.data)
-            reply = p.encode_reply(frame.id)
+        elif isinstance(frame, (p.RequestFrame, p.EmitFrame)):
+            event = frame.event
+            if CALL in space.guards and not (
+                yield Authorize(frame.ns, CALL, session.id, user, claims, None, event)
+            ):
+                raise forbidden(f"call {event!r}")
+            data = yield Handle(frame.ns, session.id, user, event, frame.data, claims)
+            is_request = frame.type == "request"
+            reply = p.encode_reply(frame.id, data) if is_request else p.encode_reply(frame.id)
         elif isinstance(frame, p.JoinFrame):
-            if not (yield MayJoin(frame.ns, session.id, user, frame.room)):
-                raise HandlerFailure(p.ErrorCode.UNAUTHORIZED, f"may not join {frame.room!r}")
+            if JOIN in space.guards and not (
+                yield Authorize(frame.ns, JOIN, session.id, user, claims, frame.room, None)
+            ):
+                raise forbidden(f"join {frame.room!r}")
             epoch, offset = yield from join(session, frame.ns, frame.room)
             stream = p.room_stream(frame.ns, frame.room)
             reply = p.encode_reply(frame.id, {"stream": stream, "epoch": epoch, "offset": offset})
@@ -173,6 +189,12 @@ def answer(
                 raise HandlerFailure(
                     p.ErrorCode.NOT_IN_ROOM, f"join room {frame.room!r} before publishing to it"
                 )
+            if PUBLISH in space.guards and not (
+                yield Authorize(
+                    frame.ns, PUBLISH, session.id, user, claims, frame.room, frame.event
+                )
+            ):
+                raise forbidden(f"publish {frame.event!r} to {frame.room!r}")
             stream = p.room_stream(frame.ns, frame.room)
             draft = Draft.message(
                 stream,

@@ -33,6 +33,7 @@ from urllib.parse import parse_qs
 
 from rtchat_sdk import protocol as p
 
+from .addresses import scope_address
 from .base import Endpoint, Transport, bearer_token
 from .origins import cors_headers, origin_allowed, origin_of, preflight_headers
 from .polling import Polling, Reply
@@ -153,10 +154,12 @@ async def serve_websocket(
     max_frame_bytes: int,
     *,
     bearer: str | None = None,
+    address: str | None = None,
 ) -> None:
     """Run one ASGI WebSocket connection against ``endpoint`` until it ends.
 
-    ``bearer``: the token of the scope's ``Authorization: Bearer`` header, if any.
+    ``bearer``: the token of the scope's ``Authorization: Bearer`` header, if any;
+    ``address``: the client's (``addresses.scope_address``).
     """
     first = await receive()
     if first["type"] != "websocket.connect":
@@ -164,6 +167,7 @@ async def serve_websocket(
     await send({"type": "websocket.accept"})
     transport = AsgiWebSocketTransport(send, max_frame_bytes)
     transport.bearer = bearer
+    transport.address = address
     transport.start()
     conn = endpoint.opened(transport)
     peer_code: int | None = None
@@ -241,7 +245,8 @@ async def _serve_poll(polling: Polling, scope: Scope, receive: Receive) -> Reply
         return 413, {"error": f"body over max_frame_bytes ({limit})"}
     if sid:
         return await polling.post(sid, body)
-    return await polling.open(body, bearer_token(scope.get("headers", [])))
+    address = scope_address(scope, polling.trusted)
+    return await polling.open(body, bearer_token(scope.get("headers", [])), address)
 
 
 async def serve_http(

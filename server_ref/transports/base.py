@@ -61,6 +61,11 @@ class Transport(ABC):
     """The token of the opening request's ``Authorization: Bearer`` header, set by
     the transport before ``Endpoint.opened``; the hello's ``auth.token`` wins."""
 
+    address: str | None = None
+    """The client's IP address (``addresses.client_address``: the peer's, or behind a
+    trusted proxy the one it forwards), set before ``Endpoint.opened``; the server
+    counts connections per address (``max_connections_per_address``)."""
+
     @abstractmethod
     def write(self, data: bytes) -> None:
         """Queue one encoded frame; it leaves with the others of this loop pass."""

@@ -28,6 +28,7 @@ from rtchat_sdk import protocol as p
 
 from ..config import ServerConfig
 from ..errors import BrokerUnavailable
+from .addresses import trusted_networks
 from .base import Endpoint, Transport
 from .polling_nodes import UNKNOWN, Forwarder, Reply
 
@@ -143,13 +144,18 @@ class Polling:
         self.connections: dict[str, PollConnection] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.max_body_bytes = config.max_frame_bytes
+        self.trusted = trusted_networks(config.trusted_proxies)
+        """The proxies whose ``X-Forwarded-For`` names the client (``addresses.py``)."""
         """A request body past this is refused (413) and not read further."""
         self.nodes = Forwarder(endpoint, config.poll_timeout)
         """Requests for other nodes' connections, and theirs for ours."""
 
-    async def open(self, body: bytes, bearer: str | None = None) -> Reply:
+    async def open(
+        self, body: bytes, bearer: str | None = None, address: str | None = None
+    ) -> Reply:
         """Open a connection with the hello in ``body`` (``bearer``: the token of the
-        request's ``Authorization: Bearer`` header, if any)."""
+        request's ``Authorization: Bearer`` header, if any; ``address``: the client's,
+        counted against ``max_connections_per_address``)."""
         frames = self._frames(body)
         if isinstance(frames, tuple):
             return frames
@@ -161,6 +167,7 @@ class Polling:
             return 503, {"error": "unavailable"}
         pc = PollConnection(self.nodes.new_sid(), self._config, self._clock())
         pc.bearer = bearer
+        pc.address = address
         pc.conn = self._endpoint.opened(pc)
         self.connections[pc.sid] = pc
         self._start_sweeper()

@@ -27,6 +27,7 @@ from rtchat_sdk import protocol as p
 from rtchat_sdk.wsio import write_framed
 
 from ..config import ServerConfig
+from .addresses import client_address, forwarded_for, trusted_networks
 from .base import Endpoint, Listener, Transport, bearer_token
 from .http_front import HttpService, front_for
 from .origins import origin_allowed
@@ -147,6 +148,7 @@ class WebSocketListener(Listener):
         self._max_frame_bytes = config.max_frame_bytes
         self._compression = config.compression
         self._config = config
+        self._trusted = trusted_networks(config.trusted_proxies)
         self.http = HttpService(endpoint, config)
         """The plain HTTP requests on the port, long polling among them."""
         self._front = front_for(self.http, config)
@@ -198,7 +200,12 @@ class WebSocketListener(Listener):
     async def _handle(self, ws: ServerConnection) -> None:
         assert self._writer is not None  # set by start(), before any connection
         transport = WebSocketTransport(ws, self._writer, self._max_frame_bytes)
-        transport.bearer = bearer_token(ws.request.headers.raw_items()) if ws.request else None
+        headers = list(ws.request.headers.raw_items()) if ws.request else []
+        transport.bearer = bearer_token(headers)
+        peer = ws.remote_address
+        transport.address = client_address(
+            str(peer[0]) if peer else None, forwarded_for(headers), self._trusted
+        )
         endpoint = self._endpoint
         conn = endpoint.opened(transport)
         try:

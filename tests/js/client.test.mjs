@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 
 import {
-  AckTimeout, Client, ClientClosed, HandlerError, InvalidFrame, MessageTooLarge, RemoteError,
+  AckTimeout, Client, ClientClosed, Forbidden, HandlerError, InvalidFrame, MessageTooLarge, RemoteError,
   RTChatError, SessionReplaced, Unauthorized, UnknownEvent, ValidationFailed, backoffDelays,
   pollingUrl, resolveUrl,
 } from "../../rtchat_sdk/web/rtchat.js";
@@ -88,7 +88,7 @@ test("request: reply data, timeout, and server errors mapped to typed errors", T
   await settle();
   assert.deepEqual(ok.value, { n: 1 });
 
-  const codes = { unknown_event: UnknownEvent, handler_error: HandlerError, invalid_payload: HandlerError, too_large: InvalidFrame, my_code: RemoteError };
+  const codes = { unknown_event: UnknownEvent, handler_error: HandlerError, invalid_payload: HandlerError, too_large: InvalidFrame, forbidden: Forbidden, my_code: RemoteError };
   for (const [code, Cls] of Object.entries(codes)) {
     const call = track(s.client.request("x"));
     await settle();
@@ -333,6 +333,21 @@ test("an `unavailable` answer keeps the message and writes it again after retry_
   assert.equal(s.ws.frames().filter((f) => f.type === "request").length, 1);
   await s.clock.advance(0.2);
   assert.equal(s.ws.frames().filter((f) => f.type === "request").length, 2);
+  s.ws.deliver({ type: "reply", id: 1, data: "done" });
+  await settle();
+  assert.equal(call.value, "done");
+});
+
+test("a `rate_limited` answer takes the same path: kept, written again after retry_after", T, async () => {
+  const s = await connected();
+  const call = track(s.client.request("x"));
+  await settle();
+  s.ws.deliver({ type: "error", id: 1, code: "rate_limited", message: "slow down", details: null, retry_after: 0.5 });
+  await s.clock.advance(0.4);
+  assert.equal(s.ws.frames().filter((f) => f.type === "request").length, 1);
+  await s.clock.advance(0.2);
+  assert.equal(s.ws.frames().filter((f) => f.type === "request").length, 2);
+  assert.equal(s.client.counters.retried, 1);
   s.ws.deliver({ type: "reply", id: 1, data: "done" });
   await settle();
   assert.equal(call.value, "done");
