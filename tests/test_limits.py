@@ -15,7 +15,7 @@ from rtchat_sdk import protocol as p
 from rtchat_sdk.backoff import close_error, reconnect_at_once
 from rtchat_sdk.core import ClientSession, Replied
 from server_ref.config import ServerConfig
-from server_ref.core.limits import TokenBucket
+from server_ref.core.limits import GIVEN_UP_AFTER, TokenBucket
 from tests.helpers import events, frames, open_session, reply
 from tests.hubnet import HubNet
 from tests.test_hub import request, with_echo
@@ -88,6 +88,25 @@ def test_messages_after_a_refused_one_wait_for_its_resend_so_none_overtakes_it()
     net.send(conn, request(5, 5))
     assert answers(net, conn) == [(4, "reply"), (5, "reply")]
     assert seen == [1, 2, 3, 4, 5]
+
+
+def test_a_refused_message_never_resent_stops_holding_the_later_ones_back() -> None:
+    """The client gave it up (its expiry passed while it waited): later messages are
+    taken once its retry_after + GIVEN_UP_AFTER has passed, not refused until 4009."""
+    net, conn, seen = rate_net()
+    for i in (1, 2, 3, 4):
+        net.send(conn, request(i, i))
+    (*_, refused) = net.frames(conn)
+    assert (refused["id"], refused["code"]) == (4, "rate_limited")
+    net.advance(refused["retry_after"] + GIVEN_UP_AFTER - 0.01)
+    net.send(conn, request(5, 5))
+    (held,) = net.frames(conn)
+    assert (held["id"], held["code"]) == (5, "rate_limited")  # 4 may still come
+    net.advance(0.02)  # past it: 4 is taken as given up
+    net.send(conn, request(5, 5))
+    assert answers(net, conn) == [(5, "reply")]
+    assert seen == [1, 2, 3, 5]
+    assert conn not in net.closed
 
 
 def test_refusals_in_a_row_up_to_the_abuse_limit_then_close_4009() -> None:

@@ -10,6 +10,8 @@ The hub calls these in a few lines each, so the rules live here:
   resent, so none overtakes it: the gate keeps the ids it refused (not the
   one ``Session.refusing`` of ``unavailable``, whose refusals all come back
   at once) because its waits are paced and the resends come back one by one.
+  One not resent by its ``retry_after`` + ``GIVEN_UP_AFTER`` (5 s) holds the
+  later ones back no more: the client gave it up (it expired there).
   ``rate_abuse_limit`` refusals in a row close
   the connection with 4009 RATE_LIMITED: a client that honours
   ``retry_after`` gets at most its window's worth in a row.
@@ -85,7 +87,7 @@ class TokenBucket:
 class ConnLimits:
     """One connection's limit state: its client address, bucket and refusals in a row."""
 
-    __slots__ = ("address", "bucket", "config", "in_a_row", "owed")
+    __slots__ = ("address", "bucket", "config", "due", "in_a_row", "owed")
 
     def __init__(self, config: ServerConfig, now: float, address: str | None = None) -> None:
         self.config = config
@@ -97,6 +99,14 @@ class ConnLimits:
         self.owed: list[int] = []
         """Ids this gate refused and that are not resent yet, in order: no later message
         goes before the first (a compliant client has at most its window here)."""
+        self.due: dict[int, float] = {}
+        """When each owed id is taken as given up by the client (``GIVEN_UP_AFTER``)."""
+
+
+GIVEN_UP_AFTER = 5.0
+"""Seconds past its ``retry_after`` after which a refused message that was not
+resent no longer holds later ones back: the client gave it up (its expiry
+passed), and would otherwise have every later message refused until 4009."""
 
 
 def _answered(text: str) -> Generator[Call, Any, str]:
@@ -118,6 +128,8 @@ def admit(
     config = limits.config
     owed = limits.owed
     retry = 0.0  # below: the tokens for it and for each refused message before it
+    while owed and message_id > owed[0] and now >= limits.due.get(owed[0], now):
+        limits.due.pop(owed.pop(0), None)  # not resent in time: given up by the client
     if owed and message_id > owed[0]:
         why = f"message {owed[0]} is to be resent first"
     elif c.busy > config.max_in_flight:
@@ -129,6 +141,7 @@ def admit(
             limits.in_a_row = 0
             if owed and owed[0] == message_id:
                 owed.pop(0)  # resent and let through
+                limits.due.pop(message_id, None)
             return None
         why = f"over rate_per_second={config.rate_per_second:g} (burst {config.rate_burst})"
     at = bisect.bisect_left(owed, message_id)
@@ -136,6 +149,7 @@ def admit(
         owed.insert(at, message_id)
     if not retry:
         retry = max(limits.bucket.wait(now, at + 1), 1.0 / config.rate_per_second)
+    limits.due[message_id] = now + retry + GIVEN_UP_AFTER
     limits.in_a_row += 1
     if max(limits.in_a_row, len(owed)) >= config.rate_abuse_limit:
         c.core.close(
