@@ -15,7 +15,6 @@ import hashlib
 import hmac
 import json
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,7 +31,7 @@ from server_ref import Server, ServerConfig
 from server_ref.auth import JwtAuthenticator
 from server_ref.errors import CredentialsRefused
 from tests.helpers import Inbox
-from tests.test_server_cli import LISTENING, ROOT, ServerProcess, _env, run_cli
+from tests.test_server_cli import run_cli, spawn_server
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -332,31 +331,6 @@ async def test_the_token_and_the_apps_auth_travel_together(server: Server) -> No
 # rtchat-server's flags
 
 
-async def _spawn(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "server_ref",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        cwd=ROOT,
-        env={**_env(), **(env or {})},
-    )
-    server = ServerProcess(proc)
-    try:
-        server.port = int((await server.expect(LISTENING)).group(1))
-    except BaseException:
-        await server.kill()
-        raise
-    return server
-
-
 async def _hello(port: int, t: str) -> dict[str, Any]:
     async with connect(f"ws://127.0.0.1:{port}") as ws:
         await ws.send(json.dumps({"type": "hello", "protocol": 1, "auth": {"token": t}}))
@@ -368,7 +342,7 @@ async def _hello(port: int, t: str) -> dict[str, Any]:
 async def test_rtchat_server_verifies_jwts_from_its_flags_or_environment(by_env: bool) -> None:
     flags = ("--jwt-secret", SECRET, "--jwt-audience", "chat")
     env = {"RTCHAT_JWT_SECRET": SECRET, "RTCHAT_JWT_AUDIENCE": "chat"}
-    server = await _spawn(*(() if by_env else flags), env=env if by_env else None)
+    server = await spawn_server(*(() if by_env else flags), env=env if by_env else None)
     try:
         assert (await _hello(server.port, token(aud="chat")))["type"] == "welcome"
         refused = await _hello(server.port, token(aud="other"))
@@ -386,7 +360,7 @@ async def test_rtchat_server_takes_a_public_key_file(tmp_path: Any) -> None:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     (tmp_path / "key.pem").write_bytes(pem)
-    server = await _spawn("--jwt-public-key", str(tmp_path / "key.pem"), "--jwt-leeway", "5")
+    server = await spawn_server("--jwt-public-key", str(tmp_path / "key.pem"), "--jwt-leeway", "5")
     try:
         good = token(key=private, algorithm="ES256")
         assert (await _hello(server.port, good))["type"] == "welcome"

@@ -24,8 +24,9 @@ from server_ref.auth_flags import add_jwt_flags, jwt_authenticator
 from server_ref.core.commands import Authorize, Identity
 from server_ref.room_claims import guard_rooms, room_allowed, rooms_claim
 from tests.hubnet import HubNet
-from tests.test_auth_jwt import SECRET, _spawn
+from tests.test_auth_jwt import SECRET
 from tests.test_auth_jwt import token as jwt_token
+from tests.test_server_cli import spawn_server
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -311,7 +312,7 @@ def test_the_rooms_claim_flag_needs_jwt_and_is_read_from_its_variable(
 
 
 async def test_rtchat_server_guards_the_rooms_of_slash_with_jwt_rooms_claim() -> None:
-    server = await _spawn("--jwt-secret", SECRET, "--jwt-rooms-claim", "chan")
+    server = await spawn_server("--jwt-secret", SECRET, "--jwt-rooms-claim", "chan")
     try:
         url = f"ws://127.0.0.1:{server.port}"
         async with Client(url, token=jwt_token(chan=["lobby", "team-*"])) as client:

@@ -120,30 +120,40 @@ class ServerProcess:
 Spawn = Callable[..., Awaitable[ServerProcess]]
 
 
+async def spawn_server(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """``python -m server_ref`` on a free loopback port, once it says it listens."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "server_ref",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+        env={**_env(), **(env or {})},
+    )
+    server = ServerProcess(proc)
+    try:
+        server.port = int((await server.expect(LISTENING)).group(1))
+    except BaseException:
+        await server.kill()
+        raise
+    return server
+
+
 @pytest.fixture
 async def spawn() -> AsyncIterator[Spawn]:
     """Factory of running servers on a free port; all are killed at the end."""
     started: list[ServerProcess] = []
 
     async def factory(*args: str) -> ServerProcess:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "server_ref",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=ROOT,
-            env=_env(),
-        )
-        server = ServerProcess(proc)
+        server = await spawn_server(*args)
         started.append(server)
-        server.port = int((await server.expect(LISTENING)).group(1))
         return server
 
     try:
