@@ -134,10 +134,15 @@ def _payload_model(func: Callable[..., Any], event: str | type[Event]) -> type[B
 class Namespace:
     """Handlers and rooms under one path; rooms of two namespaces never mix."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, presence: bool = False, presence_events: bool = False) -> None:
         if not path.startswith("/"):
             raise ValueError(f"namespace must start with '/': {path!r}")
         self.path = path
+        self.presence = presence or presence_events
+        """Keep who is in each room (``presence`` / ``presence_stats``, PROTOCOL §7.5)."""
+        self.presence_events = presence_events
+        """Also append ``$join`` / ``$leave`` entries to the room streams (N² deliveries
+        in a room of N members that come and go: leave off for large rooms)."""
         self._handlers: dict[str, _Handler] = {}
         self.guards: dict[str, Callable[..., Any]] = {}
         """The authorization hook per action (``core/authz.py``); the hub reads the keys."""

@@ -55,6 +55,12 @@ class ServerConfig:
     """Seconds a connection stays open after its credentials expire (the ``expires_in``
     an authenticator returns, e.g. a JWT's ``exp``); then it is closed with 4008
     TOKEN_EXPIRED and the client reconnects with fresh credentials."""
+    presence_ttl: float = 60.0
+    """Seconds a presence entry lasts in the broker unless renewed; the node renews its
+    sessions' entries every third of it, so a dead node's members are gone within it."""
+    presence_grace: float = 20.0
+    """Seconds a session whose connection dropped (no goodbye) stays present in its rooms
+    waiting for a resume; then it leaves them (``$leave``, reason "disconnected")."""
     demo: bool = False
     """Serve the demo chat page at ``/demo/`` (``rtchat-server --demo``)."""
     compression: bool = False

@@ -156,11 +156,19 @@ class Server:
     # ------------------------------------------------------------------
     # Handlers and namespaces
 
-    def namespace(self, path: str) -> Namespace:
-        """The namespace at ``path``, created on first use."""
+    def namespace(
+        self, path: str, *, presence: bool | None = None, presence_events: bool | None = None
+    ) -> Namespace:
+        """The namespace at ``path``, created on first use; ``presence`` and
+        ``presence_events`` (PROTOCOL §7.5) are set when given."""
         ns = self._namespaces.get(path)
         if ns is None:
             ns = self._namespaces[path] = Namespace(path)
+        if presence_events is not None:
+            ns.presence_events = presence_events
+            ns.presence = ns.presence or presence_events
+        if presence is not None:
+            ns.presence = presence
         return ns
 
     def on(self, event: str | type[Event]) -> Callable[[Any], Any]:

@@ -27,7 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 __all__ = [
     "CLIENT_FRAME_TYPES",
     "DEFAULT_NAMESPACE",
+    "MAX_HISTORY_LIMIT",
     "MAX_RESUME_STREAMS",
+    "RESERVED_EVENT_PREFIX",
     "PING_SPREAD",
     "PROTOCOL_VERSION",
     "SUPPORTED_VERSIONS",
@@ -40,17 +42,21 @@ __all__ = [
     "GapFrame",
     "HeartbeatInfo",
     "HelloFrame",
+    "HistoryFrame",
     "JoinFrame",
     "LeaveFrame",
     "Limits",
     "MessageFrame",
     "PingFrame",
     "PongFrame",
+    "PresenceFrame",
+    "PresenceStatsFrame",
     "PublishFrame",
     "ReplyFrame",
     "RequestFrame",
     "ResumeInfo",
     "ServerFrame",
+    "Since",
     "StreamPosition",
     "WelcomeFrame",
     "client_frame_adapter",
@@ -90,6 +96,13 @@ _T = TypeVar("_T")
 MAX_RESUME_STREAMS = 10_000
 """At most this many stream positions travel in one ``hello.resume``."""
 
+MAX_HISTORY_LIMIT = 10_000
+"""At most this many entries asked for in one ``history`` frame."""
+
+RESERVED_EVENT_PREFIX = "$"
+"""Event names starting with this are the server's own (``$join``, ``$leave``): a client
+may not publish them."""
+
 MessageId = Annotated[int, Field(ge=1, description="Client message id, >= 1, increasing.")]
 NamespacePath = Annotated[
     str,
@@ -121,6 +134,7 @@ class ErrorCode(StrEnum):
     HANDLER_ERROR = "handler_error"
     FORBIDDEN = "forbidden"
     NOT_IN_ROOM = "not_in_room"
+    NOT_ENABLED = "not_enabled"
     DUPLICATE_ID = "duplicate_id"
     TOO_LARGE = "too_large"
     OVERLOADED = "overloaded"
@@ -186,6 +200,13 @@ class StreamPosition(_Frame):
     room: str | None = Field(
         default=None, description="For a room stream in `hello.resume`: the room to rejoin."
     )
+
+
+class Since(_Frame):
+    """A position in a stream the frame names otherwise: where a read or a join starts."""
+
+    epoch: str = Field(min_length=1, max_length=64)
+    offset: int = Field(ge=0, description="Entries after this offset (0: from the first).")
 
 
 class ResumeInfo(_Frame):
@@ -301,6 +322,11 @@ class JoinFrame(_Frame):
     id: MessageId
     ns: NamespacePath = DEFAULT_NAMESPACE
     room: RoomName
+    since: Since | None = Field(
+        default=None,
+        description="Deliver the entries after this position first, as a resume does (a "
+        "`gap` frame when they are no longer held): join where a `history` answer ended.",
+    )
 
 
 class LeaveFrame(_Frame):
@@ -322,6 +348,40 @@ class PublishFrame(_PayloadFrame):
     event: EventName
     data: Any = None
     echo: bool = False
+
+
+class PresenceFrame(_Frame):
+    """Ask who is in a room (a namespace with presence on); the reply lists the members."""
+
+    type: Literal["presence"] = "presence"
+    id: MessageId
+    ns: NamespacePath = DEFAULT_NAMESPACE
+    room: RoomName
+
+
+class PresenceStatsFrame(_Frame):
+    """Ask how many sessions and distinct users are in a room."""
+
+    type: Literal["presence_stats"] = "presence_stats"
+    id: MessageId
+    ns: NamespacePath = DEFAULT_NAMESPACE
+    room: RoomName
+
+
+class HistoryFrame(_Frame):
+    """Read a room stream's kept entries; the reply holds them and the stream's position."""
+
+    type: Literal["history"] = "history"
+    id: MessageId
+    ns: NamespacePath = DEFAULT_NAMESPACE
+    room: RoomName
+    since: Since | None = Field(
+        default=None,
+        description="Forward: the entries after this position; reverse: those before it. "
+        "Null: from the oldest kept (forward) or the newest (reverse).",
+    )
+    limit: int = Field(default=100, ge=1, le=MAX_HISTORY_LIMIT, description="Entries, at most.")
+    reverse: bool = Field(default=False, description="Newest first.")
 
 
 # --------------------------------------------------------------------------
@@ -409,6 +469,9 @@ ClientFrame = Annotated[
     | JoinFrame
     | LeaveFrame
     | PublishFrame
+    | PresenceFrame
+    | PresenceStatsFrame
+    | HistoryFrame
     | PingFrame
     | PongFrame,
     Field(discriminator="type"),
@@ -419,7 +482,19 @@ ServerFrame = Annotated[
 ]
 
 CLIENT_FRAME_TYPES = frozenset(
-    {"hello", "emit", "request", "join", "leave", "publish", "ping", "pong"}
+    {
+        "hello",
+        "emit",
+        "request",
+        "join",
+        "leave",
+        "publish",
+        "presence",
+        "presence_stats",
+        "history",
+        "ping",
+        "pong",
+    }
 )
 
 client_frame_adapter: TypeAdapter[ClientFrame] = TypeAdapter(ClientFrame)

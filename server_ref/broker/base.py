@@ -19,6 +19,9 @@ Redis:
   another connection took the session over (close code 4006);
 * dedupe records: per session, which message ids were processed and the
   replies they got, so a resent message is answered again, not run again;
+* presence: per room stream, the sessions in it (``PresenceMember``), each
+  entry expiring ``ttl`` seconds after it was last added or refreshed, so a
+  node that dies leaves no member behind for longer than that;
 * calls between nodes: ``serve_node`` answers the calls addressed to a node,
   ``call_node`` sends one and waits for its answer (a request for a polling
   connection another node holds). A call may be lost (``CallTimeout``): only
@@ -61,6 +64,7 @@ __all__ = [
     "Draft",
     "EntryListener",
     "NodeGone",
+    "Page",
     "Replay",
     "ReplacedListener",
     "SessionRecord",
@@ -138,6 +142,21 @@ class Replay:
     """None, 'trimmed' (history no longer reaches back) or 'epoch_changed'."""
     gap_offset: int = 0
     """With a gap: the position the reader stands at after it; entries follow it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """What ``history`` found: a page of kept entries, in the order asked for."""
+
+    entries: list[StreamEntry]
+    epoch: str
+    offset: int
+    """The stream's newest offset (0: none)."""
+    gap: str | None = None
+    """None, 'trimmed' (the page starts later than asked: those entries are gone) or
+    'epoch_changed' (``since`` was of another epoch)."""
+    more: bool = False
+    """Kept entries lie beyond the page in its direction."""
 
 
 @dataclass(slots=True)
@@ -248,6 +267,55 @@ class Broker(ABC):
     @abstractmethod
     async def unsubscribe(self, stream: str, listener: EntryListener) -> None:
         """Stop calling ``listener`` for ``stream``."""
+
+    @abstractmethod
+    async def history(
+        self, stream: str, since: tuple[str, int] | None, limit: int, reverse: bool
+    ) -> Page:
+        """At most ``limit`` kept entries of ``stream`` (within ``history_size`` and
+        ``history_seconds``), for the ``history`` frame (PROTOCOL §7.6).
+
+        Forward: those after ``since``'s offset, oldest first (None: from the
+        oldest kept); reverse: those before it, newest first (None: from the
+        newest). A ``since`` of another epoch (or past the newest offset) is
+        'epoch_changed' and reads as None; one whose next entries are no longer
+        kept is 'trimmed' and the page starts at the nearest kept one.
+        """
+
+    # ------------------------------------------------------------------
+    # Presence
+
+    @abstractmethod
+    async def presence_add(
+        self, stream: str, member: p.PresenceMember, ttl: float
+    ) -> tuple[p.PresenceMember, bool]:
+        """Put ``member`` in ``stream``'s presence for ``ttl`` seconds.
+
+        A ``joined_at`` of 0 is stamped by the broker (wall time, which nodes
+        share). A session already present keeps its entry's ``joined_at`` (its
+        expiry is renewed). Returns the stored entry and whether it is new.
+        """
+
+    @abstractmethod
+    async def presence_refresh(
+        self, members: list[tuple[str, p.PresenceMember]], ttl: float
+    ) -> None:
+        """Renew each (stream, member) for ``ttl`` seconds, adding any that expired.
+
+        The server calls it for its live sessions every third of ``ttl``.
+        """
+
+    @abstractmethod
+    async def presence_remove(self, stream: str, session_id: str) -> bool:
+        """Take the session out of ``stream``'s presence; whether it was there."""
+
+    @abstractmethod
+    async def presence(self, stream: str) -> list[p.PresenceMember]:
+        """The unexpired members of ``stream``, oldest ``joined_at`` first."""
+
+    @abstractmethod
+    async def presence_stats(self, stream: str) -> tuple[int, int]:
+        """(sessions, distinct users) among ``stream``'s unexpired members."""
 
     # ------------------------------------------------------------------
     # Resumable sessions

@@ -9,7 +9,8 @@ Sessions expire lazily at their TTL; each keeps the replies to its newest
 are remembered with the entry they made. Subscribers are called inside
 ``append``, before it returns. Several servers in one process may share one
 ``MemoryBroker`` as several nodes share a Redis; a call to a node runs its
-handler in a task of this process.
+handler in a task of this process. Presence entries expire at their TTL by the
+broker's clock; their ``joined_at`` is wall time (``wall``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
+from rtchat_sdk import protocol as p
+
 from .base import (
     LATER,
     MAX_CALLS,
@@ -32,12 +35,14 @@ from .base import (
     Draft,
     EntryListener,
     NodeGone,
+    Page,
     ReplacedListener,
     Replay,
     SessionRecord,
     StreamEntry,
 )
 from .calls import Calls
+from .pages import span
 
 __all__ = ["MemoryBroker"]
 
@@ -81,6 +86,7 @@ class MemoryBroker(Broker):
         dedupe_size: int = 2_000,
         max_calls: int = MAX_CALLS,
         clock: Clock | None = None,
+        wall: Clock = time.time,
     ) -> None:
         if history_size < 1 or history_seconds <= 0 or dedupe_size < 1:
             raise ValueError("history and dedupe limits must be positive")
@@ -91,6 +97,9 @@ class MemoryBroker(Broker):
         self.dedupe_size = dedupe_size
         self._clock: Clock = clock or time.monotonic
         self._own_clock = clock is not None
+        self._wall = wall
+        self._presence: dict[str, dict[str, tuple[p.PresenceMember, float]]] = {}
+        """Per stream: session id -> (its entry, when it expires by the broker's clock)."""
         self._streams: dict[str, _Stream] = {}
         self._sessions: dict[str, tuple[SessionRecord, float | None]] = {}
         self._dedupe: dict[str, _Dedupe] = {}
@@ -170,6 +179,19 @@ class MemoryBroker(Broker):
         entries = [s.entries[i] for i in range(offset + 1 - oldest, len(s.entries))]
         return Replay(entries, s.epoch, s.offset, gap, offset)
 
+    async def history(
+        self, stream: str, since: tuple[str, int] | None, limit: int, reverse: bool
+    ) -> Page:
+        s = self._stream(stream)
+        self._trim(s, self._clock())
+        entries = s.entries
+        oldest = entries[0].offset if entries else s.offset + 1
+        page = span(s.epoch, oldest, s.offset, since, limit, reverse)
+        picked = [entries[o - oldest] for o in range(page.lo, page.hi + 1)]
+        if reverse:
+            picked.reverse()
+        return Page(picked, s.epoch, s.offset, page.gap, page.more)
+
     async def subscribe(self, stream: str, listener: EntryListener) -> None:
         self._stream(stream).listeners.append(listener)
 
@@ -177,6 +199,52 @@ class MemoryBroker(Broker):
         s = self._streams.get(stream)
         if s is not None and listener in s.listeners:
             s.listeners.remove(listener)
+
+    async def presence_add(
+        self, stream: str, member: p.PresenceMember, ttl: float
+    ) -> tuple[p.PresenceMember, bool]:
+        now = self._clock()
+        members = self._presence.setdefault(stream, self._present(stream, now))
+        found = members.get(member.session)
+        if found is not None:
+            member = found[0]
+        elif not member.joined_at:
+            member = member.model_copy(update={"joined_at": self._wall()})
+        members[member.session] = (member, now + ttl)
+        return member, found is None
+
+    async def presence_refresh(
+        self, members: list[tuple[str, p.PresenceMember]], ttl: float
+    ) -> None:
+        for stream, member in members:
+            await self.presence_add(stream, member, ttl)
+
+    async def presence_remove(self, stream: str, session_id: str) -> bool:
+        members = self._present(stream, self._clock())
+        found = members.pop(session_id, None) is not None
+        if not members:
+            self._presence.pop(stream, None)  # no empty dicts left behind for read-only rooms
+        return found
+
+    async def presence(self, stream: str) -> list[p.PresenceMember]:
+        members = self._present(stream, self._clock())
+        if not members:
+            self._presence.pop(stream, None)
+        return sorted((m for m, _ in members.values()), key=lambda m: (m.joined_at, m.session))
+
+    async def presence_stats(self, stream: str) -> tuple[int, int]:
+        members = self._present(stream, self._clock())
+        users = {m.user for m, _ in members.values() if m.user is not None}
+        return len(members), len(users)
+
+    def _present(self, stream: str, now: float) -> dict[str, tuple[p.PresenceMember, float]]:
+        """``stream``'s presence entries, the expired ones dropped (a new dict if none)."""
+        members = self._presence.get(stream)
+        if members is None:
+            return {}
+        for session_id in [sid for sid, (_, expires) in members.items() if expires <= now]:
+            del members[session_id]
+        return members
 
     async def save_session(self, record: SessionRecord, ttl: float | None) -> None:
         now = self._clock()

@@ -30,10 +30,17 @@ ACTIONS = (JOIN, PUBLISH, CALL, RECEIVE)
 
 
 class Guarded(Protocol):
-    """What the hub needs of a namespace: the actions it has a hook for."""
+    """What the hub needs of a namespace: the actions it has a hook for, and whether it
+    keeps presence (and appends join/leave entries)."""
 
     @property
     def guards(self) -> Collection[str]: ...
+
+    @property
+    def presence(self) -> bool: ...
+
+    @property
+    def presence_events(self) -> bool: ...
 
 
 Namespaces = Mapping[str, Guarded]
