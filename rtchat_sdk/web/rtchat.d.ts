@@ -13,6 +13,77 @@ export interface StreamPosition {
   offset: number;
 }
 
+/** A position in a stream the call names otherwise: where a history read or a join starts. */
+export interface Since {
+  epoch: string;
+  offset: number;
+}
+
+/** One session in a room (PROTOCOL §7.5). */
+export interface PresenceMember {
+  session: string;
+  /** The user the server's authenticator named, or null. */
+  user: string | null;
+  /** The hello.client of its connection, or null. */
+  client: string | null;
+  /** When it joined the room: Unix time, seconds. */
+  joined_at: number;
+}
+
+/** The data of a `$join` / `$leave` delivery (onJoin, onLeave). */
+export interface PresenceChange extends PresenceMember {
+  /** `$leave` only: how it left. */
+  reason?: "left" | "closed" | "disconnected" | "expired" | (string & {}) | null;
+}
+
+export interface PresenceStats {
+  stream: string;
+  /** Sessions in the room. */
+  sessions: number;
+  /** Distinct users among them (sessions without a user not counted). */
+  users: number;
+}
+
+/** A delivery as the server sends it: the entries of a history page. */
+export interface MessageFrame {
+  type: "message";
+  stream: string;
+  epoch: string;
+  offset: number;
+  ns: string;
+  room: string | null;
+  event: string;
+  data: any;
+  sender: string | null;
+}
+
+/** A page of a room stream's kept entries (PROTOCOL §7.6). */
+export interface History {
+  stream: string;
+  /** The stream's epoch and newest offset when read. */
+  epoch: string;
+  offset: number;
+  /** Why the page does not start where asked: the entries are gone, or `since` was of another epoch. */
+  gap: "trimmed" | "epoch_changed" | (string & {}) | null;
+  /** More kept entries lie beyond the page in its direction. */
+  more: boolean;
+  /** Oldest first; newest first with `reverse`. */
+  entries: MessageFrame[];
+  /** `{epoch, offset}`: pass it as join's `since` to go on live, missing nothing. */
+  position: Since;
+}
+
+export interface HistoryOptions {
+  /** Forward: the entries after it; reverse: those before it. Default: from the oldest (newest) kept. */
+  since?: Since | null;
+  /** 1 to 10 000 (default 100). */
+  limit?: number;
+  /** Newest first (default false). */
+  reverse?: boolean;
+  /** Seconds until AckTimeout (default: the client's requestTimeout). */
+  timeout?: number | null;
+}
+
 /** Where a delivery came from: the second argument of every handler. */
 export interface Delivery {
   event: string;
@@ -134,20 +205,30 @@ export interface Counters {
 }
 
 export type Handler = (data: any, meta: Delivery) => unknown;
+export type PresenceHandler = (data: PresenceChange, meta: Delivery) => unknown;
 export type Unsubscribe = () => void;
 
 /** The messaging API bound to one namespace. */
 export declare class Namespace {
   readonly path: string;
-  join(room: string): Promise<StreamPosition>;
+  /** `since`: follow the room stream from there (the entries after it are delivered first). */
+  join(room: string, options?: { since?: Since | null }): Promise<StreamPosition>;
   leave(room: string): Promise<void>;
   /** Resolves with the entry's offset in the room stream, once acknowledged. */
   publish(room: string, event: string, data?: unknown, options?: { echo?: boolean; expiresIn?: number | null }): Promise<number>;
   emit(event: string, data?: unknown, options?: { expiresIn?: number | null }): Promise<void>;
   request<T = any>(event: string, data?: unknown, options?: { timeout?: number | null }): Promise<T>;
+  /** Rejects with NotEnabled where the namespace keeps no presence. */
+  presence(room: string, options?: { timeout?: number | null }): Promise<PresenceMember[]>;
+  presenceStats(room: string, options?: { timeout?: number | null }): Promise<PresenceStats>;
+  history(room: string, options?: HistoryOptions): Promise<History>;
   /** "*" matches every event of the namespace. */
   on(event: string, handler: Handler): Unsubscribe;
   off(event: string, handler: Handler): void;
+  /** The `$join` deliveries (a namespace with presence events on); same as on("$join", handler). */
+  onJoin(handler: PresenceHandler): Unsubscribe;
+  /** The `$leave` deliveries; same as on("$leave", handler). */
+  onLeave(handler: PresenceHandler): Unsubscribe;
 }
 
 export declare class Client extends Namespace {
@@ -206,10 +287,12 @@ export declare class UnknownNamespace extends RemoteError {}
 export declare class HandlerError extends RemoteError {}
 export declare class InvalidFrame extends RemoteError {}
 export declare class Forbidden extends RemoteError {}
+export declare class NotEnabled extends RemoteError {}
 
 export declare function remoteError(code: string, message: string, details?: unknown): RemoteError;
 export declare function resolveUrl(url: string | URL, base?: string): string;
 export declare function pollingUrl(wsUrl: string): string;
+export declare function roomStream(ns: string, room: string): string;
 export declare function utf8Length(text: string): number;
 export declare function backoffDelays(policy?: ReconnectPolicy, random?: () => number): Generator<number, never, unknown>;
 export declare function closeError(code: number | null, reason: string): FatalConnectionError | null;
@@ -238,7 +321,9 @@ export declare class Session {
   connectionLost(now: number): void;
   close(): void;
   ping(now: number): void;
-  queue(kind: "emit" | "request" | "join" | "leave" | "publish", ns: string, fields: { room?: string; event?: string; data?: unknown; echo?: boolean }, now: number, expiresIn?: number | null): number;
+  queue(kind: "emit" | "request" | "join" | "leave" | "publish" | "presence" | "presence_stats" | "history", ns: string,
+    fields: { room?: string; event?: string; data?: unknown; echo?: boolean; since?: Since | null; limit?: number; reverse?: boolean },
+    now: number, expiresIn?: number | null): number;
   receive(data: string | unknown[] | Record<string, unknown>, now: number): void;
   timer(): number | null;
   handleTimer(now: number): void;

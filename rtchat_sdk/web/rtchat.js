@@ -95,11 +95,13 @@ export class HandlerError extends RemoteError {}
 export class InvalidFrame extends RemoteError {}
 /** The server's authorization refused this join, publish, emit or request (`forbidden`). */
 export class Forbidden extends RemoteError {}
+/** The namespace does not keep what was asked (`not_enabled`: presence is off there). */
+export class NotEnabled extends RemoteError {}
 
 const BY_CODE = {
   unknown_event: UnknownEvent, unknown_namespace: UnknownNamespace, handler_error: HandlerError,
   invalid_payload: HandlerError, bad_json: InvalidFrame, bad_frame: InvalidFrame, unknown_type: InvalidFrame,
-  invalid_frame: InvalidFrame, too_large: InvalidFrame, forbidden: Forbidden,
+  invalid_frame: InvalidFrame, too_large: InvalidFrame, forbidden: Forbidden, not_enabled: NotEnabled,
 };
 /** The most specific RemoteError for an error code. */
 export function remoteError(code, message, details = null) {
@@ -136,6 +138,11 @@ export function pollingUrl(wsUrl) {
   url.protocol = url.protocol === "wss:" ? "https:" : "http:";
   url.pathname = url.pathname.replace(/\/+$/, "") + "/poll";
   return url.href;
+}
+
+/** The name of a room's stream (PROTOCOL §7.1): `room:<ns>:<room>`. */
+export function roomStream(ns, room) {
+  return `room:${ns}:${room}`;
 }
 
 /** Bytes of `text` in UTF-8: every size in the protocol counts those. */
@@ -192,6 +199,30 @@ export function closeError(code, reason) {
 const roomKey = (ns, room) => `${ns}\u0000${room}`;
 const HANDSHAKING = new Set(["connecting", "reconnecting"]);
 const isPosition = (p) => p !== null && typeof p === "object" && typeof p.stream === "string" && typeof p.epoch === "string" && Number.isInteger(p.offset);
+/** The reads (PROTOCOL §6): answered like requests, not remembered by the server's dedupe. */
+const READS = new Set(["presence", "presence_stats", "history"]);
+const MAX_HISTORY_LIMIT = 10_000;
+
+/** `{epoch, offset}` of a position the app hands over (a history answer's `position`, a join's reply). */
+function sinceOf(since) {
+  if (since == null) return null;
+  const { epoch, offset } = since;
+  if (typeof epoch !== "string" || !epoch || !Number.isInteger(offset) || offset < 0) throw new TypeError(`since is {epoch, offset}: ${JSON.stringify(since)}`);
+  return { epoch, offset };
+}
+
+/** The frame of one outbox message (PROTOCOL §4.2), from the fields its kind needs. */
+function frameOf(kind, id, ns, { room = null, event, data = null, echo = false, since = null, limit = 100, reverse = false }) {
+  switch (kind) {
+    case "join": return since == null ? { type: kind, id, ns, room } : { type: kind, id, ns, room, since: sinceOf(since) };
+    case "leave": case "presence": case "presence_stats": return { type: kind, id, ns, room };
+    case "history":
+      if (!Number.isInteger(limit) || limit < 1 || limit > MAX_HISTORY_LIMIT) throw new TypeError(`limit is an integer from 1 to ${MAX_HISTORY_LIMIT}: ${limit}`);
+      return { type: kind, id, ns, room, since: sinceOf(since), limit, reverse: !!reverse };
+    case "publish": return { type: kind, id, ns, room, event, data: data ?? null, echo: !!echo };
+    default: return { type: kind, id, ns, event, data: data ?? null };
+  }
+}
 
 /**
  * Client protocol state for one session, across many connections. No I/O, no clock:
@@ -292,16 +323,14 @@ export class Session {
   }
 
   /**
-   * Queue one message and return its id. `fields`: room, event, data, echo as the kind
-   * needs. Throws MessageTooLarge, ValidationFailed or BufferFull before it gets an id.
+   * Queue one message and return its id. `fields`: room, event, data, echo, since, limit,
+   * reverse as the kind needs. Throws MessageTooLarge, ValidationFailed, BufferFull or a
+   * TypeError (a bad `since` or `limit`) before it gets an id.
    */
   queue(kind, ns, fields, now, expiresIn = null) {
     if (this.state === "closed") throw new InvalidState("session is closed");
     this._now = Math.max(this._now, now);
-    const id = this._nextId, { room = null, event, data = null, echo = false } = fields;
-    const frame = kind === "join" || kind === "leave" ? { type: kind, id, ns, room }
-      : kind === "publish" ? { type: kind, id, ns, room, event, data: data ?? null, echo: !!echo }
-        : { type: kind, id, ns, event, data: data ?? null };
+    const id = this._nextId, frame = frameOf(kind, id, ns, fields), room = frame.room ?? null;
     const text = encodeChecked(frame, frame.data, "data", kind);
     const size = utf8Length(text);
     if (size > this.maxFrameBytes) throw new MessageTooLarge(`${kind} is ${size} bytes encoded; the server accepts at most ${this.maxFrameBytes}`);
@@ -309,17 +338,36 @@ export class Session {
       if (this.overflow === "raise") throw new BufferFull(`the outbox holds ${this._outbox.size} messages (${this._outboxBytes} bytes)`);
       const oldest = this._outbox.values().next().value;
       this._remove(oldest);
+      this._unfollow(oldest);
       this.counters.dropped++;
       this._events.push({ type: "dropped", id: oldest.id, kind: oldest.kind });
     }
-    const entry = { id, kind, text, size, ns, room, expiresAt: expiresIn == null ? null : now + expiresIn };
+    const entry = { id, kind, text, size, ns, room, expiresAt: expiresIn == null ? null : now + expiresIn, follows: false };
     this._nextId = id + 1;
     this._outbox.set(id, entry);
     this._outboxBytes += size;
     this._unsent.push(id);
     if (entry.expiresAt !== null) this._expiring.add(id);
+    if (kind === "join" && frame.since) entry.follows = this._follow(ns, room, frame.since);
     this._pump();
     return id;
+  }
+
+  /**
+   * A join with `since` follows the room stream from there at once, before its reply (PROTOCOL
+   * §7.6): what the server replays after `since` is delivered, anything at or before it is a
+   * duplicate. Never back within an epoch. True when this started following the stream.
+   */
+  _follow(ns, room, since) {
+    const stream = roomStream(ns, room), known = this.streams.get(stream);
+    if (known && known.epoch === since.epoch) return (known.offset = Math.max(known.offset, since.offset)), false;
+    this.streams.set(stream, { epoch: since.epoch, offset: since.offset, ns, room });
+    return !known;
+  }
+
+  /** A join that started following its stream failed: follow it no more, unless a member anyway. */
+  _unfollow(entry) {
+    if (entry.follows && !this.rooms.has(roomKey(entry.ns, entry.room))) this.streams.delete(roomStream(entry.ns, entry.room));
   }
 
   _lowestUnanswered() {
@@ -359,6 +407,7 @@ export class Session {
 
   _expire(entry) {
     this._remove(entry);
+    this._unfollow(entry);
     this.counters.timedOut++;
     this._events.push({ type: "timeout", id: entry.id, kind: entry.kind });
   }
@@ -429,6 +478,7 @@ export class Session {
     for (const entry of [...this._outbox.values()]) {
       if (entry.size <= this.maxFrameBytes) continue;
       this._settle(entry.id); // it would be refused (1009) at every reconnect: fail it now
+      this._unfollow(entry);
       this._events.push({ type: "failed", id: entry.id, kind: entry.kind, code: "too_large", message: `${entry.size} bytes; the server accepts at most ${this.maxFrameBytes}`, details: null });
     }
     this.state = "connected";
@@ -480,7 +530,7 @@ export class Session {
       return this.counters.retried++;
     }
     const entry = this._settle(f.id);
-    if (entry) this._events.push({ type: "failed", id: f.id, kind: entry.kind, code, message, details: f.details ?? null });
+    if (entry) this._unfollow(entry), this._events.push({ type: "failed", id: f.id, kind: entry.kind, code, message, details: f.details ?? null });
     this._pump();
   }
 
@@ -766,6 +816,18 @@ class PollingTransport extends Transport {
 // ---------------------------------------------------------------------------
 // 5. Client: the public API, and the loop that dials, serves and backs off
 
+/** A read's answer as the app gets it (docs/browser.md), or a ProtocolError if the server's is not one. */
+function readAnswer(kind, d) {
+  const ok = d !== null && typeof d === "object" && typeof d.stream === "string";
+  if (kind === "presence" && ok && Array.isArray(d.members)) return d.members;
+  if (kind === "presence_stats" && ok && Number.isInteger(d.sessions) && Number.isInteger(d.users)) return { stream: d.stream, sessions: d.sessions, users: d.users };
+  if (kind === "history" && ok && typeof d.epoch === "string" && Number.isInteger(d.offset) && Array.isArray(d.entries)) {
+    const { stream, epoch, offset, entries } = d;
+    return { stream, epoch, offset, gap: d.gap ?? null, more: !!d.more, entries, position: { epoch, offset } };
+  }
+  throw new ProtocolError(`bad ${kind} reply: ${JSON.stringify(d)}`);
+}
+
 /** The messaging API bound to one namespace of a client's connection. */
 export class Namespace {
   constructor(client, path) {
@@ -775,8 +837,9 @@ export class Namespace {
     this.path = path;
   }
 
-  /** Join `room`; resolves with the room stream's position `{stream, epoch, offset}`. */
-  join(room) { return this._client._send("join", this.path, { room }); }
+  /** Join `room`; resolves with the room stream's position `{stream, epoch, offset}`. `since`
+   * (`{epoch, offset}`: a history answer's `position`): the entries after it are delivered first. */
+  join(room, { since = null } = {}) { return this._client._send("join", this.path, { room, since }); }
   /** Leave `room`. */
   leave(room) { return this._client._send("leave", this.path, { room }).then(() => undefined); }
 
@@ -796,6 +859,29 @@ export class Namespace {
   request(event, data = null, { timeout = null } = {}) {
     return this._client._send("request", this.path, { event, data }, timeout ?? this._client.requestTimeout);
   }
+
+  /** Who is in `room`: `[{session, user, client, joined_at}]`, oldest first (NotEnabled where the
+   * namespace keeps no presence). */
+  presence(room, { timeout = null } = {}) { return this._read("presence", { room }, timeout); }
+  /** How many are in `room`: `{stream, sessions, users}`. */
+  presenceStats(room, { timeout = null } = {}) { return this._read("presence_stats", { room }, timeout); }
+
+  /** A page of `room`'s kept entries: `{stream, epoch, offset, gap, more, entries, position}`.
+   * `since`: after it (before it, with `reverse`: newest first); `position` is where to join. */
+  history(room, { since = null, limit = 100, reverse = false, timeout = null } = {}) {
+    return this._read("history", { room, since, limit, reverse }, timeout);
+  }
+
+  /** A read is answered like a request: AckTimeout after `timeout` s (default `requestTimeout`). */
+  _read(kind, fields, timeout) {
+    return this._client._send(kind, this.path, fields, timeout ?? this._client.requestTimeout).then((d) => readAnswer(kind, d));
+  }
+
+  /** `handler(data, meta)` for each session that joins a room of this namespace (its `$join`
+   * delivery, where the server sends presence events): `data` is `{session, user, client, joined_at}`. */
+  onJoin(handler) { return this.on("$join", handler); }
+  /** The same for each that leaves (`$leave`); `data.reason` says how. */
+  onLeave(handler) { return this.on("$leave", handler); }
 
   /** Call `handler(data, meta)` for each delivery of `event` ("*": every event) in this
    * namespace; returns a function that removes it. */
@@ -983,7 +1069,7 @@ export class Client extends Namespace {
       case "failed": return this._settle(ev.id, remoteError(ev.code, ev.message, ev.details));
       case "dropped": return this._settle(ev.id, new MessageDropped(`${ev.kind} ${ev.id} evicted from the full outbox`));
       case "timeout":
-        return this._settle(ev.id, ev.kind === "request" ? new AckTimeout(`no reply to request ${ev.id} in time`)
+        return this._settle(ev.id, ev.kind === "request" || READS.has(ev.kind) ? new AckTimeout(`no reply to ${ev.kind} ${ev.id} in time`)
           : new MessageExpired(`${ev.kind} ${ev.id} expired before the server acknowledged it (if it was sent, it may have been processed)`));
       case "delivery": return this._deliver(ev.frame);
       case "gap":
