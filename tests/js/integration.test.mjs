@@ -10,7 +10,7 @@ import net from "node:net";
 import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 
-import { Client, UnknownEvent } from "../../rtchat_sdk/web/rtchat.js";
+import { Client, NotEnabled, UnknownEvent } from "../../rtchat_sdk/web/rtchat.js";
 
 const ROOT = fileURLToPath(new URL("../../", import.meta.url));
 const PYTHON = `${ROOT}.venv/bin/python`;
@@ -137,6 +137,7 @@ describe("against the default server, over WebSocket", { skip: NO_PYTHON || NO_W
       const payload = { text: "héllo 😀 <b>&amp;</b>", list: [1, 2.5, null, true], nested: {} };
       assert.deepEqual(await a.request("echo", payload, { timeout: 5 }), payload);
       await assert.rejects(a.request("no-such-handler", 1, { timeout: 5 }), UnknownEvent);
+      await assert.rejects(a.presence("lobby", { timeout: 5 }), NotEnabled); // no --presence
       assert.ok((await a.ping()) >= 0);
     } finally {
       await a.close();
@@ -180,6 +181,52 @@ describe("against the default server, over WebSocket", { skip: NO_PYTHON || NO_W
       await a.close();
       await b.close();
       await proxy.close();
+    }
+  });
+});
+
+describe("against a server with presence and its events (--presence --presence-events)", { skip: NO_PYTHON || NO_WEBSOCKET }, () => {
+  let server;
+  before(async () => (server = await startServer("--presence", "--presence-events")));
+  after(() => server?.stop());
+
+  test("presence, $join/$leave, and from history to live with join since", T, async () => {
+    const options = { transports: ["websocket"], logger: quiet };
+    const a = new Client(server.url, { ...options, auth: { user: "ada" }, name: "page/a" });
+    const b = new Client(server.url, { ...options, name: "page/b" });
+    const c = new Client(server.url, options);
+    try {
+      await Promise.all([a.connect(), b.connect(), c.connect()]);
+      const r = room();
+      await a.join(r);
+      const comings = collect(a, "$join", 1);
+      await b.join(r);
+      const [came] = await comings;
+      assert.deepEqual([came.data.session, came.data.user, came.data.client, came.sender, came.room], [b.sessionId, null, "page/b", b.sessionId, r]);
+      const members = await a.presence(r);
+      assert.deepEqual(members.map((m) => [m.session, m.user, m.client]), [[a.sessionId, "ada", "page/a"], [b.sessionId, null, "page/b"]]);
+      assert.ok(members.every((m) => typeof m.joined_at === "number"));
+      assert.deepEqual(await c.presenceStats(r), { stream: `room:/:${r}`, sessions: 2, users: 1 });
+
+      for (let i = 0; i < 3; i++) await b.publish(r, "chat", `old ${i}`);
+      const page = await c.history(r, { reverse: true, limit: 2 });
+      assert.deepEqual(page.entries.map((e) => e.data), ["old 2", "old 1"]);
+      assert.equal(page.more, true);
+      assert.equal(page.gap, null);
+      const toC = collect(c, "chat", 2);
+      await b.publish(r, "chat", "between"); // after the read, before the join: replayed to c
+      await c.join(r, { since: page.position });
+      await b.publish(r, "chat", "live");
+      assert.deepEqual((await toC).map((m) => m.data), ["between", "live"]);
+
+      const goings = collect(a, "$leave", 1);
+      await b.leave(r);
+      const [went] = await goings;
+      assert.deepEqual([went.data.session, went.data.reason], [b.sessionId, "left"]);
+      assert.deepEqual((await a.presence(r)).map((m) => m.session), [a.sessionId, c.sessionId]);
+      assert.equal(c.counters.gaps, 0);
+    } finally {
+      await Promise.all([a.close(), b.close(), c.close()]);
     }
   });
 });
