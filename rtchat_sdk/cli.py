@@ -5,6 +5,8 @@
     rtchat listen URL --room R [--room R2 ...] [--count N] [--no-reconnect]
     rtchat send URL --room R EVENT [JSON]
     rtchat request URL EVENT [JSON] [--timeout S]
+    rtchat presence URL --room R [--stats] [--timeout S]
+    rtchat history URL --room R [--limit N] [--reverse] [--timeout S]
 
 Every subcommand also takes ``--ns /path`` (namespace, default ``/``),
 ``--user NAME`` (sent as the hello's auth ``{"user": NAME}``), ``--token T``
@@ -12,10 +14,16 @@ Every subcommand also takes ``--ns /path`` (namespace, default ``/``),
 ``--connect-timeout S`` and ``-v`` (log the SDK's info messages on stderr).
 
 ``listen`` prints one JSON object per delivery on stdout, one a line, flushed
-at once: ``{"event", "data", "room", "ns", "sender", "stream", "offset"}``. It
-writes ``joined ROOM`` on stderr for each room once the server has confirmed
-the join, so a script can wait for that line before it publishes. It runs until
-``--count`` deliveries were printed, Ctrl-C or SIGTERM (exit 0), or the
+at once: ``{"event", "data", "room", "ns", "sender", "stream", "offset"}``.
+A room's presence events (the server's ``$join`` / ``$leave`` entries, where
+its namespace has presence events on) are printed among them, in stream
+order, told apart by a ``presence`` key in place of ``event``:
+``{"presence": "join", "session", "user", "client", "joined_at", "room",
+"ns", "stream", "offset"}``, and for a leave ``"presence": "leave"`` with a
+``"reason"`` after ``joined_at``. It writes ``joined ROOM`` on stderr for each
+room once the server has confirmed the join, so a script can wait for that
+line before it publishes. It runs until ``--count`` lines were printed
+(presence events count), Ctrl-C or SIGTERM (exit 0), or the
 connection is gone for good (exit 1). A dropped link is retried with the SDK's
 backoff and resumed from the last offset, so nothing is missed or repeated;
 what the server can no longer replay (say after a restart without its
@@ -25,11 +33,21 @@ are joined again, ``rtchat: reconnected`` is written on stderr.
 
 ``send`` joins the room (the server only takes publishes from members),
 publishes and prints ``{"offset": N}``. ``request`` prints the handler's reply
-as JSON. Neither reconnects: they fail fast and say why.
+as JSON. ``presence`` prints who is in the room, one JSON object per member
+and line, oldest first: ``{"session", "user", "client", "joined_at"}``
+(nothing for an empty room); with ``--stats`` one object instead,
+``{"stream", "sessions", "users"}``. A namespace without presence is an error
+(``not_enabled``). ``history`` prints the room's kept entries, one JSON object
+per line as ``listen`` prints deliveries (presence entries too): at most
+``--limit`` (1 to 10000, default 100), from the oldest kept, or newest first
+from the newest with ``--reverse``; when the server keeps more than that,
+``rtchat: more entries are kept beyond these N`` follows on stderr. Neither
+``presence`` nor ``history`` joins the room. None of these reconnects: they
+fail fast and say why.
 
 Exit status: 0 success; 1 a connection or server error, reported on stderr as
 one line ``rtchat: error: ...``; 2 bad usage (including a JSON argument that
-does not parse); 130 interrupted (``send``/``request``).
+does not parse); 130 interrupted (any command but ``listen``).
 """
 
 from __future__ import annotations
@@ -42,13 +60,16 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
+
+from pydantic import BaseModel
 
 from .aio import Client, ConnectionState
 from .aio.handlers import Delivery
 from .backoff import ReconnectPolicy
 from .errors import AckTimeout, RTChatError
+from .protocol import MAX_HISTORY_LIMIT
 
 __all__ = ["build_parser", "main"]
 
@@ -107,6 +128,23 @@ def _namespace(text: str) -> str:
     if not text.startswith("/"):
         raise argparse.ArgumentTypeError(f"namespace must start with '/', got {text!r}")
     return text
+
+
+def _limit(text: str) -> int:
+    value = _count(text)
+    if value > MAX_HISTORY_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_HISTORY_LIMIT}, got {text!r}")
+    return value
+
+
+def _add_timeout(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=10.0,
+        metavar="S",
+        help=f"seconds to wait for {what} (default: %(default)s)",
+    )
 
 
 def _add_payload(parser: argparse.ArgumentParser) -> None:
@@ -179,13 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--room", required=True, help="room to publish to")
     send.add_argument("event", metavar="EVENT", help="event name, e.g. chat.message")
     _add_payload(send)
-    send.add_argument(
-        "--timeout",
-        type=_positive,
-        default=10.0,
-        metavar="S",
-        help="seconds to wait for the server's acknowledgement (default: %(default)s)",
-    )
+    _add_timeout(send, "the server's acknowledgement")
 
     request = sub.add_parser(
         "request",
@@ -195,13 +227,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     request.add_argument("event", metavar="EVENT", help="event name of the server handler")
     _add_payload(request)
-    request.add_argument(
-        "--timeout",
-        type=_positive,
-        default=10.0,
-        metavar="S",
-        help="seconds to wait for the reply (default: %(default)s)",
+    _add_timeout(request, "the reply")
+
+    presence = sub.add_parser(
+        "presence",
+        parents=[common],
+        help="print who is in a room as JSON lines",
+        description="Print the members of a room, one JSON object per line, oldest first "
+        "(the server's namespace must keep presence).",
     )
+    presence.add_argument("--room", required=True, help="room to look into")
+    presence.add_argument(
+        "--stats",
+        action="store_true",
+        help='print {"stream", "sessions", "users"}: how many, not who',
+    )
+    _add_timeout(presence, "the answer")
+
+    history = sub.add_parser(
+        "history",
+        parents=[common],
+        help="print a room's kept entries as JSON lines",
+        description="Print the entries a room's stream keeps, one JSON object per line.",
+    )
+    history.add_argument("--room", required=True, help="room to read")
+    history.add_argument(
+        "--limit",
+        type=_limit,
+        default=100,
+        metavar="N",
+        help=f"entries, at most (1 to {MAX_HISTORY_LIMIT}; default: %(default)s)",
+    )
+    history.add_argument(
+        "--reverse", action="store_true", help="newest first, from the newest entry"
+    )
+    _add_timeout(history, "the answer")
     return parser
 
 
@@ -213,6 +273,31 @@ def _emit(obj: Any) -> None:
     """Write one JSON line on stdout and flush it."""
     sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
     sys.stdout.flush()
+
+
+_PRESENCE = {"$join": "join", "$leave": "leave"}
+_MEMBER_KEYS = ("session", "user", "client", "joined_at")
+
+
+def _entry(data: Any, meta: Delivery) -> dict[str, Any]:
+    """How ``listen`` and ``history`` print one entry of a stream: a delivery, or a
+    presence event (``$join`` / ``$leave``) with its member's fields."""
+    change = _PRESENCE.get(meta.event)
+    fields = data.model_dump(mode="json") if isinstance(data, BaseModel) else data
+    if change is None or not isinstance(fields, dict):
+        return {
+            "event": meta.event,
+            "data": data,
+            "room": meta.room,
+            "ns": meta.ns,
+            "sender": meta.sender,
+            "stream": meta.stream,
+            "offset": meta.offset,
+        }
+    keys = (*_MEMBER_KEYS, "reason") if change == "leave" else _MEMBER_KEYS
+    member = {key: fields.get(key) for key in keys}
+    where = {"room": meta.room, "ns": meta.ns, "stream": meta.stream, "offset": meta.offset}
+    return {"presence": change, **member, **where}
 
 
 def _note(message: str) -> None:
@@ -280,17 +365,7 @@ async def _listen(args: argparse.Namespace) -> int:
         if reader_gone or (args.count is not None and printed >= args.count):
             return
         try:
-            _emit(
-                {
-                    "event": meta.event,
-                    "data": data,
-                    "room": meta.room,
-                    "ns": meta.ns,
-                    "sender": meta.sender,
-                    "stream": meta.stream,
-                    "offset": meta.offset,
-                }
-            )
+            _emit(_entry(data, meta))
         except BrokenPipeError:
             # stdout's reader went away (``rtchat listen ... | head -3``): stop quietly.
             reader_gone = True
@@ -365,7 +440,50 @@ async def _request(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_COMMANDS = {"listen": _listen, "send": _send, "request": _request}
+async def _presence(args: argparse.Namespace) -> int:
+    lines: list[BaseModel]
+    with _answer_within(args):
+        async with _client(args, _NO_RECONNECT) as client:
+            room, timeout = client.namespace(args.ns), args.timeout
+            if args.stats:
+                lines = [await room.presence_stats(args.room, timeout=timeout)]
+            else:
+                lines = list(await room.presence(args.room, timeout=timeout))
+    for line in lines:
+        _emit(line.model_dump(mode="json"))
+    return EXIT_OK
+
+
+async def _history(args: argparse.Namespace) -> int:
+    with _answer_within(args):
+        async with _client(args, _NO_RECONNECT) as client:
+            room = client.namespace(args.ns)
+            page = await room.history(
+                args.room, limit=args.limit, reverse=args.reverse, timeout=args.timeout
+            )
+    for frame in page.entries:
+        _emit(_entry(frame.data, Delivery.of(frame)))
+    if page.more:
+        _note(f"{PROG}: more entries are kept beyond these {len(page.entries)}")
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _answer_within(args: argparse.Namespace) -> Iterator[None]:
+    """A read's AckTimeout in the words of the command line."""
+    try:
+        yield
+    except AckTimeout as exc:
+        raise CliError(f"timeout: no answer to {args.command} within {args.timeout:g}s") from exc
+
+
+_COMMANDS = {
+    "listen": _listen,
+    "send": _send,
+    "request": _request,
+    "presence": _presence,
+    "history": _history,
+}
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import json
 import signal
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -350,6 +351,115 @@ async def test_request_timeout_exits_1(server: Server) -> None:
 
 
 # ----------------------------------------------------------------------
+# presence and history
+
+
+@pytest.fixture
+async def presence_server() -> AsyncIterator[Server]:
+    """A running server whose namespace "/" keeps presence and sends $join/$leave."""
+    srv = make_server()
+    srv.namespace("/", presence=True, presence_events=True)
+    await srv.start("127.0.0.1", 0)
+    try:
+        yield srv
+    finally:
+        await srv.close()
+
+
+@pytest.mark.timeout(30)
+async def test_presence_prints_the_members_oldest_first(presence_server: Server) -> None:
+    url = presence_server.url
+    before = time.time()
+    async with (
+        Client(url, auth={"user": "ada"}, name="page/1") as ada,
+        Client(url, name="bot/2") as bot,
+    ):
+        await ada.join("lobby")
+        await bot.join("lobby")
+        code, out, err = await run_rtchat("presence", url, "--room", "lobby")
+        assert (code, err) == (0, "")
+        members = [json.loads(line) for line in out.splitlines()]
+        assert [{k: v for k, v in m.items() if k != "joined_at"} for m in members] == [
+            {"session": ada.session_id, "user": "ada", "client": "page/1"},
+            {"session": bot.session_id, "user": None, "client": "bot/2"},
+        ]
+        assert all(before - 1 <= m["joined_at"] <= time.time() + 1 for m in members)
+        assert members[0]["joined_at"] <= members[1]["joined_at"]
+
+        code, out, err = await run_rtchat("presence", url, "--room", "lobby", "--stats")
+        assert (code, err) == (0, "")
+        assert json.loads(out) == {"stream": "room:/:lobby", "sessions": 2, "users": 1}
+    code, out, err = await run_rtchat("presence", url, "--room", "empty")
+    assert (code, out, err) == (0, "", "")
+
+
+@pytest.mark.timeout(30)
+async def test_presence_where_the_namespace_keeps_none_exits_1(server: Server) -> None:
+    code, out, err = await run_rtchat("presence", server.url, "--room", "lobby")
+    assert (code, out) == (1, "")
+    assert_one_error_line(err, "rtchat: error: not_enabled: ")
+
+
+@pytest.mark.timeout(30)
+async def test_history_prints_the_kept_entries_as_listen_does(server: Server) -> None:
+    async with Client(server.url) as client:
+        await client.join("lobby")
+        offsets = [await client.publish("lobby", "chat.message", {"n": n}) for n in range(3)]
+        sender = client.session_id
+    code, out, err = await run_rtchat("history", server.url, "--room", "lobby")
+    assert (code, err) == (0, "")
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {
+            "event": "chat.message",
+            "data": {"n": n},
+            "room": "lobby",
+            "ns": "/",
+            "sender": sender,
+            "stream": "room:/:lobby",
+            "offset": offset,
+        }
+        for n, offset in enumerate(offsets)
+    ]
+
+    code, out, err = await run_rtchat(
+        "history", server.url, "--room", "lobby", "--limit", "2", "--reverse"
+    )
+    assert code == 0
+    assert [json.loads(line)["data"] for line in out.splitlines()] == [{"n": 2}, {"n": 1}]
+    assert err == "rtchat: more entries are kept beyond these 2\n"
+
+
+@pytest.mark.timeout(30)
+async def test_listen_prints_presence_events_and_history_the_same(
+    presence_server: Server,
+) -> None:
+    url = presence_server.url
+    async with rtchat("listen", url, "--room", "lobby", "--count", "3") as listener:
+        await listener.wait_for("joined lobby", stderr=True)
+        async with Client(url, auth={"user": "ada"}, name="page/1") as ada:
+            await ada.join("lobby")
+            sent = await ada.publish("lobby", "chat.message", "hi")
+            await ada.leave("lobby")
+            joined, said, left = [await listener.stdout_json() for _ in range(3)]
+        who = {"session": ada.session_id, "user": "ada", "client": "page/1"}
+        where = {"room": "lobby", "ns": "/", "stream": "room:/:lobby"}
+        assert isinstance(joined.pop("joined_at"), float)
+        assert joined == {"presence": "join", **who, **where, "offset": sent - 1}
+        assert said["event"] == "chat.message"
+        assert (said["data"], said["offset"]) == ("hi", sent)
+        assert isinstance(left.pop("joined_at"), float)
+        assert left == {"presence": "leave", **who, "reason": "left", **where, "offset": sent + 1}
+        assert await listener.finish() == 0
+        printed = [json.loads(line) for line in listener.stdout.splitlines()]
+
+    code, out, err = await run_rtchat("history", url, "--room", "lobby")
+    assert (code, err) == (0, "")
+    kept = [json.loads(line) for line in out.splitlines()]
+    assert kept[0]["presence"] == "join"  # the listener's own, which it was not sent
+    assert kept[1:4] == printed
+
+
+# ----------------------------------------------------------------------
 # Failures before any server answers
 
 
@@ -411,6 +521,9 @@ async def test_bad_json_exits_2(args: tuple[str, ...]) -> None:
         (["request", "ws://127.0.0.1:9", "echo", "--timeout", "-1"], "positive"),
         (["request", "ws://127.0.0.1:9", "--ns", "x", "echo"], "namespace must start"),
         (["send", "ws://127.0.0.1:9", "e", "1"], "--room"),
+        (["presence", "ws://127.0.0.1:9"], "--room"),
+        (["history", "ws://127.0.0.1:9", "--room", "r", "--limit", "0"], "at least 1"),
+        (["history", "ws://127.0.0.1:9", "--room", "r", "--limit", "10001"], "at most 10000"),
     ],
 )
 def test_usage_errors_exit_2(
@@ -426,5 +539,5 @@ def test_usage_errors_exit_2(
 def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for command in ("listen", "send", "request"):
+    for command in ("listen", "send", "request", "presence", "history"):
         assert command in out
