@@ -356,13 +356,14 @@ export class Session {
   /**
    * A join with `since` follows the room stream from there at once, before its reply (PROTOCOL
    * §7.6): what the server replays after `since` is delivered, anything at or before it is a
-   * duplicate. Never back within an epoch. True when this started following the stream.
+   * duplicate. A stream followed already keeps its position, as on a join reply (the Python
+   * client's rule too). True when this started following the stream.
    */
   _follow(ns, room, since) {
-    const stream = roomStream(ns, room), known = this.streams.get(stream);
-    if (known && known.epoch === since.epoch) return (known.offset = Math.max(known.offset, since.offset)), false;
+    const stream = roomStream(ns, room);
+    if (this.streams.has(stream)) return false;
     this.streams.set(stream, { epoch: since.epoch, offset: since.offset, ns, room });
-    return !known;
+    return true;
   }
 
   /** A join that started following its stream failed: follow it no more, unless a member anyway. */
