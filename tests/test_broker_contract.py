@@ -27,9 +27,12 @@ from server_ref.broker import (
     SessionRecord,
     StreamEntry,
 )
+from server_ref.broker.base import Page
 from server_ref.broker.redis import RedisBroker
-from server_ref.errors import FrameTooLarge
-from tests.redis_support import Collected, cleanup, new_prefix, require_redis
+from server_ref.errors import BrokerUnavailable, FrameTooLarge
+from tests.helpers import free_port
+from tests.redis_support import Collected, OwnRedis, cleanup, new_prefix, require_redis
+from tests.test_pages import model_page
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -275,6 +278,221 @@ async def test_an_id_between_processed_ones_was_not_processed(make: Make) -> Non
     await broker.forget_replies("s", 2)  # the client holds replies up to 2
     assert await broker.recall_reply("s", 1) == (True, None)
     assert await broker.recall_reply("s", 3) == (False, None)
+
+
+# ----------------------------------------------------------------------
+# History (PROTOCOL §7.6)
+
+
+def page_of(page: Page) -> tuple[list[int], str | None, bool]:
+    return [e.offset for e in page.entries], page.gap, page.more
+
+
+async def read(
+    broker: Broker, since: tuple[str, int] | None, limit: int, reverse: bool = False
+) -> tuple[list[int], str | None, bool]:
+    """Stream "a"'s page: its offsets in reading order, its gap and ``more``."""
+    return page_of(await broker.history("a", since, limit, reverse))
+
+
+async def test_history_pages_forward_and_back_from_since_or_the_ends(make: Make) -> None:
+    broker = await make()
+    empty = await broker.history("a", None, 10, True)  # an empty page at the stream's position
+    assert (page_of(empty), empty.offset) == (([], None, False), 0)
+    assert await read(broker, None, 10) == ([], None, False)
+    entries = await fill(broker, "a", 5)
+    assert empty.epoch == entries[0].epoch
+    epoch = entries[0].epoch
+    whole = await broker.history("a", None, 10, False)
+    assert (whole.epoch, whole.offset) == (epoch, 5)
+    assert whole.entries == entries  # the stored entries themselves, text and all
+    assert await read(broker, None, 2) == ([1, 2], None, True)
+    assert await read(broker, (epoch, 2), 2) == ([3, 4], None, True)
+    assert await read(broker, (epoch, 3), 10) == ([4, 5], None, False)
+    assert await read(broker, (epoch, 5), 10) == ([], None, False)
+    assert await read(broker, None, 2, True) == ([5, 4], None, True)
+    assert await read(broker, (epoch, 4), 2, True) == ([3, 2], None, True)
+    assert await read(broker, (epoch, 3), 10, True) == ([2, 1], None, False)
+    assert await read(broker, (epoch, 1), 10, True) == ([], None, False)
+
+
+async def test_history_since_another_epoch_or_past_the_newest_reads_as_none(make: Make) -> None:
+    broker = await make()
+    epoch = (await fill(broker, "a", 3))[0].epoch
+    for since in (("from-a-previous-life", 2), (epoch, 4)):
+        assert await read(broker, since, 2) == ([1, 2], "epoch_changed", True)
+        assert await read(broker, since, 2, True) == ([3, 2], "epoch_changed", True)
+
+
+async def test_history_bounded_by_count_starts_at_the_oldest_kept(make: Make) -> None:
+    broker = await make(history_size=3)
+    epoch = (await fill(broker, "a", 10))[0].epoch
+    assert await read(broker, (epoch, 2), 10) == ([8, 9, 10], "trimmed", False)
+    assert await read(broker, None, 10) == ([8, 9, 10], None, False)
+    assert await read(broker, (epoch, 9), 5, True) == ([8], "trimmed", False)
+    assert await read(broker, (epoch, 10), 2, True) == ([9, 8], None, False)
+
+
+async def test_history_bounded_by_age_counts_old_entries_as_trimmed(make: Make) -> None:
+    clock = FakeClock()
+    broker = await make(history_seconds=60, clock=clock)
+    epoch = (await fill(broker, "a", 7))[0].epoch
+    clock.now += 61
+    await fill(broker, "a", 3)
+    assert await read(broker, (epoch, 0), 10) == ([8, 9, 10], "trimmed", False)
+    assert await read(broker, None, 10, True) == ([10, 9, 8], None, False)
+    assert await read(broker, (epoch, 9), 3, True) == ([8], "trimmed", False)
+    clock.now += 61
+    page = await broker.history("a", None, 10, False)
+    assert (page_of(page), page.offset) == (([], None, False), 10)
+
+
+async def test_history_agrees_with_the_paging_model_for_every_read(make: Make) -> None:
+    """Entries 1..4 dropped by count, 5 and 6 by age, 7..10 kept: every since, limit and
+    direction gives the page the brute-force model of PROTOCOL §7.6 gives."""
+    clock = FakeClock()
+    broker = await make(history_size=6, history_seconds=60, clock=clock)
+    epoch = (await fill(broker, "a", 6))[0].epoch
+    clock.now += 30
+    await fill(broker, "a", 4)
+    clock.now += 31
+    sinces = [None, ("other", 3), *((epoch, offset) for offset in range(13))]
+    for since in sinces:
+        for limit in range(1, 9):
+            for reverse in (False, True):
+                page = await broker.history("a", since, limit, reverse)
+                expected = model_page(epoch, 7, 10, since, limit, reverse)
+                assert page_of(page) == expected, (since, limit, reverse)
+                assert (page.epoch, page.offset) == (epoch, 10)
+
+
+# ----------------------------------------------------------------------
+# Presence (PROTOCOL §7.5)
+
+
+def member(session: str, user: str | None = None, joined_at: float = 0.0) -> p.PresenceMember:
+    return p.PresenceMember(session=session, user=user, client="c", joined_at=joined_at)
+
+
+async def test_presence_add_stamps_new_members_and_keeps_present_ones(make: Make) -> None:
+    broker = await make()
+    first, new = await broker.presence_add("a", member("s1", "ann"), 30)
+    assert (new, first.session, first.user, first.client) == (True, "s1", "ann", "c")
+    assert first.joined_at > 0  # stamped by the broker
+    renewed = member("s1", "ann").model_copy(update={"client": "other"})
+    assert await broker.presence_add("a", renewed, 30) == (first, False)
+    given, new = await broker.presence_add("a", member("s2", joined_at=5.0), 30)
+    assert (given.joined_at, new) == (5.0, True)
+    assert await broker.presence("a") == [given, first]
+    assert await broker.presence("b") == []
+
+
+async def test_presence_remove_says_whether_the_session_was_there(make: Make) -> None:
+    broker = await make()
+    await broker.presence_add("a", member("s1"), 30)
+    await broker.presence_add("a", member("s2"), 30)
+    assert await broker.presence_remove("a", "s1")
+    assert not await broker.presence_remove("a", "s1")
+    assert not await broker.presence_remove("never", "s1")
+    assert [m.session for m in await broker.presence("a")] == ["s2"]
+    assert await broker.presence_remove("a", "s2")
+    assert await broker.presence("a") == []
+    assert await broker.presence_stats("a") == (0, 0)
+
+
+async def test_presence_lists_oldest_first_and_counts_distinct_named_users(make: Make) -> None:
+    broker = await make()
+    for session, user, joined_at in (("s3", "ann", 20), ("s2", "ann", 10), ("s1", None, 10)):
+        await broker.presence_add("a", member(session, user, joined_at), 30)
+    await broker.presence_add("a", member("s0", "bob", 30), 30)
+    await broker.presence_add("b", member("s5", "cat"), 30)
+    assert [m.session for m in await broker.presence("a")] == ["s1", "s2", "s3", "s0"]
+    assert await broker.presence_stats("a") == (4, 2)  # ann twice, one anonymous
+    assert await broker.presence_stats("b") == (1, 1)
+    assert await broker.presence_stats("empty") == (0, 0)
+
+
+async def test_presence_entries_expire_at_their_ttl_by_the_brokers_clock(make: Make) -> None:
+    clock = FakeClock()
+    broker = await make(clock=clock)
+    await broker.presence_add("a", member("s1", "ann"), 30)
+    await broker.presence_add("a", member("s2", "bob"), 60)
+    clock.now += 29.9
+    assert [m.session for m in await broker.presence("a")] == ["s1", "s2"]
+    clock.now += 0.1
+    assert [m.session for m in await broker.presence("a")] == ["s2"]
+    assert await broker.presence_stats("a") == (1, 1)
+    assert not await broker.presence_remove("a", "s1")
+    _, new = await broker.presence_add("a", member("s1", "ann"), 30)
+    assert new  # it had expired: it enters again
+    clock.now += 30
+    assert await broker.presence("a") == []
+
+
+async def test_presence_refresh_renews_members_and_adds_missing_ones(make: Make) -> None:
+    clock = FakeClock()
+    broker = await make(clock=clock)
+    first, _ = await broker.presence_add("a", member("s1", "ann"), 30)
+    await broker.presence_add("a", member("s2"), 30)
+    clock.now += 20
+    await broker.presence_refresh([], 30)
+    await broker.presence_refresh(
+        [("a", member("s1", "ann")), ("a", member("s3", joined_at=7.0)), ("b", first)], 30
+    )
+    clock.now += 20  # s2 was not renewed: gone; the others were, at +20
+    assert await broker.presence("a") == [member("s3", joined_at=7.0), first]
+    assert await broker.presence("b") == [first]
+    clock.now += 10
+    assert await broker.presence("a") == []
+
+
+@pytest.mark.parametrize("make", ["redis"], indirect=True)
+async def test_redis_presence_keys_expire_with_their_latest_member(make: Make) -> None:
+    """Without any node left to drop them, the presence keys go by their own PEXPIRE."""
+    broker = await make()
+    assert isinstance(broker, RedisBroker)
+    keys = broker.reads._presence_keys("a")
+    await broker.presence_add("a", member("s1"), 0.6)
+    await broker.presence_add("a", member("s2"), 0.2)
+    assert all([300 < await broker.redis.pttl(key) <= 600 for key in keys])  # the latest's TTL
+    async with asyncio.timeout(5):
+        while await broker.redis.exists(*keys):  # noqa: ASYNC110 (Redis expires them: no event)
+            await asyncio.sleep(0.05)
+    await broker.presence_add("a", member("s1"), 30)
+    await broker.presence_remove("a", "s1")  # the last member out takes the keys with it
+    assert await broker.redis.exists(*keys) == 0
+
+
+async def test_presence_refresh_of_many_members_in_one_call(make: Make) -> None:
+    broker = await make()
+    sessions = [f"s{i:04}" for i in range(1_200)]  # more than one script's chunk (Redis)
+    members = [("a", member(s, f"u{i % 7}", 1.0)) for i, s in enumerate(sessions)]
+    await broker.presence_refresh([*members, ("b", member("x"))], 30)
+    assert await broker.presence_stats("a") == (1_200, 7)
+    assert [m.session for m in await broker.presence("a")] == sessions
+    assert await broker.presence_stats("b") == (1, 0)
+
+
+async def test_redis_reads_raise_broker_unavailable_when_redis_is_gone() -> None:
+    own = OwnRedis(free_port())
+    await own.start()
+    broker = RedisBroker(own.url, connect_timeout=1.0)
+    try:
+        await broker.start()
+        await own.stop()
+        for name, args in (
+            ("history", ("a", None, 10, False)),
+            ("presence_add", ("a", member("s2"), 30)),
+            ("presence_refresh", ([("a", member("s1"))], 30)),
+            ("presence_remove", ("a", "s1")),
+            ("presence", ("a",)),
+            ("presence_stats", ("a",)),
+        ):
+            with pytest.raises(BrokerUnavailable):
+                await getattr(broker, name)(*args)
+    finally:
+        await broker.close()
+        await own.stop()
 
 
 # ----------------------------------------------------------------------

@@ -15,6 +15,11 @@ What is kept where (``redis_lua`` has the stream keys):
 * dedupe records: ``{<prefix>:dd:<session>}:r`` (replies by message id, and
   ``h``, the highest id) and ``...:ids`` (their ids, to evict the oldest),
   expiring with the session;
+* presence (``redis_reads``): per room stream, in its hash tag,
+  ``{<prefix>:<stream>}:presence`` (session -> member JSON) and
+  ``...:presence:exp`` (session -> expiry by the broker's clock), expired
+  members dropped by every script that touches them, the keys expiring with
+  their latest member; history pages are read from the stream's log there too;
 * fan-out: each stream's channel ``<prefix>:ch:<stream>`` and each node's
   probe channel,
   read by ``redis_relay.Relay``; each node also follows its own stream
@@ -44,6 +49,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from rtchat_sdk import protocol as p
+
 from ..errors import BrokerUnavailable, FrameTooLarge
 from . import redis_lua
 from .base import (
@@ -54,6 +61,7 @@ from .base import (
     Clock,
     Draft,
     EntryListener,
+    Page,
     ReplacedListener,
     Replay,
     SessionRecord,
@@ -61,6 +69,7 @@ from .base import (
 )
 from .calls import Calls
 from .redis_calls import NodeCalls
+from .redis_reads import Reads, log_entry
 from .redis_relay import Relay
 
 __all__ = ["BrokerUnavailable", "RedisBroker"]
@@ -143,6 +152,7 @@ class RedisBroker(Broker):
         self._calls = Calls(max_calls)
         """Calls between nodes in flight (``max_calls`` each way)."""
         self._node_calls: NodeCalls | None = None
+        self._reads: Reads | None = None
 
     # ------------------------------------------------------------------
     # Keys
@@ -191,6 +201,13 @@ class RedisBroker(Broker):
             await asyncio.wait_for(self._redis.ping(), self._connect_timeout)
             for name in redis_lua.__all__:
                 self._scripts[name] = self._redis.register_script(getattr(redis_lua, name))
+            self._reads = Reads(
+                self._redis,
+                self._stream_keys,
+                clock=self._clock,
+                history_seconds=self.history_seconds,
+                meta_ttl_ms=self._ms(self.stream_ttl),
+            )
             self._relay = Relay(
                 self._redis,
                 self.read_since,
@@ -220,6 +237,7 @@ class RedisBroker(Broker):
         if self._relay is not None:
             await self._relay.close()
             self._relay = None
+        self._reads = None
         if self._redis is not None:
             with contextlib.suppress(RedisError, OSError):
                 await self._redis.aclose()
@@ -310,20 +328,7 @@ class RedisBroker(Broker):
         )
         newest, oldest = int(newest), int(oldest)
         horizon = self._clock() - self.history_seconds
-        entries = [
-            StreamEntry(
-                stream,
-                current,
-                int(entry_id.split("-", 1)[0]),
-                fields["t"],
-                fields["s"] or None,
-                fields["e"] == "1",
-                float(fields["a"]),
-            )
-            for entry_id, fields in (
-                (item[0], dict(zip(item[1][::2], item[1][1::2], strict=True))) for item in raw
-            )
-        ]
+        entries = [log_entry(stream, current, item) for item in raw]
         fresh = [e for e in entries if e.at >= horizon]
         if len(fresh) < len(entries):  # entries past their age count as trimmed
             oldest = max(oldest, fresh[0].offset if fresh else newest + 1)
@@ -345,6 +350,45 @@ class RedisBroker(Broker):
     async def unsubscribe(self, stream: str, listener: EntryListener) -> None:
         if self._relay is not None:
             await self._relay.unfollow(stream, listener)
+
+    # ------------------------------------------------------------------
+    # History and presence: redis_reads
+
+    @property
+    def reads(self) -> Reads:
+        if self._reads is None:
+            raise RuntimeError("the Redis broker is not started")
+        return self._reads
+
+    @_store_call
+    async def history(
+        self, stream: str, since: tuple[str, int] | None, limit: int, reverse: bool
+    ) -> Page:
+        return await self.reads.history(stream, since, limit, reverse)
+
+    @_store_call
+    async def presence_add(
+        self, stream: str, member: p.PresenceMember, ttl: float
+    ) -> tuple[p.PresenceMember, bool]:
+        return await self.reads.presence_add(stream, member, ttl)
+
+    @_store_call
+    async def presence_refresh(
+        self, members: list[tuple[str, p.PresenceMember]], ttl: float
+    ) -> None:
+        await self.reads.presence_refresh(members, ttl)
+
+    @_store_call
+    async def presence_remove(self, stream: str, session_id: str) -> bool:
+        return await self.reads.presence_remove(stream, session_id)
+
+    @_store_call
+    async def presence(self, stream: str) -> list[p.PresenceMember]:
+        return await self.reads.presence(stream)
+
+    @_store_call
+    async def presence_stats(self, stream: str) -> tuple[int, int]:
+        return await self.reads.presence_stats(stream)
 
     # ------------------------------------------------------------------
     # Sessions
