@@ -29,6 +29,7 @@ from .errors import (
     MessageDropped,
     MessageExpired,
     MessageTooLarge,
+    NotEnabled,
     ProtocolError,
     RemoteError,
     RTChatError,
@@ -38,7 +39,7 @@ from .errors import (
     UnknownNamespace,
     ValidationFailed,
 )
-from .events import Event
+from .events import Event, MemberJoined, MemberLeft
 from .protocol import PROTOCOL_VERSION
 
 if TYPE_CHECKING:
@@ -98,6 +99,8 @@ __all__ = [
     "ConnectionState",
     "Delivery",
     "Event",
+    "MemberJoined",
+    "MemberLeft",
     "FatalConnectionError",
     "Forbidden",
     "GapReported",
@@ -109,6 +112,7 @@ __all__ = [
     "MessageDropped",
     "MessageExpired",
     "MessageTooLarge",
+    "NotEnabled",
     "NamespaceClient",
     "Outbox",
     "OutboxFileError",

@@ -24,7 +24,8 @@
         ├── UnknownNamespace
         ├── HandlerError
         ├── InvalidFrame
-        └── Forbidden            the server's authorization refused this action
+        ├── Forbidden            the server's authorization refused this action
+        └── NotEnabled           the server does not offer this here (presence off)
 
 Third-party exceptions (websockets, pydantic) are translated into these at the
 boundary, so an application catches ``RTChatError`` and nothing else.
@@ -50,6 +51,7 @@ __all__ = [
     "MessageExpired",
     "MessageTooLarge",
     "InvalidState",
+    "NotEnabled",
     "ProtocolError",
     "RTChatError",
     "RemoteError",
@@ -169,6 +171,10 @@ class Forbidden(RemoteError):
     (``forbidden``); the connection stays up, and resending will not help."""
 
 
+class NotEnabled(RemoteError):
+    """The server does not offer this in the namespace (``not_enabled``: presence is off)."""
+
+
 _BY_CODE: dict[str, type[RemoteError]] = {
     "unknown_event": UnknownEvent,
     "unknown_namespace": UnknownNamespace,
@@ -180,6 +186,7 @@ _BY_CODE: dict[str, type[RemoteError]] = {
     "invalid_frame": InvalidFrame,
     "too_large": InvalidFrame,
     "forbidden": Forbidden,
+    "not_enabled": NotEnabled,
 }
 
 

@@ -18,7 +18,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ValidationFailed
 
-__all__ = ["Event", "EventT", "event_name", "lookup_event", "validate_payload"]
+__all__ = [
+    "Event",
+    "EventT",
+    "MemberJoined",
+    "MemberLeft",
+    "event_name",
+    "lookup_event",
+    "validate_payload",
+]
 
 
 class Event(BaseModel):
@@ -62,3 +70,22 @@ def validate_payload(model: type[EventT], data: Any) -> EventT:
                 f"{'.'.join(map(str, e['loc'])) or '<root>'}: {e['msg']}" for e in exc.errors()
             )
         ) from exc
+
+
+class MemberJoined(Event, name="$join"):
+    """A session joined a room (PROTOCOL §7.5; a namespace with presence events on).
+
+    Delivered through the room's stream, in order with its messages; never
+    to the session that joined.
+    """
+
+    session: str
+    user: str | None = None
+    client: str | None = None
+    joined_at: float = 0.0
+
+
+class MemberLeft(MemberJoined, name="$leave"):
+    """A session left a room: ``reason`` is 'left', 'closed', 'disconnected' or 'expired'."""
+
+    reason: str | None = None

@@ -104,6 +104,11 @@ class SyncNamespace:
 
     join = _blocking(NamespaceClient.join)
     leave = _blocking(NamespaceClient.leave)
+    presence = _blocking(NamespaceClient.presence)
+    presence_stats = _blocking(NamespaceClient.presence_stats)
+    history = _blocking(NamespaceClient.history)
+    on_join = _same(NamespaceClient.on_join)
+    on_leave = _same(NamespaceClient.on_leave)
     publish = _blocking(NamespaceClient.publish)
     emit = _blocking(NamespaceClient.emit)
     on = _same(NamespaceClient.on)

@@ -77,8 +77,11 @@ CONFIG_HELP: dict[str, str] = {
     "poll_idle_timeout": "seconds without a request before a polling connection is dropped",
     "poll_max_frames": "frames per poll answer and per POST, at most",
     "token_expiry_grace": "seconds a connection outlives its token's expiry (then 4008)",
+    "presence_ttl": "seconds a presence entry lasts unless renewed (every third of it)",
+    "presence_grace": "seconds a dropped session stays present, waiting for a resume",
     "compression": "accept permessage-deflate from clients that ask for it",
     "demo": "serve a small chat page at /demo/ (uses /rtchat.js, the browser client)",
+    "metrics": "serve Prometheus metrics at GET /metrics on the server's port",
 }
 """Help text per ServerConfig field; a field missing here still gets a flag."""
 
@@ -159,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
         )
     _tls_and_origin_flags(parser)
+    parser.add_argument(
+        "--presence",
+        action="store_true",
+        help="keep presence in the default namespace /: clients may ask who is in a room"
+        " (presence, presence_stats)",
+    )
+    parser.add_argument(
+        "--presence-events",
+        action="store_true",
+        help="with presence, append $join/$leave entries to room streams (each costs a"
+        " delivery to every member: leave off for large rooms)",
+    )
     parser.add_argument(
         "--asgi",
         action="store_true",
@@ -277,6 +292,7 @@ async def _serve(
     asgi: bool = False,
     authenticate: Authenticator | None = None,
     rooms_claim: str | None = None,
+    presence: tuple[bool, bool] = (False, False),
 ) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -312,6 +328,8 @@ async def _serve(
         broker_name += ", served by uvicorn"
     else:
         server = Server(config, broker=broker, authenticate=authenticate)
+    keeps, events = presence
+    server.namespace(p.DEFAULT_NAMESPACE, presence=keeps or events, presence_events=events)
     server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
     if rooms_claim is not None:  # --jwt-rooms-claim: the token lists the rooms of /
         guard_rooms(server.namespace(p.DEFAULT_NAMESPACE), rooms_claim)
@@ -367,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.asgi,
                 authenticate,
                 args.jwt_rooms_claim,
+                (args.presence, args.presence_events),
             )
         )
     except KeyboardInterrupt:  # SIGINT before the handlers were installed or after removal

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, get_type_hints
@@ -29,6 +30,7 @@ from rtchat_sdk.errors import RemoteError, ValidationFailed
 from rtchat_sdk.events import Event, event_name, validate_payload
 
 from .core.authz import CALL, JOIN, PUBLISH, RECEIVE
+from .core.stats import DURATION_BOUNDS, Buckets
 from .errors import HandlerFailure
 
 __all__ = [
@@ -146,6 +148,9 @@ class Namespace:
         self._handlers: dict[str, _Handler] = {}
         self.guards: dict[str, Callable[..., Any]] = {}
         """The authorization hook per action (``core/authz.py``); the hub reads the keys."""
+        self.timings: dict[str, Buckets] = {}
+        """How long each event's handler took, per call (``rtchat_request_duration_seconds``):
+        kept here, where a handler is known to exist, so clients cannot add labels."""
 
     def on(self, event: str | type[Event]) -> Callable[[F], F]:
         """Register the handler for ``event`` (a name or an Event class)."""
@@ -212,6 +217,7 @@ class Namespace:
                 payload = validate_payload(handler.model, data)
             except ValidationFailed as exc:
                 raise HandlerFailure(p.ErrorCode.INVALID_PAYLOAD, str(exc)) from exc
+        started = time.perf_counter()
         try:
             result = handler.func(ctx, payload) if handler.wants_data else handler.func(ctx)
             if type(result) not in _PLAIN and inspect.isawaitable(result):
@@ -221,6 +227,11 @@ class Namespace:
         except Exception as exc:
             log.exception("handler for %r in %r raised", event, self.path)
             raise HandlerFailure(p.ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            timing = self.timings.get(event)
+            if timing is None:
+                timing = self.timings[event] = Buckets(DURATION_BOUNDS)
+            timing.observe(time.perf_counter() - started)
         if isinstance(result, BaseModel):
             return result.model_dump(mode="json")
         return result

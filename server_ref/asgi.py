@@ -49,6 +49,9 @@ class RtchatApp:
         self._opening = asyncio.Lock()
         self.polling = Polling(server, server.config)
         """HTTP long polling at ``/poll`` (PROTOCOL §1.1)."""
+        self._mirror: asyncio.Task[None] | None = None
+        """With ``PROMETHEUS_MULTIPROC_DIR`` set (workers): copies this worker's metrics
+        to its files there (``metrics.mirror_forever``)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -84,6 +87,10 @@ class RtchatApp:
         if self.server.not_ready() == "not started":
             async with self._opening:
                 await self.server.open()
+                if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and self.server.config.metrics:
+                    from .metrics import mirror_forever  # prometheus_client only then
+
+                    self._mirror = asyncio.create_task(mirror_forever(self.server))
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -104,6 +111,10 @@ class RtchatApp:
         """Close the server (held polls get its goodbye), then the polling connections."""
         await self.server.close()
         await self.polling.close_all()
+        if self._mirror is not None:
+            self._mirror.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._mirror
 
     @contextlib.asynccontextmanager
     async def lifespan(self, parent: Any = None) -> AsyncIterator[None]:

@@ -63,6 +63,9 @@ class ServerConfig:
     waiting for a resume; then it leaves them (``$leave``, reason "disconnected")."""
     demo: bool = False
     """Serve the demo chat page at ``/demo/`` (``rtchat-server --demo``)."""
+    metrics: bool = True
+    """Serve Prometheus metrics at ``GET /metrics`` on the server's port (docs/server.md,
+    Metrics); ``--no-metrics`` answers 404 there instead."""
     compression: bool = False
     """Accept permessage-deflate from clients that ask. Off by default: it costs
     ~33 KB of memory per connection and a third of the throughput on small

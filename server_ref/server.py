@@ -47,7 +47,7 @@ from .core.commands import (
     Send,
 )
 from .core.hub import Hub
-from .errors import FrameTooLarge
+from .errors import BrokerUnavailable, FrameTooLarge
 from .static import static_answer
 from .transports.base import HttpAnswer, Listener, ListenerFactory, Transport
 from .transports.websocket import websocket_listener
@@ -307,6 +307,48 @@ class Server:
         entry = await self._append(p.inbox_stream(session_id), ns, None, event, data, sender=None)
         return entry.offset
 
+    async def presence(self, ns: str, room: str) -> list[p.PresenceMember]:
+        """Who is in a room of a namespace that keeps presence, across every node, oldest
+        member first (PROTOCOL §7.5). Raises ``ValueError`` for one that keeps none."""
+        return list(await self.broker.presence(self._presence_stream(ns, room)))
+
+    async def presence_stats(self, ns: str, room: str) -> p.PresenceStats:
+        """How many sessions, and distinct users, are in a room (as ``presence``)."""
+        stream = self._presence_stream(ns, room)
+        sessions, users = await self.broker.presence_stats(stream)
+        return p.PresenceStats(stream=stream, sessions=sessions, users=users)
+
+    def _presence_stream(self, ns: str, room: str) -> str:
+        space = self._namespaces.get(ns)
+        if space is None or not space.presence:
+            raise ValueError(f"namespace {ns!r} keeps no presence: Namespace(presence=True)")
+        return p.room_stream(ns, room)
+
+    async def history(
+        self,
+        ns: str,
+        room: str,
+        *,
+        since: p.Since | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+    ) -> p.History:
+        """A page of what a room's stream keeps, as a client's ``history`` gets it (§7.6)."""
+        if not 1 <= limit <= p.MAX_HISTORY_LIMIT:
+            raise ValueError(f"limit must be from 1 to {p.MAX_HISTORY_LIMIT}, got {limit}")
+        stream = p.room_stream(ns, room)
+        at = None if since is None else (since.epoch, since.offset)
+        page = await self.broker.history(stream, at, limit, reverse)
+        entries = [p.MessageFrame.model_validate_json(e.text) for e in page.entries]
+        return p.History(
+            stream=stream,
+            epoch=page.epoch,
+            offset=page.offset,
+            gap=page.gap,
+            more=page.more,
+            entries=entries,
+        )
+
     async def join_session(self, session_id: str, ns: str, room: str) -> tuple[str, int]:
         """Put a session in a room (``Context.join``); returns the stream's position."""
         position: tuple[str, int] = await self._run(
@@ -345,11 +387,14 @@ class Server:
         sender: str | None,
         echo: bool = False,
     ) -> StreamEntry:
+        name = event_name(event)
+        if name.startswith(p.RESERVED_EVENT_PREFIX):
+            raise ValueError(f"event {name!r}: names starting with '$' are the server's own")
         draft = Draft.message(
             stream,
             ns=ns,
             room=room,
-            event=event_name(event),
+            event=name,
             data=p.jsonable(event if isinstance(event, Event) else data),
             sender=sender,
             echo=echo,
@@ -362,7 +407,7 @@ class Server:
 
     def http_get(self, path: str) -> HttpAnswer | None:
         """``/healthz``: 200 while the process serves; ``/readyz``: 200 only when ready;
-        the browser client ``/rtchat.js`` and, with ``demo`` on, the page ``/demo/``."""
+        ``/metrics`` (``metrics.py``); ``/rtchat.js`` and, with ``demo`` on, ``/demo/``."""
         if path == "/healthz":
             return _json_answer(200, {"status": "live"})
         if path == "/readyz":
@@ -370,6 +415,10 @@ class Server:
             if reason is not None:
                 return _json_answer(503, {"status": "not ready", "reason": reason})
             return _json_answer(200, {"status": "ready"})
+        if path == "/metrics" and self.config.metrics:
+            from .metrics import scrape  # prometheus_client loads on the first scrape
+
+            return scrape(self)
         return static_answer(path, demo=self.config.demo)
 
     def opened(self, transport: Transport) -> int:
@@ -419,6 +468,8 @@ class Server:
                 else:
                     result = await self._outcome(call)
             except Exception as exc:
+                if isinstance(exc, BrokerUnavailable):
+                    hub.stats.broker_errors += 1
                 hub.call_failed(call.op, exc, clock())
             else:
                 hub.call_done(call.op, result, clock())
@@ -441,6 +492,8 @@ class Server:
                 t = transports.get(cmd.conn)
                 if t is not None:
                     for text in cmd.frames:
+                        if text[9] in "eg":  # {"type":"error"... or "gap": counted (metrics)
+                            self.hub.stats.frame_sent(text)
                         t.write(text.encode())
             elif isinstance(cmd, CALLS):
                 if first is None and not spawn_calls:
@@ -473,11 +526,15 @@ class Server:
         data = cmd.text.encode()
         limit = self.config.max_pending_bytes
         transports = self._transports
+        stats = self.hub.stats
+        stats.deliveries += len(cmd.conns)  # once per entry; the few not written taken off
         for conn in cmd.conns:
             t = transports.get(conn)
             if t is None:
+                stats.deliveries -= 1
                 continue
             if t.pending_bytes() > limit:
+                stats.deliveries -= 1
                 self.hub.connection_slow(conn, self._clock())
                 continue
             t.write(data)
@@ -487,6 +544,8 @@ class Server:
         try:
             result = await self._outcome(call)
         except Exception as exc:
+            if isinstance(exc, BrokerUnavailable):
+                self.hub.stats.broker_errors += 1
             self.hub.call_failed(call.op, exc, self._clock())
         else:
             self.hub.call_done(call.op, result, self._clock())

@@ -79,6 +79,22 @@ async def test_typed_bot_gets_typed_replies() -> None:
     assert "Traceback" not in bot.stderr
 
 
+@pytest.mark.timeout(30)
+async def test_room_page_shows_history_then_live_with_presence() -> None:
+    async with spawn("examples/room_page.py", "--port", "0", "--last", "3") as page:
+        assert await page.finish(20) == 0, page.stderr
+        out = page.stdout
+    before = re.findall(r"before #\d+: (message \d+)", out)
+    live = re.findall(r"live   #\d+: (message \d+)", out)
+    assert before == ["message 8", "message 9", "message 10"]
+    assert live == ["message 11", "message 12"]  # 11 was sent between history and join
+    assert "present: ann, bob" in out
+    assert "cat joined lobby" in out
+    assert "cat left lobby (left)" in out
+    assert "room page done: 3 from history, 2 live, none twice" in out
+    assert "Traceback" not in page.stderr
+
+
 @pytest.mark.timeout(60)
 async def test_examples_and_cli_against_python_m_server_ref() -> None:
     """What examples/README.md says: they run against the reference server's command."""

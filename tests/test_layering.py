@@ -76,15 +76,16 @@ def _loaded_after(statement: str) -> set[str]:
     return set(json.loads(done.stdout))
 
 
-def test_importing_the_server_loads_no_client_driver_sqlite_tenacity_redis_or_jwt() -> None:
+def test_importing_the_server_loads_no_client_driver_sqlite_tenacity_redis_jwt_or_metrics() -> None:
     loaded = _loaded_after("import server_ref")
     assert "server_ref.server" in loaded  # the probe did import the server
     unwanted = {
         name
         for name in loaded
         if name.startswith(("rtchat_sdk.aio", "rtchat_sdk.sync", "rtchat_sdk.sqlite_outbox"))
-        or name.split(".")[0] in ("sqlite3", "tenacity", "redis", "jwt", "cryptography")
-        or name.startswith(("server_ref.broker.redis", "server_ref.auth"))
+        or name.split(".")[0]
+        in ("sqlite3", "tenacity", "redis", "jwt", "cryptography", "prometheus_client")
+        or name.startswith(("server_ref.broker.redis", "server_ref.auth", "server_ref.metrics"))
     }
     assert unwanted == set()
 
@@ -106,6 +107,7 @@ def test_importing_the_protocol_loads_only_the_protocol() -> None:
         "rtchat_sdk.protocol.fastpath",
         "rtchat_sdk.protocol.frames",
         "rtchat_sdk.protocol.heartbeat",
+        "rtchat_sdk.protocol.reads",
     }
 
 

@@ -33,7 +33,7 @@ from server_ref.__main__ import OWN_FLAGS, build_parser, main
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING = re.compile(
     r"^rtchat server listening on ws://127\.0\.0\.1:(\d+)"
-    r" \(in-memory broker(, served by uvicorn)?\)$"
+    r" \((?:in-memory broker|redis broker at .+?)(, served by uvicorn)?\)$"
 )
 STEP = 10.0  # generous bound on any one wait; a test only waits this long when it fails
 

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from ssl import SSLContext
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from pydantic_core import PydanticSerializationError, to_json
@@ -48,13 +48,13 @@ from ..errors import (
     ValidationFailed,
     remote_error,
 )
-from ..events import Event, event_name, validate_payload
 from ..outbox import Outbox, OverflowPolicy
 from .connection import AttemptCallback, Link
 from .credentials import Credentials, TokenSource
 from .dispatcher import Dispatcher, GapCallback
 from .endpoint import ProxySetting, check_ssl, check_url
 from .handlers import ErrorCallback, HandlerRegistry
+from .namespace import NamespaceClient
 
 __all__ = ["Client", "NamespaceClient", "StateCallback"]
 
@@ -64,109 +64,6 @@ T = TypeVar("T", bound=BaseModel)
 H = TypeVar("H", bound=Callable[..., Any])
 
 StateCallback = Callable[[ConnectionState], Any]
-
-
-class NamespaceClient:
-    """The messaging API bound to one namespace of a client's connection."""
-
-    def __init__(self, client: Client, path: str) -> None:
-        if not path.startswith("/"):
-            raise ValueError(f"namespace must start with '/': {path!r}")
-        self._client = client
-        self.path = path
-
-    async def join(self, room: str) -> None:
-        """Join ``room``; deliveries start after the position returned by the server."""
-        c = self._client
-        await c._send(lambda now: c._session.join(self.path, room, now=now))
-
-    async def leave(self, room: str) -> None:
-        c = self._client
-        await c._send(lambda now: c._session.leave(self.path, room, now=now))
-
-    async def publish(
-        self,
-        room: str,
-        event: str | Event,
-        data: Any = None,
-        *,
-        echo: bool = False,
-        expires_in: float | None = None,
-    ) -> int:
-        """Publish to a room; returns the stream offset once the server has it."""
-        c = self._client
-        name, payload = _event_and_data(event, data)
-        reply = await c._send(
-            lambda now: c._session.publish(
-                self.path, room, name, payload, now=now, echo=echo, expires_in=expires_in
-            )
-        )
-        return int(reply["offset"]) if isinstance(reply, dict) else 0
-
-    async def emit(
-        self, event: str | Event, data: Any = None, *, expires_in: float | None = None
-    ) -> None:
-        """Send to a server handler and wait until the server acknowledges it."""
-        c = self._client
-        name, payload = _event_and_data(event, data)
-        await c._send(
-            lambda now: c._session.emit(self.path, name, payload, now=now, expires_in=expires_in)
-        )
-
-    @overload
-    async def request(
-        self,
-        event: str | Event,
-        data: Any = None,
-        *,
-        response: type[T],
-        timeout: float | None = None,
-    ) -> T: ...
-
-    @overload
-    async def request(
-        self,
-        event: str | Event,
-        data: Any = None,
-        *,
-        response: None = None,
-        timeout: float | None = None,
-    ) -> Any: ...
-
-    async def request(
-        self,
-        event: str | Event,
-        data: Any = None,
-        *,
-        response: type[T] | None = None,
-        timeout: float | None = None,
-    ) -> Any:
-        """Call a server handler and return its reply (validated into ``response``).
-
-        ``timeout`` defaults to the client's ``request_timeout``; when it runs
-        out, ``AckTimeout`` is raised and the request is never sent later.
-        """
-        c = self._client
-        name, payload = _event_and_data(event, data)
-        wait = c.request_timeout if timeout is None else timeout
-        reply = await c._send(
-            lambda now: c._session.request(self.path, name, payload, now=now, timeout=wait)
-        )
-        if response is None:
-            return reply
-        return validate_payload(response, reply)
-
-    def on(self, event: str | type[Event]) -> Callable[[H], H]:
-        """Decorator: call the handler for each delivery of ``event`` ("*": all)."""
-
-        def register(func: H) -> H:
-            self._client._handlers.add(self.path, event, func)
-            return func
-
-        return register
-
-    def off(self, event: str | type[Event], func: Callable[..., Any]) -> None:
-        self._client._handlers.remove(self.path, event, func)
 
 
 class Client(NamespaceClient):
@@ -538,11 +435,3 @@ def _check_auth(auth: dict[str, Any] | None) -> None:
         raise ValidationFailed(f"auth cannot be sent as JSON: {exc}") from None
     if (problem := p.non_finite(text, "auth")) is not None:
         raise ValidationFailed(problem)
-
-
-def _event_and_data(event: str | Event, data: Any) -> tuple[str, Any]:
-    if isinstance(event, Event):
-        if data is not None:
-            raise TypeError("pass either an Event instance or an event name with data, not both")
-        return event.event_name, event
-    return event_name(event), data

@@ -48,6 +48,7 @@ from ..errors import InvalidState, MessageTooLarge
 from ..outbox import HandledPosition, Outbox, OutboxEntry
 from ..protocol.fastpath import encode_message
 from ..protocol.heartbeat import Heartbeat
+from .calls import AppCalls
 from .events import (
     ConnectionState,
     Delivered,
@@ -65,6 +66,7 @@ from .events import (
     TimedOut,
     Welcomed,
 )
+from .resume import resume_info
 from .window import Deadlines, Window
 
 __all__ = ["ClientSession"]
@@ -77,8 +79,9 @@ _RESEND_LATER = frozenset({p.ErrorCode.UNAVAILABLE, p.ErrorCode.RATE_LIMITED})
 """Errors that do not settle a message: not processed, write it again after ``retry_after``."""
 
 
-class ClientSession:
-    """Client protocol state for one logical session, across many connections."""
+class ClientSession(AppCalls):
+    """Client protocol state for one logical session, across many connections
+    (the app's calls, each made a frame by ``_queue``: ``calls.py``)."""
 
     def __init__(
         self,
@@ -114,6 +117,9 @@ class ClientSession:
         self._hello_at = 0.0
         self._ever_sent: set[int] = set()
         self._unlisted_rooms: list[str] = []
+        self._tracked_early: dict[int, str] = {}
+        """Joins with ``since``, by id: the stream tracked before the reply (dropped if
+        the join fails)."""
         self._now = float("-inf")  # the latest time any call told us
         saved = self.outbox.load_state()
         self._window = Window(self.outbox, max_in_flight=max_in_flight, first_id=first_id)
@@ -158,24 +164,8 @@ class ClientSession:
         resume = None
         self._unlisted_rooms = []
         if self.token is not None:
-            # Rooms first: past the cap, a stream cannot be resumed (and is reported).
-            ordered = sorted(self.streams.items(), key=lambda item: item[1].room is None)
-            listed, unlisted = ordered[: p.MAX_RESUME_STREAMS], ordered[p.MAX_RESUME_STREAMS :]
-            self._unlisted_rooms = [name for name, s in unlisted if s.room is not None]
-            resume = p.ResumeInfo(
-                token=self.token,
-                session=self.session_id,
-                last_reply=self.last_reply,
-                streams=[
-                    p.StreamPosition(
-                        stream=name,
-                        epoch=s.epoch,
-                        offset=s.offset,
-                        ns=s.ns if s.room is not None else None,
-                        room=s.room,
-                    )
-                    for name, s in listed
-                ],
+            resume, self._unlisted_rooms = resume_info(
+                self.token, self.session_id, self.last_reply, self.streams
             )
         hello = p.HelloFrame(
             protocol=p.PROTOCOL_VERSION,
@@ -227,35 +217,6 @@ class ClientSession:
     # ------------------------------------------------------------------
     # Sending
 
-    def emit(
-        self, ns: str, event: str, data: Any, *, now: float, expires_in: float | None = None
-    ) -> tuple[int, list[Dropped]]:
-        return self._queue("emit", ns, event, None, data, False, now, expires_in)
-
-    def request(
-        self, ns: str, event: str, data: Any, *, now: float, timeout: float | None = None
-    ) -> tuple[int, list[Dropped]]:
-        return self._queue("request", ns, event, None, data, False, now, timeout)
-
-    def publish(
-        self,
-        ns: str,
-        room: str,
-        event: str,
-        data: Any,
-        *,
-        now: float,
-        echo: bool = False,
-        expires_in: float | None = None,
-    ) -> tuple[int, list[Dropped]]:
-        return self._queue("publish", ns, event, room, data, echo, now, expires_in)
-
-    def join(self, ns: str, room: str, *, now: float) -> tuple[int, list[Dropped]]:
-        return self._queue("join", ns, None, room, None, False, now, None)
-
-    def leave(self, ns: str, room: str, *, now: float) -> tuple[int, list[Dropped]]:
-        return self._queue("leave", ns, None, room, None, False, now, None)
-
     def _queue(
         self,
         kind: str,
@@ -266,13 +227,14 @@ class ClientSession:
         echo: bool,
         now: float,
         expires_in: float | None,
+        extra: dict[str, Any] | None = None,
     ) -> tuple[int, list[Dropped]]:
         if self.state is ConnectionState.CLOSED:
             raise InvalidState("session is closed")
         self._now = max(self._now, now)
         window = self._window
         message_id = window.next_id
-        text = encode_message(kind, message_id, ns, event, room, data, echo)
+        text = encode_message(kind, message_id, ns, event, room, data, echo, extra)
         size = p.wire_size(text)
         if size > self.max_frame_bytes:
             raise MessageTooLarge(
@@ -435,6 +397,7 @@ class ClientSession:
             self._pump()  # answer to a message we gave up on: its slot is free now
             return
         if entry.kind == "join":
+            self._tracked_early.pop(frame.id, None)
             self._on_joined(entry, frame.data)
         elif entry.kind == "leave":
             self._on_left(entry)
@@ -481,6 +444,9 @@ class ClientSession:
         if entry is None:
             self._pump()
             return
+        early = self._tracked_early.pop(frame.id, None)
+        if early is not None and early not in self.rooms.values():
+            self.streams.pop(early, None)  # not joined after all
         self._events.append(Failed(frame.id, entry.kind, frame.code, frame.message, frame.details))
         self._pump()
 

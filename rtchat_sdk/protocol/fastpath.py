@@ -44,6 +44,9 @@ _MODELS: dict[str, type[BaseModel]] = {
     "publish": p.PublishFrame,
     "join": p.JoinFrame,
     "leave": p.LeaveFrame,
+    "presence": p.PresenceFrame,
+    "presence_stats": p.PresenceStatsFrame,
+    "history": p.HistoryFrame,
 }
 _WITH_DATA = frozenset({"emit", "request", "publish"})
 _to_json = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="constants")).serializer.to_json
@@ -67,13 +70,19 @@ def encode_message(
     room: str | None,
     data: Any,
     echo: bool,
+    extra: dict[str, Any] | None = None,
 ) -> str:
     """The wire text of an app message, exactly as ``protocol.encode(Frame(...))`` gives it.
+
+    ``extra``: further fields of the frame (a join's ``since``, a read's
+    ``limit``...), which take the model's way.
 
     Raises ``ValidationFailed`` for an invalid frame (a bad namespace, an
     empty event name...) or a payload that cannot be serialised, or holds NaN
     or an infinity.
     """
+    if extra:  # a join's since, a read's fields: the model's way, no envelope kept
+        return _encode_with_model(kind, message_id, ns, event, room, data, echo, extra)
     key = (kind, ns, event, room, echo)
     envelope = _ENVELOPES.get(key) if message_id >= 1 and _plain(key) else None
     if envelope is not None:
@@ -100,12 +109,13 @@ def _encode_with_model(
     room: str | None,
     data: Any,
     echo: bool,
+    extra: dict[str, Any] | None = None,
 ) -> str:
-    fields: dict[str, Any] = {"id": message_id, "ns": ns}
+    fields: dict[str, Any] = {"id": message_id, "ns": ns, **(extra or {})}
     if kind in _WITH_DATA:
         fields["event"] = event
         fields["data"] = data
-    if kind in ("publish", "join", "leave"):
+    if kind not in _WITH_DATA or kind == "publish":
         fields["room"] = room
     if kind == "publish":
         fields["echo"] = echo
@@ -139,8 +149,9 @@ def _learn_envelope(
     elif kind in _WITH_DATA:
         middle = f',"ns":{_quoted(ns)},"event":{_quoted(event)},"data":'
         tail = "}"
-    else:
-        middle = f',"ns":{_quoted(ns)},"room":{_quoted(room)}}}'
+    else:  # join (with no since), leave and the reads
+        since = ',"since":null' if kind == "join" else ""
+        middle = f',"ns":{_quoted(ns)},"room":{_quoted(room)}{since}}}'
         tail = ""
     try:
         body = _to_json(codec.jsonable(data)).decode() if kind in _WITH_DATA else ""

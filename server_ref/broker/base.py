@@ -43,13 +43,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic_core import to_json
 
 from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import RTChatError
 
+from ..core.stats import Buckets
 from ..errors import FrameTooLarge
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "NodeGone",
     "Page",
     "Replay",
+    "RelayStats",
     "ReplacedListener",
     "SessionRecord",
     "StreamEntry",
@@ -182,6 +184,16 @@ ReplacedListener = Callable[[str], None]
 LATER: Any = object()
 """What ``Broker.answer_now`` returns for a call that must be awaited."""
 
+
+class RelayStats(Protocol):
+    """A networked broker's fan-out counters, for ``rtchat_pubsub_*`` (the Redis relay)."""
+
+    gap_fills: int
+    """Entries handed over from the log because pub/sub skipped or lost them."""
+    lag: Buckets
+    """Seconds from an entry's append to its hand-over to this node's listeners."""
+
+
 CallHandler = Callable[[str], Awaitable[str]]
 """Answers one call addressed to a node: the call's payload in, its answer out."""
 
@@ -232,6 +244,11 @@ class Broker(ABC):
         broker always can; a networked one proves it end to end (the Redis
         broker: its pub/sub probes come back in time).
         """
+        return None
+
+    def relay_stats(self) -> RelayStats | None:
+        """Its fan-out counters, read when metrics are scraped; None: an in-process broker,
+        whose entries reach the listeners inside ``append``."""
         return None
 
     async def close(self) -> None:

@@ -216,6 +216,7 @@ class RedisBroker(Broker):
                 probe_channel=f"{self.prefix}:probe:{secrets.token_hex(8)}",
                 probe_interval=self._probe_interval,
                 probe_timeout=self._probe_timeout,
+                clock=self._clock,
             )
             await self._relay.start(self._connect_timeout)
             self._node_calls = NodeCalls(self._redis, self._relay, self.prefix, self._calls)
@@ -248,6 +249,10 @@ class RedisBroker(Broker):
         if self._relay is None:
             return "the Redis broker is not started"
         return self._relay.reason
+
+    def relay_stats(self) -> Relay | None:
+        """The pub/sub relay's lag and gap fills (None until started)."""
+        return self._relay
 
     def _ms(self, seconds: float) -> int:
         return max(1, int(seconds * 1000))

@@ -37,6 +37,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_random_exponential
 
+from ..core.stats import LAG_BOUNDS, Buckets
 from .base import EntryListener, Replay, StreamEntry
 
 __all__ = ["Follow", "Relay", "parse_entry"]
@@ -88,8 +89,12 @@ class Relay:
         probe_channel: str,
         probe_interval: float,
         probe_timeout: float,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
+        self._clock = clock
+        """The broker's clock, which stamped each entry's ``at``: wall time, as every
+        node's is, so the lag below holds across nodes (within their clock skew)."""
         self._read_since = read_since
         self._position = position
         self._rewound = rewound
@@ -113,6 +118,8 @@ class Relay:
         """Pub/sub connections made after the first (a drop, a wedge)."""
         self.gap_fills = 0
         """Entries relayed from the log because pub/sub skipped or lost them."""
+        self.lag = Buckets(LAG_BOUNDS)
+        """Seconds from each entry's append to its hand-over here (``rtchat_pubsub_lag``)."""
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
 
@@ -327,6 +334,7 @@ class Relay:
 
     def _hand_on(self, f: Follow, entry: StreamEntry) -> None:
         f.epoch, f.offset = entry.epoch, entry.offset
+        self.lag.observe(max(0.0, self._clock() - entry.at))  # 0: a clock behind the appender's
         for listener in tuple(f.listeners):
             try:
                 listener(entry)

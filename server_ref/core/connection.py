@@ -45,8 +45,17 @@ __all__ = [
 log = logging.getLogger("server_ref")
 
 
-ClientMessage = p.EmitFrame | p.RequestFrame | p.JoinFrame | p.LeaveFrame | p.PublishFrame
-"""A client frame the hub carries out (with an id, deduplicated, answered)."""
+ClientMessage = (
+    p.EmitFrame
+    | p.RequestFrame
+    | p.JoinFrame
+    | p.LeaveFrame
+    | p.PublishFrame
+    | p.PresenceFrame
+    | p.PresenceStatsFrame
+    | p.HistoryFrame
+)
+"""A client frame the hub carries out (with an id, answered; deduplicated, but for reads)."""
 
 
 class ConnectionPhase(StrEnum):
@@ -55,9 +64,7 @@ class ConnectionPhase(StrEnum):
     CLOSED = "closed"
 
 
-def unsendable_answer(
-    frame: p.EmitFrame | p.RequestFrame | p.PublishFrame | p.JoinFrame | p.LeaveFrame, problem: str
-) -> str:
+def unsendable_answer(frame: ClientMessage, problem: str) -> str:
     """The answer to a message whose outcome JSON cannot carry (NaN or an infinity).
 
     For a ``publish``, the client's own data (a number like 1e999 parses as

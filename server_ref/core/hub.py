@@ -28,7 +28,6 @@ Ordering rules kept here:
 
 from __future__ import annotations
 
-import heapq
 import logging
 import secrets
 from collections.abc import Callable
@@ -53,10 +52,13 @@ from .commands import (
 )
 from .connection import ConnectionCore
 from .limits import Addresses, ConnLimits, admit, bounded_join, cap_rooms, refusal
-from .replay import Covered, gap_frame, release_held, replay
-from .running import Conn, CredentialsExpiry, Op, Running
-from .sessions import Session, Sessions
+from .presence import Rooms
+from .replay import gap_frame, replay
+from .running import Conn, CredentialsExpiry, Op, PresenceTimer, Running
+from .sessions import Covered, Session, Sessions, release_held
+from .stats import Stats
 from .steps import Namespaces, answer, identify, restore_rooms
+from .timers import HubTimers
 
 __all__ = ["Hub", "Op"]
 
@@ -65,8 +67,8 @@ log = logging.getLogger("server_ref")
 _CALL_TYPES = frozenset(CALLS)
 
 
-class Hub:
-    """All sessions, rooms and connections of one node."""
+class Hub(HubTimers):
+    """All sessions, rooms and connections of one node (its timers: ``timers.py``)."""
 
     def __init__(
         self,
@@ -89,15 +91,18 @@ class Hub:
         self._new_session = new_session or (
             lambda: (secrets.token_hex(8), secrets.token_urlsafe(32))
         )
-        self.sessions = Sessions()
+        self.stats = Stats()  # what the metrics count (stats.py), read when scraped
+        self.sessions = Sessions(lambda session, text: self._send(session.conn, text))
+        self.rooms = Rooms(self.sessions, namespaces, config.presence_ttl, config.max_frame_bytes)
+        self._renewing = False
         self._answer = partial(
             answer,
             namespaces,
             config.max_frame_bytes,
             config.unavailable_retry_after,
             appends_remembered,
-            bounded_join(config.max_rooms, self.sessions.join),
-            self.sessions.leave,
+            bounded_join(config.max_rooms, self.rooms.join),
+            self.rooms.leave,
         )
         self._conns: dict[int, Conn] = {}
         self.addresses = Addresses(config.max_connections_per_address)
@@ -186,6 +191,7 @@ class Hub:
     def _receive(self, c: Conn, text: str | bytes, now: float) -> None:
         frame = c.core.receive_text(text, now)
         if frame is not None:
+            self.stats.received[frame.type] += 1
             if isinstance(frame, p.HelloFrame):
                 c.early = []
                 self._start(self._handshake(c, frame), conn=c)
@@ -217,6 +223,7 @@ class Hub:
         self._now = now
         c = self._conns.get(conn_id)
         if c is not None:
+            self.stats.slow_consumers += 1
             c.core.close(p.CloseCode.SLOW_CONSUMER, "too much unsent data; resume to catch up")
             self._flush(c)
 
@@ -295,15 +302,11 @@ class Hub:
     def join(self, session_id: str, ns: str, room: str, now: float) -> int:
         """Put a session in a room; ``Finished.result`` is the stream's (epoch, offset)."""
         self._now = now
-        return self._start(
-            self.sessions.join(self.sessions.by_id[session_id], ns, room), report=True
-        )
+        return self._start(self.rooms.join(self.sessions.by_id[session_id], ns, room), report=True)
 
     def leave(self, session_id: str, ns: str, room: str, now: float) -> int:
         self._now = now
-        return self._start(
-            self.sessions.leave(self.sessions.by_id[session_id], ns, room), report=True
-        )
+        return self._start(self.rooms.leave(self.sessions.by_id[session_id], ns, room), report=True)
 
     # ------------------------------------------------------------------
     # Running operations
@@ -401,52 +404,6 @@ class Hub:
             session.busy = False
 
     # ------------------------------------------------------------------
-    # Timers
-
-    def _schedule(self, c: Conn) -> None:
-        when = c.core.get_timer()
-        if when is not None and (c.scheduled is None or when < c.scheduled):
-            c.scheduled = when
-            self._seq += 1
-            heapq.heappush(self._timers, (when, self._seq, c))
-
-    def _schedule_expiry(self, session: Session, when: float) -> None:
-        session.expires = when
-        self._seq += 1
-        heapq.heappush(self._timers, (when, self._seq, session))
-
-    def get_timer(self) -> float | None:
-        """The next deadline, or None (it may be early: then nothing is due at it)."""
-        return self._timers[0][0] if self._timers else None
-
-    def handle_timer(self, now: float) -> None:
-        """Handle every deadline at or before ``now``."""
-        self._now = now
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            when, _, item = heapq.heappop(timers)
-            if isinstance(item, Session):
-                if item.expires == when and item.conn is None:
-                    item.expires = None
-                    self._enqueue(item, self.sessions.drop_local(item))
-                continue
-            if type(item) is CredentialsExpiry:
-                stale = item.conn
-                if stale.id in self._conns:
-                    reason = "credentials expired; reconnect with fresh ones"
-                    stale.core.close(p.CloseCode.TOKEN_EXPIRED, reason)
-                    self._flush(stale)
-                continue
-            c: Conn = item
-            if c.scheduled != when or c.id not in self._conns:
-                continue  # superseded by an earlier deadline, or gone
-            c.scheduled = None
-            if c.busy:
-                c.core.keepalive(now)  # a slow handler, not a silent peer
-            c.core.handle_timer(now)
-            self._flush(c)
-
-    # ------------------------------------------------------------------
     # Hello: the handshake decision
 
     def _handshake(self, c: Conn, hello: p.HelloFrame) -> Op:
@@ -462,6 +419,7 @@ class Hub:
                     self._receive(c, text, self._now)
 
     def _hello(self, c: Conn, hello: p.HelloFrame) -> Op:
+        c.client = hello.client
         if hello.batch:
             self._out.append(Batching(c.id))
         identity = yield from identify(c.core, hello, self._authenticates, c.bearer)
@@ -473,8 +431,7 @@ class Hub:
             # Stale credentials end the connection (TOKEN_EXPIRED) a grace period after
             # they expire; the client comes back with fresh ones and resumes.
             when = self._now + max(0.0, identity.expires_in) + self.config.token_expiry_grace
-            self._seq += 1
-            heapq.heappush(self._timers, (when, self._seq, CredentialsExpiry(c)))
+            self._at(when, CredentialsExpiry(c))
         record: SessionRecord | None = None
         if hello.resume is not None:
             record = yield BrokerCall("load_session", (hello.resume.token,))
@@ -532,6 +489,7 @@ class Hub:
         c.session = session
         session.conn = c
         session.claims = c.claims
+        session.client = c.client
         session.replaying = True
         session.held = []
         try:
@@ -565,6 +523,7 @@ class Hub:
                 )
             covered: Covered = {session.inbox: (inbox_epoch, inbox_offset)}
             if resume is not None:
+                self.stats.replays += 1
                 if resume.session is not None:
                     session.own.add(resume.session)
                 covered.update((yield from replay(session, resume, lambda t: self._send(c, t))))
@@ -572,6 +531,8 @@ class Hub:
         finally:
             session.replaying = False
             session.held = []
+        yield from self.rooms.enter_all(session)  # (again) present in its rooms
+        self._renew_later()
 
     # ------------------------------------------------------------------
     # Sessions
@@ -581,6 +542,7 @@ class Hub:
         if session.conn is not None:
             return  # resumed meanwhile
         if goodbye and not self.closing:
+            yield from self.rooms.exit_all(session, "closed")
             yield BrokerCall("delete_session", (session.record,))
             yield from self.sessions.drop_local(session)
             return
@@ -592,3 +554,5 @@ class Hub:
             yield from self.sessions.drop_local(session)
         elif session.conn is None:
             self._schedule_expiry(session, self._now + self.config.session_ttl)
+            if session.present:  # present while it may resume; then it leaves its rooms
+                self._at(self._now + self.config.presence_grace, PresenceTimer(session))

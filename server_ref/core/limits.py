@@ -50,7 +50,7 @@ __all__ = [
     "refusal",
 ]
 
-Join = Callable[["Session", str, str], Generator[Call, Any, tuple[str, int]]]
+Join = Callable[["Session", str, str, "p.Since | None"], Generator[Call, Any, tuple[str, int]]]
 
 
 _EPSILON = 1e-9
@@ -165,7 +165,9 @@ def bounded_join(max_rooms: int, join: Join) -> Join:
     """``join``, refusing a room past ``max_rooms`` with ``too_many_rooms`` (rejoining one is
     fine). It wraps only clients' joins: the app's own (``Context.join``) are its call."""
 
-    def joining(session: Session, ns: str, room: str) -> Generator[Call, Any, tuple[str, int]]:
+    def joining(
+        session: Session, ns: str, room: str, since: p.Since | None = None
+    ) -> Generator[Call, Any, tuple[str, int]]:
         rooms = session.record.rooms
         if (ns, room) not in rooms and len(rooms) >= max_rooms:
             raise HandlerFailure(
@@ -173,7 +175,7 @@ def bounded_join(max_rooms: int, join: Join) -> Join:
                 f"already in {len(rooms)} rooms, the limit (max_rooms); leave one first",
                 {"max_rooms": max_rooms},
             )
-        return (yield from join(session, ns, room))
+        return (yield from join(session, ns, room, since))
 
     return joining
 

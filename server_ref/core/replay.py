@@ -18,12 +18,9 @@ from rtchat_sdk import protocol as p
 
 from ..broker.base import Replay
 from .commands import BrokerCall
-from .sessions import Session, wants
+from .sessions import Covered, Session, release_held, wants
 
 __all__ = ["Covered", "gap_frame", "release_held", "replay"]
-
-Covered = dict[str, tuple[str, int]]
-"""Per stream, the (epoch, offset) a replay reached."""
 
 
 def gap_frame(stream: str, ns: str, room: str | None, epoch: str, offset: int, reason: str) -> str:
@@ -57,13 +54,3 @@ def replay(
                 out(entry.text)
         covered[stream] = (found.epoch, found.offset)
     return covered
-
-
-def release_held(session: Session, covered: Covered, out: Callable[[str], None]) -> None:
-    """Write the live entries held during the replay that it did not cover, in order."""
-    held, session.held = session.held, []
-    for entry in held:
-        epoch, offset = covered.get(entry.stream, ("", 0))
-        if entry.epoch != epoch or entry.offset > offset:
-            covered[entry.stream] = (entry.epoch, entry.offset)
-            out(entry.text)

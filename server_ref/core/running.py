@@ -14,7 +14,7 @@ from .connection import ConnectionCore
 from .limits import ConnLimits
 from .sessions import Session
 
-__all__ = ["Conn", "CredentialsExpiry", "Op", "Running"]
+__all__ = ["Conn", "CredentialsExpiry", "Op", "PresenceTimer", "Running"]
 
 Op = Generator[Call, Any, Any]
 """An operation: yields calls, receives their results, returns its own."""
@@ -25,6 +25,7 @@ class Conn:
         "bearer",
         "busy",
         "claims",
+        "client",
         "core",
         "early",
         "id",
@@ -44,6 +45,8 @@ class Conn:
         """The token of the request's ``Authorization: Bearer`` header, if any."""
         self.claims: dict[str, Any] = {}
         """What the authenticator said about the credentials of its hello."""
+        self.client: str | None = None
+        """The ``hello.client`` it named."""
         self.session: Session | None = None
         self.busy = 0
         """Operations of this connection's messages running or waiting."""
@@ -60,6 +63,16 @@ class CredentialsExpiry:
 
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
+
+
+class PresenceTimer:
+    """A timer-heap item: a dropped session's presence grace period ends (``session``), or
+    the node's presence entries are due for renewal (``session`` None)."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session | None) -> None:
+        self.session = session
 
 
 class Running:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rtchat_sdk import protocol as p
@@ -25,7 +26,10 @@ if TYPE_CHECKING:
 
     Step = Generator[Call, Any, Any]
 
-__all__ = ["Session", "Sessions", "wants"]
+__all__ = ["Covered", "Session", "Sessions", "release_held", "wants"]
+
+Covered = dict[str, tuple[str, int]]
+"""Per stream, the (epoch, offset) a replay reached."""
 
 log = logging.getLogger("server_ref")
 
@@ -36,13 +40,16 @@ class Session:
     __slots__ = (
         "busy",
         "claims",
+        "client",
         "conn",
         "expires",
         "held",
         "highest",
         "id",
         "inbox",
+        "joined",
         "own",
+        "present",
         "queue",
         "record",
         "refusing",
@@ -72,6 +79,12 @@ class Session:
         self.highest: int | None = None
         """The highest message id it processed, when all of them were processed here
         (None: unknown, ask the broker's dedupe records for every message)."""
+        self.client: str | None = None
+        """The ``hello.client`` of its current connection (shown in presence)."""
+        self.present = False
+        """Its presence entries are in the broker (``presence.py``)."""
+        self.joined: dict[tuple[str, str], float] = {}
+        """When it joined each presence room, as the broker stamped it."""
         self.refusing: int | None = None
         """A message answered ``unavailable``: later ones are refused too until it is
         resent, so the session's messages are still processed in id order."""
@@ -85,9 +98,11 @@ def wants(session: Session, entry: StreamEntry) -> bool:
 class Sessions:
     """Local sessions by id, and the streams each follows."""
 
-    __slots__ = ("by_id", "following", "members")
+    __slots__ = ("by_id", "following", "members", "out")
 
-    def __init__(self) -> None:
+    def __init__(self, out: Callable[[Session, str], None] = lambda session, text: None) -> None:
+        self.out = out
+        """Writes an encoded frame to a session's connection (a join's catch-up)."""
         self.by_id: dict[str, Session] = {}
         self.members: dict[str, set[Session]] = {}
         self.following: dict[str, tuple[str, int] | None] = {}
@@ -170,8 +185,15 @@ class Sessions:
             yield from self._follow(stream)
         return session
 
-    def join(self, session: Session, ns: str, room: str) -> Generator[Call, Any, tuple[str, int]]:
-        """Put the session in a room; returns the room stream's (epoch, offset)."""
+    def join(
+        self, session: Session, ns: str, room: str, since: p.Since | None = None
+    ) -> Generator[Call, Any, tuple[str, int]]:
+        """Put the session in a room; returns the room stream's (epoch, offset).
+
+        With ``since`` (PROTOCOL §7.6), the entries after it are written first,
+        as a resume's replay is: live ones that arrive meanwhile are held and
+        written after them, minus those the catch-up covered.
+        """
         stream = p.room_stream(ns, room)
         if (ns, room) in session.record.rooms:
             position: tuple[str, int] = yield BrokerCall("position", (stream,))
@@ -179,11 +201,53 @@ class Sessions:
         # Follow the stream before reading its position, so no entry after it is missed.
         yield from self._follow(stream)
         position = yield BrokerCall("position", (stream,))
-        if (ns, room) not in session.record.rooms:
-            session.record.rooms[(ns, room)] = position
-            self._add(stream, session)
+        if (ns, room) in session.record.rooms:
+            return position
+        session.record.rooms[(ns, room)] = position
+        holding = since is not None and not session.replaying
+        if holding:
+            session.replaying, session.held = True, []
+        self._add(stream, session)
+        try:
+            if since is not None:
+                try:
+                    yield from self._catch_up(session, stream, ns, room, since, position)
+                except BaseException:  # not caught up: not joined, so a resend catches up
+                    session.record.rooms.pop((ns, room), None)
+                    self._remove(stream, session)
+                    raise
             yield BrokerCall("save_session", (session.record, None))
+        finally:
+            if holding:
+                session.replaying = False
+                release_held(session, {stream: position}, lambda t: self.out(session, t))
         return position
+
+    def _catch_up(
+        self,
+        session: Session,
+        stream: str,
+        ns: str,
+        room: str,
+        since: p.Since,
+        position: tuple[str, int],
+    ) -> Step:
+        """Write the entries after ``since`` up to ``position`` (what followed comes live)."""
+        found = yield BrokerCall("read_since", (stream, since.epoch, since.offset))
+        if found.gap is not None:
+            gap = p.GapFrame(
+                stream=stream,
+                ns=ns,
+                room=room,
+                epoch=found.epoch,
+                offset=found.gap_offset,
+                reason=found.gap,
+            )
+            self.out(session, p.encode(gap))
+        epoch, last = position
+        for entry in found.entries:
+            if entry.epoch == epoch and entry.offset <= last and wants(session, entry):
+                self.out(session, entry.text)
 
     def leave(self, session: Session, ns: str, room: str) -> Step:
         if session.record.rooms.pop((ns, room), None) is None:
@@ -240,3 +304,13 @@ class Sessions:
             return False
         del self.members[stream]
         return True
+
+
+def release_held(session: Session, covered: Covered, out: Callable[[str], None]) -> None:
+    """Write the live entries held during a replay that it did not cover, in order."""
+    held, session.held = session.held, []
+    for entry in held:
+        epoch, offset = covered.get(entry.stream, ("", 0))
+        if entry.epoch != epoch or entry.offset > offset:
+            covered[entry.stream] = (entry.epoch, entry.offset)
+            out(entry.text)

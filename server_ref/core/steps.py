@@ -20,6 +20,7 @@ from ..errors import BrokerUnavailable, CredentialsRefused, FrameTooLarge, Handl
 from .authz import CALL, JOIN, PUBLISH, Namespaces, forbidden
 from .commands import Authenticate, Authorize, BrokerCall, Call, Handle, Identity
 from .connection import ClientMessage, ConnectionCore, unsendable_answer
+from .reads import read
 from .sessions import Session
 
 __all__ = [
@@ -125,7 +126,7 @@ def answer(
     max_frame_bytes: int,
     retry_after: float,
     appends_remembered: bool,
-    join: Callable[[Session, str, str], Generator[Call, Any, tuple[str, int]]],
+    join: Callable[[Session, str, str, p.Since | None], Generator[Call, Any, tuple[str, int]]],
     leave: Callable[[Session, str, str], Step],
     session: Session,
     frame: ClientMessage,
@@ -178,17 +179,21 @@ def answer(
                 yield Authorize(frame.ns, JOIN, session.id, user, claims, frame.room, None)
             ):
                 raise forbidden(f"join {frame.room!r}")
-            epoch, offset = yield from join(session, frame.ns, frame.room)
+            epoch, offset = yield from join(session, frame.ns, frame.room, frame.since)
             stream = p.room_stream(frame.ns, frame.room)
             reply = p.encode_reply(frame.id, {"stream": stream, "epoch": epoch, "offset": offset})
         elif isinstance(frame, p.LeaveFrame):
             yield from leave(session, frame.ns, frame.room)
             reply = p.encode_reply(frame.id)
+        elif not isinstance(frame, p.PublishFrame):  # a read: not remembered
+            return (yield from read(space, session, frame, max_frame_bytes))
         else:
             if (frame.ns, frame.room) not in session.record.rooms:
                 raise HandlerFailure(
                     p.ErrorCode.NOT_IN_ROOM, f"join room {frame.room!r} before publishing to it"
                 )
+            if frame.event.startswith(p.RESERVED_EVENT_PREFIX):
+                raise forbidden(f"publish {frame.event!r}: '$' names are the server's")
             if PUBLISH in space.guards and not (
                 yield Authorize(
                     frame.ns, PUBLISH, session.id, user, claims, frame.room, frame.event

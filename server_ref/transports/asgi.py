@@ -63,6 +63,8 @@ def request_path(scope: Scope) -> str:
 class AsgiWebSocketTransport(Transport):
     """One ASGI WebSocket connection; a writer task sends what each loop pass wrote."""
 
+    kind = "asgi-websocket"
+
     def __init__(self, send: Send, max_frame_bytes: int) -> None:
         self._send = send
         self._max_frame_bytes = max_frame_bytes

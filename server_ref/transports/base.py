@@ -57,6 +57,10 @@ class Transport(ABC):
     batching: bool = False
     """The client accepts batches (a JSON array of frames) in one message."""
 
+    kind: str = "other"
+    """What carries it, the ``transport`` label of ``rtchat_connections``: "websocket",
+    "asgi-websocket" or "polling" for the server's own (a class attribute)."""
+
     bearer: str | None = None
     """The token of the opening request's ``Authorization: Bearer`` header, set by
     the transport before ``Endpoint.opened``; the hello's ``auth.token`` wins."""

@@ -38,6 +38,8 @@ __all__ = ["PollConnection", "Polling", "Reply"]
 class PollConnection(Transport):
     """One polling connection: its unsent frames, its unacknowledged batches, its held poll."""
 
+    kind = "polling"
+
     def __init__(self, sid: str, config: ServerConfig, now: float) -> None:
         self.sid = sid
         self.conn = 0

@@ -63,6 +63,8 @@ class _Writer:
 class WebSocketTransport(Transport):
     """One websockets connection."""
 
+    kind = "websocket"
+
     __slots__ = ("_writer", "batch", "batch_bytes", "max_frame_bytes", "unwritten", "ws")
 
     def __init__(self, ws: ServerConnection, writer: _Writer, max_frame_bytes: int) -> None:
