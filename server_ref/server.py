@@ -22,7 +22,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from ssl import SSLContext
 from typing import Any
 
@@ -427,9 +427,10 @@ class Server:
         self._drain()
         return conn
 
-    async def received(self, conn: int, text: str | bytes) -> None:
+    def received(self, conn: int, text: str | bytes) -> Coroutine[Any, Any, None]:
+        # Not a coroutine itself: the pump is the one a frame needs.
         self.hub.text_received(conn, text, self._clock())
-        await self._pump()
+        return self._pump()
 
     async def closed(self, conn: int, peer_code: int | None) -> None:
         self._transports.pop(conn, None)
@@ -454,10 +455,9 @@ class Server:
         """Carry out the hub's commands; await their calls here, in order."""
         hub = self.hub
         clock = self._clock
-        while True:
-            call = hub.take_call() or self._execute(spawn_calls=False)
-            if call is None:
-                break
+        # A frame's first step is mostly one call (take_call); after a call, mostly the answer.
+        call = hub.take_call() or self._execute(spawn_calls=False)
+        while call is not None:
             # The two common calls first, without _outcome's dispatch.
             try:
                 if type(call) is Handle:
@@ -473,7 +473,9 @@ class Server:
                 hub.call_failed(call.op, exc, clock())
             else:
                 hub.call_done(call.op, result, clock())
-        self._arm()
+            call = self._execute(spawn_calls=False)
+        if hub.get_timer() != self._timer_at:  # _arm's own first test, without the call
+            self._arm()
 
     def _drain(self) -> None:
         """Carry out the hub's commands from outside a reader: calls run as tasks."""

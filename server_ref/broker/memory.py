@@ -325,7 +325,8 @@ class MemoryBroker(Broker):
         if len(replies) > self.dedupe_size:
             evicted = dedupe.order.popleft()
             del replies[evicted]
-            dedupe.floor = max(dedupe.floor, evicted)
+            if evicted > dedupe.floor:  # (not max(): this runs for every message)
+                dedupe.floor = evicted
 
     async def forget_replies(self, session_id: str, upto: int) -> None:
         dedupe = self._dedupe.get(session_id)

@@ -101,6 +101,7 @@ class Hub(HubTimers):
             config.max_frame_bytes,
             config.unavailable_retry_after,
             appends_remembered,
+            answer_now,
             bounded_join(config.max_rooms, self.rooms.join),
             self.rooms.leave,
         )
@@ -347,7 +348,8 @@ class Hub(HubTimers):
             session.queue.append((gen, answers))
             return
         session.busy = True
-        self._start(gen, session=session, answers=answers)
+        self._seq += 1  # _start, inline (every message)
+        self._step(Running(self._seq, gen, session, None, False, answers), None, None)
 
     def _step(self, running: Running, value: Any, error: BaseException | None) -> None:
         """Run the operation to its next call that the driver must await (or to its end)."""
@@ -392,8 +394,8 @@ class Hub(HubTimers):
         c = running.answers
         if c is not None:
             c.busy -= 1
-            if error is None:
-                self._send(c, result)
+            if error is None and c.core.close_code is None:  # _send, inline (every message)
+                self._out.append(Send(c.id, [result]))
         session = running.session
         if session is None:
             return

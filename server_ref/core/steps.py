@@ -15,7 +15,7 @@ from typing import Any
 from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import ValidationFailed
 
-from ..broker.base import Draft, SessionRecord
+from ..broker.base import LATER, Draft, SessionRecord
 from ..errors import BrokerUnavailable, CredentialsRefused, FrameTooLarge, HandlerFailure
 from .authz import CALL, JOIN, PUBLISH, Namespaces, forbidden
 from .commands import Authenticate, Authorize, BrokerCall, Call, Handle, Identity
@@ -126,6 +126,7 @@ def answer(
     max_frame_bytes: int,
     retry_after: float,
     appends_remembered: bool,
+    answer_now: Callable[[str, tuple[Any, ...]], Any] | None,
     join: Callable[[Session, str, str, p.Since | None], Generator[Call, Any, tuple[str, int]]],
     leave: Callable[[Session, str, str], Step],
     session: Session,
@@ -233,7 +234,9 @@ def answer(
         log.exception("processing %s %s failed", frame.type, frame.id)
         reply = p.encode_error(p.ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", frame.id)
     try:
-        yield BrokerCall("remember_reply", (session.id, frame.id, reply))
+        args = (session.id, frame.id, reply)  # at once if the broker can (Broker.answer_now)
+        if answer_now is None or answer_now("remember_reply", args) is LATER:
+            yield BrokerCall("remember_reply", args)
     except BrokerUnavailable:  # processed: the client gets its answer, unremembered
         log.warning("message %s of %s processed, its reply not remembered", frame.id, session.id)
         session.highest = None  # the records miss it now: ask them for every message
