@@ -485,6 +485,17 @@ async def test_two_people_chat_on_the_demo_page_one_over_polling(
             page = pages[name]
             assert await page.evaluate("() => window.pwned") is None
             assert await page.locator("#messages img, #messages b").count() == 0
+        # Someone who comes later sees what was said (history), then the room live.
+        opened["carol"] = await open_demo(browser, f"{demo}?room={room}", errors)
+        carol = pages["carol"] = opened["carol"][1]
+        await carol.get_by_test_id("name-input").fill("carol")
+        await carol.get_by_test_id("connect-button").click()
+        await expect(carol.get_by_test_id("state")).to_have_text("connected")
+        earlier = messages("carol").get_by_test_id("message-text")
+        await expect(earlier).to_have_text(["hi bob", "hello alice", hostile])
+        await say("bob", "welcome carol")
+        await expect(earlier).to_have_text(["hi bob", "hello alice", hostile, "welcome carol"])
+        assert await carol.locator("#messages img, #messages b").count() == 0
         for name, page in pages.items():  # for a person to look at (build/ is not tracked)
             SCREENSHOTS.mkdir(parents=True, exist_ok=True)
             await page.screenshot(path=SCREENSHOTS / f"demo-{name}.png", full_page=True)
