@@ -55,6 +55,8 @@ Join = Callable[["Session", str, str, "p.Since | None"], Generator[Call, Any, tu
 
 _EPSILON = 1e-9
 """Tokens lost to rounding (``0.05 * 20`` is not quite 1) that must not refuse a message."""
+_ENOUGH = 1.0 - _EPSILON
+"""The tokens that let a message through (``take``, every message: computed once)."""
 
 
 class TokenBucket:
@@ -80,7 +82,7 @@ class TokenBucket:
         tokens = self.tokens + elapsed * self.rate
         if not tokens < self.burst:
             tokens = self.burst
-        if tokens >= 1.0 - _EPSILON:  # a resend at exactly ``retry_after`` is on time
+        if tokens >= _ENOUGH:  # a resend at exactly ``retry_after`` is on time
             tokens -= 1.0
             self.tokens = tokens if tokens > 0.0 else 0.0
             return 0.0
@@ -137,22 +139,27 @@ def admit(
     config = limits.config
     owed = limits.owed
     retry = 0.0  # below: the tokens for it and for each refused message before it
-    while owed and message_id > owed[0] and now >= limits.due.get(owed[0], now):
-        limits.due.pop(owed.pop(0), None)  # not resent in time: given up by the client
-    if owed and message_id > owed[0]:
-        why = f"message {owed[0]} is to be resent first"
-    elif c.busy > config.max_in_flight:
-        why = f"more than max_in_flight={config.max_in_flight} messages unanswered"
-        retry = config.unavailable_retry_after
-    else:
-        wait = limits.bucket.take(now)
-        if wait == 0.0:
+    if not owed and c.busy <= config.max_in_flight:  # the common case, in fewer steps
+        if limits.bucket.take(now) == 0.0:
             limits.in_a_row = 0
-            if owed and owed[0] == message_id:
-                owed.pop(0)  # resent and let through
-                limits.due.pop(message_id, None)
             return None
         why = f"over rate_per_second={config.rate_per_second:g} (burst {config.rate_burst})"
+    else:
+        while owed and message_id > owed[0] and now >= limits.due.get(owed[0], now):
+            limits.due.pop(owed.pop(0), None)  # not resent in time: given up by the client
+        if owed and message_id > owed[0]:
+            why = f"message {owed[0]} is to be resent first"
+        elif c.busy > config.max_in_flight:
+            why = f"more than max_in_flight={config.max_in_flight} messages unanswered"
+            retry = config.unavailable_retry_after
+        else:
+            if limits.bucket.take(now) == 0.0:
+                limits.in_a_row = 0
+                if owed and owed[0] == message_id:
+                    owed.pop(0)  # resent and let through
+                    limits.due.pop(message_id, None)
+                return None
+            why = f"over rate_per_second={config.rate_per_second:g} (burst {config.rate_burst})"
     at = bisect.bisect_left(owed, message_id)
     if at == len(owed) or owed[at] != message_id:
         owed.insert(at, message_id)
