@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, get_type_hints
@@ -107,6 +108,9 @@ class Context:
         return await self.server.send_to(session_id, event, data, ns=self.ns)
 
 
+_clock = time.perf_counter
+"""Handler durations' clock (a module global: one lookup less per handler call)."""
+
 _PLAIN = frozenset({dict, list, str, int, float, bool, type(None)})
 """Types of the common replies, which are never awaitable (skips isawaitable's ABC check)."""
 
@@ -150,7 +154,8 @@ class Namespace:
         """The authorization hook per action (``core/authz.py``); the hub reads the keys."""
         self.timings: dict[str, Buckets] = {}
         """How long each event's handler took, per call (``rtchat_request_duration_seconds``):
-        kept here, where a handler is known to exist, so clients cannot add labels."""
+        one histogram per registered event, made with its handler, so clients cannot add
+        labels and every event has its series from the start."""
 
     def on(self, event: str | type[Event]) -> Callable[[F], F]:
         """Register the handler for ``event`` (a name or an Event class)."""
@@ -159,6 +164,7 @@ class Namespace:
         def register(func: F) -> F:
             wants_data = len(inspect.signature(func).parameters) >= 2
             self._handlers[name] = _Handler(func, _payload_model(func, event), wants_data)
+            self.timings.setdefault(name, Buckets(DURATION_BOUNDS))
             return func
 
         return register
@@ -217,7 +223,7 @@ class Namespace:
                 payload = validate_payload(handler.model, data)
             except ValidationFailed as exc:
                 raise HandlerFailure(p.ErrorCode.INVALID_PAYLOAD, str(exc)) from exc
-        started = time.perf_counter()
+        started = _clock()
         try:
             result = handler.func(ctx, payload) if handler.wants_data else handler.func(ctx)
             if type(result) not in _PLAIN and inspect.isawaitable(result):
@@ -227,11 +233,11 @@ class Namespace:
         except Exception as exc:
             log.exception("handler for %r in %r raised", event, self.path)
             raise HandlerFailure(p.ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            timing = self.timings.get(event)
-            if timing is None:
-                timing = self.timings[event] = Buckets(DURATION_BOUNDS)
-            timing.observe(time.perf_counter() - started)
+        finally:  # Buckets.observe, inlined: this runs for every handler call
+            elapsed = _clock() - started
+            timing = self.timings[event]
+            timing.counts[bisect_left(DURATION_BOUNDS, elapsed)] += 1
+            timing.total += elapsed
         if isinstance(result, BaseModel):
             return result.model_dump(mode="json")
         return result
