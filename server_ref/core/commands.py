@@ -142,7 +142,7 @@ class Handle:
     user: str | None
     event: str
     data: Any
-    claims: dict[str, Any] = field(default_factory=dict)
+    claims: dict[str, Any]
     op: int = 0
 
 

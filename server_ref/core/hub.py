@@ -201,7 +201,13 @@ class Hub(HubTimers):
                 assert session is not None  # the core lets messages through only after hello
                 c.busy += 1
                 refused = admit(c, session, frame.id, now)  # over a limit: answered, not run
-                self._enqueue(session, refused or self._answer(session, frame), answers=c)
+                gen = refused or self._answer(session, frame)
+                if session.busy:  # _enqueue, inline (every message)
+                    session.queue.append((gen, c))
+                else:
+                    session.busy = True
+                    self._seq += 1
+                    self._step(Running(self._seq, gen, session, None, False, c), None, None)
         self._flush(c, received=True)
 
     def connection_closed(self, conn_id: int, peer_code: int | None, now: float) -> None:
