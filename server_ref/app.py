@@ -22,6 +22,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import CoroutineType
 from typing import Any, Protocol, TypeVar, get_type_hints
 
 from pydantic import BaseModel
@@ -211,6 +212,18 @@ class Namespace:
 
     async def call(self, ctx: Context, event: str, data: Any) -> Any:
         """Run the handler; returns the JSON-ready reply or raises HandlerFailure."""
+        result = self.call_nowait(ctx, event, data)
+        if type(result) is CoroutineType:
+            return await result
+        return result
+
+    def call_nowait(self, ctx: Context, event: str, data: Any) -> Any:
+        """``call`` without a coroutine for a sync handler (the driver's, every request).
+
+        Returns the JSON-ready reply of a handler that did not wait, or, for one
+        that returned an awaitable (an ``async def`` handler), a coroutine that
+        gives it. Raises HandlerFailure, as ``call`` does.
+        """
         handler = self._handlers.get(event)
         if handler is None:
             raise HandlerFailure(
@@ -224,16 +237,31 @@ class Namespace:
             except ValidationFailed as exc:
                 raise HandlerFailure(p.ErrorCode.INVALID_PAYLOAD, str(exc)) from exc
         started = _clock()
+        timed = True  # here; an async handler's rest is timed by _rest, until it returns
         try:
             result = handler.func(ctx, payload) if handler.wants_data else handler.func(ctx)
             if type(result) not in _PLAIN and inspect.isawaitable(result):
-                result = await result
-        except RemoteError as exc:
-            raise HandlerFailure(exc.code, exc.message, exc.details) from exc
+                timed = False
+                return self._rest(result, event, started)
         except Exception as exc:
-            log.exception("handler for %r in %r raised", event, self.path)
-            raise HandlerFailure(p.ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}") from exc
+            raise self._failure(event, exc) from exc
         finally:  # Buckets.observe, inlined: this runs for every handler call
+            if timed:
+                elapsed = _clock() - started
+                timing = self.timings[event]
+                timing.counts[bisect_left(DURATION_BOUNDS, elapsed)] += 1
+                timing.total += elapsed
+        if isinstance(result, BaseModel):
+            return result.model_dump(mode="json")
+        return result
+
+    async def _rest(self, awaitable: Awaitable[Any], event: str, started: float) -> Any:
+        """An async handler's reply (``call_nowait``): awaited, timed until it returns."""
+        try:
+            result = await awaitable
+        except Exception as exc:
+            raise self._failure(event, exc) from exc
+        finally:
             elapsed = _clock() - started
             timing = self.timings[event]
             timing.counts[bisect_left(DURATION_BOUNDS, elapsed)] += 1
@@ -241,3 +269,10 @@ class Namespace:
         if isinstance(result, BaseModel):
             return result.model_dump(mode="json")
         return result
+
+    def _failure(self, event: str, exc: Exception) -> HandlerFailure:
+        """The error reply for a handler's exception; called in its ``except`` (logged)."""
+        if isinstance(exc, RemoteError):
+            return HandlerFailure(exc.code, exc.message, exc.details)
+        log.exception("handler for %r in %r raised", event, self.path)
+        return HandlerFailure(p.ErrorCode.HANDLER_ERROR, f"{type(exc).__name__}: {exc}")

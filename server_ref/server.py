@@ -24,6 +24,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from ssl import SSLContext
+from types import CoroutineType
 from typing import Any
 
 from rtchat_sdk import protocol as p
@@ -462,7 +463,9 @@ class Server:
             try:
                 if type(call) is Handle:
                     ctx = Context(self, call.session_id, call.user, call.ns, call.claims)
-                    result = await self._namespaces[call.ns].call(ctx, call.event, call.data)
+                    result = self._namespaces[call.ns].call_nowait(ctx, call.event, call.data)
+                    if type(result) is CoroutineType:  # an async handler's rest
+                        result = await result
                 elif type(call) is BrokerCall and call.method not in _WITH_LISTENER:
                     result = await getattr(self.broker, call.method)(*call.args)
                 else:
