@@ -364,7 +364,20 @@ class Hub(HubTimers):
             try:
                 call = gen.send(value) if error is None else gen.throw(error)
             except StopIteration as stop:
-                self._ended(running, stop.value, None)
+                c = running.answers
+                session = running.session
+                if c is None or session is None or running.report:
+                    self._ended(running, stop.value, None)
+                    return
+                # A client message answered: _ended, inline (every message).
+                c.busy -= 1
+                if c.core.close_code is None:
+                    self._out.append(Send(c.id, [stop.value]))
+                if session.queue:
+                    gen, answers = session.queue.popleft()
+                    self._start(gen, session=session, answers=answers)
+                else:
+                    session.busy = False
                 return
             except Exception as exc:  # a bug, or a broker that failed: report it, keep serving
                 # Failed half-way: close, so the client reconnects and resends what has no
