@@ -82,6 +82,7 @@ CONFIG_HELP: dict[str, str] = {
     "compression": "accept permessage-deflate from clients that ask for it",
     "demo": "serve a small chat page at /demo/ (uses /rtchat.js, the browser client)",
     "metrics": "serve Prometheus metrics at GET /metrics on the server's port",
+    "request_timing_every": "time one handler call in this many for the duration metric",
 }
 """Help text per ServerConfig field; a field missing here still gets a flag."""
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from bisect import bisect_left
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import CoroutineType
@@ -32,7 +31,7 @@ from rtchat_sdk.errors import RemoteError, ValidationFailed
 from rtchat_sdk.events import Event, event_name, validate_payload
 
 from .core.authz import CALL, JOIN, PUBLISH, RECEIVE
-from .core.stats import DURATION_BOUNDS, Buckets
+from .core.stats import DURATION_BOUNDS, Timing
 from .errors import HandlerFailure
 
 __all__ = [
@@ -121,6 +120,9 @@ class _Handler:
     func: Callable[..., Any]
     model: type[BaseModel] | None
     wants_data: bool
+    timing: Timing
+    """The event's calls and sampled durations (``Namespace.timings``), kept here too:
+    one lookup less per call."""
 
 
 def _payload_model(func: Callable[..., Any], event: str | type[Event]) -> type[BaseModel] | None:
@@ -153,10 +155,14 @@ class Namespace:
         self._handlers: dict[str, _Handler] = {}
         self.guards: dict[str, Callable[..., Any]] = {}
         """The authorization hook per action (``core/authz.py``); the hub reads the keys."""
-        self.timings: dict[str, Buckets] = {}
-        """How long each event's handler took, per call (``rtchat_request_duration_seconds``):
-        one histogram per registered event, made with its handler, so clients cannot add
-        labels and every event has its series from the start."""
+        self.timings: dict[str, Timing] = {}
+        """Each event's handler calls and a sample of their durations
+        (``rtchat_handler_calls_total``, ``rtchat_request_duration_seconds``): one per
+        registered event, made with its handler, so clients cannot add labels and
+        every event has its series from the start."""
+        self.time_every = 1
+        """Time one handler call in this many (the first, then every n-th, per event);
+        the server sets it from ``ServerConfig.request_timing_every``."""
 
     def on(self, event: str | type[Event]) -> Callable[[F], F]:
         """Register the handler for ``event`` (a name or an Event class)."""
@@ -164,8 +170,8 @@ class Namespace:
 
         def register(func: F) -> F:
             wants_data = len(inspect.signature(func).parameters) >= 2
-            self._handlers[name] = _Handler(func, _payload_model(func, event), wants_data)
-            self.timings.setdefault(name, Buckets(DURATION_BOUNDS))
+            timing = self.timings.setdefault(name, Timing(DURATION_BOUNDS))
+            self._handlers[name] = _Handler(func, _payload_model(func, event), wants_data, timing)
             return func
 
         return register
@@ -236,36 +242,34 @@ class Namespace:
                 payload = validate_payload(handler.model, data)
             except ValidationFailed as exc:
                 raise HandlerFailure(p.ErrorCode.INVALID_PAYLOAD, str(exc)) from exc
-        started = _clock()
-        timed = True  # here; an async handler's rest is timed by _rest, until it returns
+        timing = handler.timing
+        timing.calls = calls = timing.calls + 1
+        every = self.time_every
+        started = None if calls % every != 1 % every else _clock()
         try:
             result = handler.func(ctx, payload) if handler.wants_data else handler.func(ctx)
-            if type(result) not in _PLAIN and inspect.isawaitable(result):
-                timed = False
-                return self._rest(result, event, started)
         except Exception as exc:
+            if started is not None:
+                timing.observe(_clock() - started)
             raise self._failure(event, exc) from exc
-        finally:  # Buckets.observe, inlined: this runs for every handler call
-            if timed:
-                elapsed = _clock() - started
-                timing = self.timings[event]
-                timing.counts[bisect_left(DURATION_BOUNDS, elapsed)] += 1
-                timing.total += elapsed
+        if type(result) not in _PLAIN and inspect.isawaitable(result):
+            return self._rest(result, event, started)  # timed there, until it returns
+        if started is not None:
+            timing.observe(_clock() - started)
         if isinstance(result, BaseModel):
             return result.model_dump(mode="json")
         return result
 
-    async def _rest(self, awaitable: Awaitable[Any], event: str, started: float) -> Any:
-        """An async handler's reply (``call_nowait``): awaited, timed until it returns."""
+    async def _rest(self, awaitable: Awaitable[Any], event: str, started: float | None) -> Any:
+        """An async handler's reply (``call_nowait``): awaited, and timed until it
+        returns when ``started`` (the call is one of the sample) is given."""
         try:
             result = await awaitable
         except Exception as exc:
             raise self._failure(event, exc) from exc
         finally:
-            elapsed = _clock() - started
-            timing = self.timings[event]
-            timing.counts[bisect_left(DURATION_BOUNDS, elapsed)] += 1
-            timing.total += elapsed
+            if started is not None:
+                self.timings[event].observe(_clock() - started)
         if isinstance(result, BaseModel):
             return result.model_dump(mode="json")
         return result

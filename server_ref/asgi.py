@@ -14,7 +14,8 @@ or ``lifespan=rtchat_app.lifespan`` in ``FastAPI(...)``).
 
 ``app`` is the command line's server as an ASGI app: the built-in ``echo``
 handler, the in-memory broker, or Redis when ``REDIS_URL`` is set
-(``RTCHAT_REDIS_PREFIX`` for its prefix).
+(``RTCHAT_REDIS_PREFIX`` for its prefix); ``RTCHAT_REQUEST_TIMING_EVERY`` sets
+``ServerConfig.request_timing_every``.
 """
 
 from __future__ import annotations
@@ -146,7 +147,9 @@ def _default_server() -> Server:
         from .broker.redis import RedisBroker
 
         broker = RedisBroker(url, prefix=os.environ.get("RTCHAT_REDIS_PREFIX", "rtchat"))
-    server = Server(broker=broker)
+    every = os.environ.get("RTCHAT_REQUEST_TIMING_EVERY")
+    config = ServerConfig(request_timing_every=int(every)) if every else None
+    server = Server(config, broker=broker)
     server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
     return server
 

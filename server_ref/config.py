@@ -66,6 +66,11 @@ class ServerConfig:
     metrics: bool = True
     """Serve Prometheus metrics at ``GET /metrics`` on the server's port (docs/server.md,
     Metrics); ``--no-metrics`` answers 404 there instead."""
+    request_timing_every: int = 8
+    """Time one request or emit handler call in this many, per event, for
+    ``rtchat_request_duration_seconds`` (1: every call). The clock reads and the
+    bucket cost a sync handler's request more than its other counters together;
+    ``rtchat_handler_calls_total`` counts every call either way."""
     compression: bool = False
     """Accept permessage-deflate from clients that ask. Off by default: it costs
     ~33 KB of memory per connection and a third of the throughput on small

@@ -139,9 +139,19 @@ class ServerCollector(Collector):
             "Broker calls that raised BrokerUnavailable (the store out of reach).",
             stats.broker_errors,
         )
+        calls = CounterMetricFamily(
+            "rtchat_handler_calls_total",
+            "Request and emit handler calls, by namespace and event.",
+            labels=["ns", "event"],
+        )
+        for path, space in list(server._namespaces.items()):
+            for event, timing in sorted(space.timings.items()):
+                calls.add_metric([path, event], timing.calls)
+        yield calls
         yield _histogram(
             "rtchat_request_duration_seconds",
-            "Time in request and emit handlers, by namespace and event.",
+            "Time in request and emit handlers, by namespace and event: one call in"
+            " request_timing_every (default 8) is timed.",
             ["ns", "event"],
             (
                 ([path, event], buckets)

@@ -135,7 +135,8 @@ class Server:
         """This node's id: the owner of the sessions whose connections it holds."""
         self._authenticate = authenticate
         self._clock = clock
-        self._namespaces: dict[str, Namespace] = {p.DEFAULT_NAMESPACE: Namespace("/")}
+        self._namespaces: dict[str, Namespace] = {}
+        self.namespace(p.DEFAULT_NAMESPACE)
         self.hub = Hub(
             self.config,
             namespaces=self._namespaces,
@@ -165,6 +166,7 @@ class Server:
         ns = self._namespaces.get(path)
         if ns is None:
             ns = self._namespaces[path] = Namespace(path)
+            ns.time_every = self.config.request_timing_every
         if presence_events is not None:
             ns.presence_events = presence_events
             ns.presence = ns.presence or presence_events

@@ -30,12 +30,12 @@ from websockets.exceptions import ConnectionClosed
 
 from rtchat_sdk import Client, RemoteError
 from rtchat_sdk import protocol as p
-from server_ref import MemoryBroker, Server, ServerConfig
+from server_ref import Context, MemoryBroker, Server, ServerConfig
 from server_ref.__main__ import build_parser, config_from_args
 from server_ref.asgi import uvicorn_listener
 from server_ref.broker import Draft, StreamEntry
 from server_ref.core.stats import LAG_BOUNDS, MESSAGE_KINDS, Buckets
-from server_ref.errors import BrokerUnavailable
+from server_ref.errors import BrokerUnavailable, HandlerFailure
 from server_ref.metrics import ServerCollector
 from tests.conftest import make_server
 from tests.faultproxy import FaultProxy
@@ -163,11 +163,13 @@ async def test_a_known_workload_is_counted_exactly(server: Server) -> None:
     assert value(got, "rtchat_connections", transport="asgi-websocket") == 0
     assert value(got, "rtchat_sessions") == 4
     assert value(got, "rtchat_rooms") == 1
-    duration = "rtchat_request_duration_seconds"
-    assert value(got, f"{duration}_count", ns="/", event="echo") == 4  # 3 requests, 1 emit
+    assert value(got, "rtchat_handler_calls_total", ns="/", event="echo") == 4  # 3 req, 1 emit
+    assert value(got, "rtchat_handler_calls_total", ns="/", event="fail") == 1
+    duration = "rtchat_request_duration_seconds"  # one call in 8 timed: the first of each
+    assert value(got, f"{duration}_count", ns="/", event="echo") == 1
     assert value(got, f"{duration}_count", ns="/", event="fail") == 1
-    assert value(got, f"{duration}_bucket", ns="/", event="echo", le="+Inf") == 4
-    assert 0 < value(got, f"{duration}_sum", ns="/", event="echo") < 4 * 10
+    assert value(got, f"{duration}_bucket", ns="/", event="echo", le="+Inf") == 1
+    assert 0 < value(got, f"{duration}_sum", ns="/", event="echo") < 10
     for name in ("replays", "slow_consumers", "broker_errors"):
         assert value(got, f"rtchat_{name}_total") == 0, name
     assert labelled(got, "rtchat_gaps_total", "reason") == {}
@@ -179,6 +181,46 @@ async def test_a_known_workload_is_counted_exactly(server: Server) -> None:
         return value(after, "rtchat_connections", transport="websocket") == 0
 
     await until(all_gone)
+
+
+async def test_one_handler_call_in_request_timing_every_is_timed_and_every_one_counted() -> None:
+    """The first call of each event, then every 8th; sync, async and failing alike."""
+    server = Server(ServerConfig(request_timing_every=8))
+    ns = server.namespace("/sampled")
+    assert ns.time_every == 8
+    assert server.namespace("/").time_every == 8
+
+    @ns.on("sync")
+    def sync(ctx: Context, data: Any) -> Any:
+        return data
+
+    @ns.on("slow")
+    async def slow(ctx: Context, data: Any) -> Any:
+        await asyncio.sleep(0)
+        return data
+
+    @ns.on("fails")
+    def fails(ctx: Context, data: Any) -> Any:
+        raise ValueError("no")
+
+    ctx = Context(server, "s1", None, "/sampled")
+    for i in range(17):
+        assert await ns.call(ctx, "sync", i) == i
+        assert await ns.call(ctx, "slow", i) == i
+        with pytest.raises(HandlerFailure):
+            await ns.call(ctx, "fails", i)
+    for event in ("sync", "slow", "fails"):
+        timing = ns.timings[event]
+        assert timing.calls == 17, event
+        assert sum(timing.counts) == 3, event  # calls 1, 9 and 17
+        assert timing.total > 0, event
+    every = Server(ServerConfig(request_timing_every=1)).namespace("/")
+    every.on("e")(sync)
+    for i in range(5):
+        await every.call(ctx, "e", i)
+    assert sum(every.timings["e"].counts) == every.timings["e"].calls == 5
+    with pytest.raises(ValueError, match="request_timing_every must be positive"):
+        ServerConfig(request_timing_every=0)
 
 
 async def test_a_resume_past_the_history_is_one_replay_and_one_trimmed_gap() -> None:
@@ -381,6 +423,7 @@ async def test_uvicorn_workers_share_one_scrape_in_multiprocess_mode(tmp_path: P
     files.mkdir()
     port = free_port()
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(files)}
+    env["RTCHAT_REQUEST_TIMING_EVERY"] = "1"  # every call timed: the count is exact
     env.pop("REDIS_URL", None)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -428,6 +471,7 @@ async def test_uvicorn_workers_share_one_scrape_in_multiprocess_mode(tmp_path: P
         await until(none_left)
         got = await scrape(port)
         assert value(got, "rtchat_messages_received_total", kind="hello") == 6
+        assert value(got, "rtchat_handler_calls_total", ns="/", event="echo") == 6
         assert value(got, "rtchat_request_duration_seconds_count", ns="/", event="echo") == 6
     finally:
         if proc.returncode is None:

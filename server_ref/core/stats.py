@@ -20,7 +20,7 @@ from bisect import bisect_left
 
 from rtchat_sdk import protocol as p
 
-__all__ = ["DURATION_BOUNDS", "LAG_BOUNDS", "MESSAGE_KINDS", "Buckets", "Stats"]
+__all__ = ["DURATION_BOUNDS", "LAG_BOUNDS", "MESSAGE_KINDS", "Buckets", "Stats", "Timing"]
 
 MESSAGE_KINDS = tuple(sorted(p.CLIENT_FRAME_TYPES - {"ping", "pong"}))
 """The client frames the hub takes, hello included (pings and pongs are answered by
@@ -75,6 +75,22 @@ class Buckets:
             running += count
             out.append((bound, running))
         return out
+
+
+class Timing(Buckets):
+    """One event's handler durations: every call counted, one in ``every`` timed.
+
+    Reading the clock twice and bisecting costs a request more than the rest of
+    its counting together (docs/performance.md), so the handlers' histogram is a
+    sample (``ServerConfig.request_timing_every``); ``calls`` stays exact.
+    """
+
+    __slots__ = ("calls",)
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        super().__init__(bounds)
+        self.calls = 0
+        """Handler calls, timed or not (``rtchat_handler_calls_total``)."""
 
 
 class Stats:
