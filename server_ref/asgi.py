@@ -148,7 +148,11 @@ def _default_server() -> Server:
 
         broker = RedisBroker(url, prefix=os.environ.get("RTCHAT_REDIS_PREFIX", "rtchat"))
     every = os.environ.get("RTCHAT_REQUEST_TIMING_EVERY")
-    config = ServerConfig(request_timing_every=int(every)) if every else None
+    config = None
+    if every:
+        if not every.isdigit():
+            raise ValueError(f"RTCHAT_REQUEST_TIMING_EVERY must be a whole number, got {every!r}")
+        config = ServerConfig(request_timing_every=int(every))  # (0 refused there)
     server = Server(config, broker=broker)
     server.namespace(p.DEFAULT_NAMESPACE).on("echo")(_echo)
     return server

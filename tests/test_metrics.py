@@ -223,6 +223,20 @@ async def test_one_handler_call_in_request_timing_every_is_timed_and_every_one_c
         ServerConfig(request_timing_every=0)
 
 
+def test_the_asgi_apps_timing_variable_is_read_and_bad_values_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server_ref.asgi import _default_server
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("RTCHAT_REQUEST_TIMING_EVERY", "3")
+    assert _default_server().namespace("/").time_every == 3
+    for bad, says in (("x", "whole number"), ("-1", "whole number"), ("0", "positive")):
+        monkeypatch.setenv("RTCHAT_REQUEST_TIMING_EVERY", bad)
+        with pytest.raises(ValueError, match=says):
+            _default_server()
+
+
 async def test_a_resume_past_the_history_is_one_replay_and_one_trimmed_gap() -> None:
     server = make_server(ServerConfig(history_size=2))
     await server.start("127.0.0.1", 0)
