@@ -153,7 +153,7 @@ class Relay:
         self._tasks.clear()
         if self._pubsub is not None:
             with contextlib.suppress(*_DOWN):
-                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
             self._pubsub = None
 
     # ------------------------------------------------------------------
@@ -248,7 +248,7 @@ class Relay:
             self._connected.clear()
             self._pubsub = None
             with contextlib.suppress(*_DOWN):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
 
     async def _connect(self) -> PubSub:
         """A new subscription with every channel followed; each stream filled up to now."""
@@ -273,7 +273,7 @@ class Relay:
         except BaseException:
             self._pubsub = None
             with contextlib.suppress(*_DOWN):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]  # typed from redis 8.2
             raise
         self._probe_sent = self._probe_back
         if self._started:
