@@ -22,22 +22,22 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from ssl import SSLContext
-from types import CoroutineType
 from typing import Any
 
 from rtchat_sdk import protocol as p
 from rtchat_sdk.errors import Forbidden
 from rtchat_sdk.events import Event, event_name
 
-from .app import Context, Host, Namespace
-from .broker import Broker, Draft, EntryListener, MemoryBroker, StreamEntry
+from .app import Context, Namespace
+from .broker import Broker, Draft, MemoryBroker, StreamEntry
+from .calls import WITH_LISTENER, Authenticator, handle_now, run_call
 from .config import ServerConfig
 from .core.authz import RECEIVE
 from .core.commands import (
     CALLS,
-    Authorize,
     Batching,
     BrokerCall,
     Call,
@@ -53,50 +53,9 @@ from .static import static_answer
 from .transports.base import HttpAnswer, Listener, ListenerFactory, Transport
 from .transports.websocket import websocket_listener
 
-__all__ = ["Authenticator", "FrameTooLarge", "Identity", "Server", "ServerConfig", "run_call"]
+__all__ = ["Authenticator", "FrameTooLarge", "Identity", "Server", "ServerConfig"]
 
 log = logging.getLogger("server_ref")
-
-Authenticator = Callable[
-    [dict[str, Any] | None], "str | Identity | Awaitable[str | Identity | None] | None"
-]
-"""Gets ``hello.auth`` (with ``token`` from an ``Authorization: Bearer`` header when
-the hello has none); returns the user, an ``Identity`` (user, claims, expiry), or None
-to refuse; or raises ``CredentialsRefused`` to refuse with a reason (``auth.py``)."""
-
-_WITH_LISTENER = frozenset({"subscribe", "unsubscribe"})
-
-
-async def run_call(
-    call: Call,
-    *,
-    broker: Broker,
-    namespaces: dict[str, Namespace],
-    host: Host,
-    authenticate: Authenticator | None,
-    listener: EntryListener,
-) -> Any:
-    """Carry out one call the hub asked for; its result (or its exception).
-
-    The one place a call becomes app or broker code: the server's driver and
-    the tests' (tests/hubnet.py) both use it.
-    """
-    if isinstance(call, BrokerCall):
-        method = getattr(broker, call.method)
-        if call.method in _WITH_LISTENER:
-            return await method(*call.args, listener)
-        return await method(*call.args)
-    if isinstance(call, Handle):
-        ctx = Context(host, call.session_id, call.user, call.ns, call.claims)
-        return await namespaces[call.ns].call(ctx, call.event, call.data)
-    if isinstance(call, Authorize):
-        ctx = Context(host, call.session_id, call.user, call.ns, call.claims)
-        return await namespaces[call.ns].authorize(call.action, ctx, call.room, call.event)
-    assert authenticate is not None  # the hub asks only when there is an authenticator
-    result = authenticate(call.auth)
-    if isinstance(result, Awaitable):
-        result = await result
-    return result
 
 
 def _json_answer(status: int, body: dict[str, str]) -> HttpAnswer:
@@ -143,6 +102,7 @@ class Server:
             node=self.node,
             authenticates=authenticate is not None,
             answer_now=self.broker.answer_now,
+            handle_now=partial(handle_now, self._namespaces, self),
             appends_remembered=self.broker.keeps_append_keys,
         )
         self._transports: dict[int, Transport] = {}
@@ -152,6 +112,8 @@ class Server:
         self._listener: Listener | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._done: asyncio.Future[None] | None = None
+        """What ``_pump`` returns when nothing is left to await (made in the loop)."""
         self._closing = False
         self._opened = False
 
@@ -430,8 +392,8 @@ class Server:
         self._drain()
         return conn
 
-    def received(self, conn: int, text: str | bytes) -> Coroutine[Any, Any, None]:
-        # Not a coroutine itself: the pump is the one a frame needs.
+    def received(self, conn: int, text: str | bytes) -> Awaitable[None]:
+        # Not a coroutine itself: mostly there is nothing to await (see _pump).
         self.hub.text_received(conn, text, self._clock())
         return self._pump()
 
@@ -454,21 +416,32 @@ class Server:
     # ------------------------------------------------------------------
     # Executing the hub's commands
 
-    async def _pump(self) -> None:
-        """Carry out the hub's commands; await their calls here, in order."""
+    def _pump(self) -> Awaitable[None]:
+        """Carry out the hub's commands: the sync ones at once, the calls in order in
+        the coroutine returned; without calls (the common case, handle_now) an
+        awaitable already done, so a frame needs no coroutine of its own."""
         hub = self.hub
-        clock = self._clock
         # A frame's first step is mostly one call (take_call); after a call, mostly the answer.
         call = hub.take_call() or self._execute(spawn_calls=False)
+        if call is not None:
+            return self._await_calls(call)
+        if hub.get_timer() != self._timer_at:  # _arm's own first test, without the call
+            self._arm()
+        done = self._done
+        if done is None:
+            done = self._done = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+        return done
+
+    async def _await_calls(self, call: Call | None) -> None:
+        hub = self.hub
+        clock = self._clock
         while call is not None:
             # The two common calls first, without _outcome's dispatch.
             try:
-                if type(call) is Handle:
-                    ctx = Context(self, call.session_id, call.user, call.ns, call.claims)
-                    result = self._namespaces[call.ns].call_nowait(ctx, call.event, call.data)
-                    if type(result) is CoroutineType:  # an async handler's rest
-                        result = await result
-                elif type(call) is BrokerCall and call.method not in _WITH_LISTENER:
+                if type(call) is Handle and call.started is not None:  # from handle_now
+                    result = await call.started
+                elif type(call) is BrokerCall and call.method not in WITH_LISTENER:
                     result = await getattr(self.broker, call.method)(*call.args)
                 else:
                     result = await self._outcome(call)

@@ -14,11 +14,14 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Coroutine
+from functools import partial
 from typing import Any
 
 from rtchat_sdk import protocol as p
 from server_ref.app import Namespace
 from server_ref.broker import MemoryBroker, StreamEntry
+from server_ref.calls import handle_now as handle_at_once
+from server_ref.calls import run_call
 from server_ref.config import ServerConfig
 from server_ref.core.commands import (
     Batching,
@@ -30,7 +33,6 @@ from server_ref.core.commands import (
     Send,
 )
 from server_ref.core.hub import Hub
-from server_ref.server import run_call
 
 __all__ = ["HubNet", "run_now"]
 
@@ -56,6 +58,7 @@ class HubNet:
         users: dict[str, str | Identity] | None = None,
         auto: bool = True,
         answer_now: bool = False,
+        handle_now: bool = False,
     ) -> None:
         self.now = 1000.0
         self.config = config or ServerConfig()
@@ -76,6 +79,8 @@ class HubNet:
             authenticates=users is not None,
             new_session=self._new_session,
             answer_now=self.broker.answer_now if answer_now else None,
+            # As Server does: a sync handler runs inside the hub's step, not as a call.
+            handle_now=partial(handle_at_once, self.namespaces, _NoHost()) if handle_now else None,
         )
         self._sessions_made = 0
         self.auto = auto

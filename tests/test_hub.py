@@ -115,6 +115,47 @@ def test_calls_the_broker_answers_at_once_never_reach_the_driver() -> None:
     assert [type(call) for call in net.calls] == [Handle]
 
 
+def test_sync_handlers_run_inside_the_hub_step_and_async_ones_are_begun_not_run() -> None:
+    net = HubNet(answer_now=True, handle_now=True)
+    seen = with_echo(net)
+    ran: list[Any] = []
+
+    @net.namespaces["/"].on("later")
+    async def later(ctx: object, data: Any) -> Any:
+        ran.append(data)
+        return {"later": data}
+
+    @net.namespaces["/"].on("boom")
+    def boom(ctx: object, data: Any) -> Any:
+        raise ValueError("no")
+
+    conn, _ = net.hello()
+    net.auto = False
+    net.calls.clear()
+    net.send(conn, request(1, "now"))
+    assert net.calls == []  # no call reached the driver: handler and dedupe taken at once
+    assert net.frames(conn) == [{"type": "reply", "id": 1, "data": "now"}]
+    net.send(conn, {"type": "request", "id": 2, "event": "later", "data": 5})
+    (call,) = net.pending
+    assert type(call) is Handle
+    assert call.started is not None
+    assert ran == []  # and not run: the driver awaits it
+    net.send(conn, request(3, "queued"))  # behind message 2: one session's messages in order
+    assert seen == ["now"]
+    assert net.frames(conn) == []
+    net.answer_all()
+    assert ran == [5]
+    assert seen == ["now", "queued"]
+    assert net.frames(conn) == [
+        {"type": "reply", "id": 2, "data": {"later": 5}},
+        {"type": "reply", "id": 3, "data": "queued"},
+    ]
+    net.send(conn, {"type": "request", "id": 4, "event": "boom"})
+    (failed,) = net.frames(conn)
+    assert (failed["type"], failed["id"], failed["code"]) == ("error", 4, "handler_error")
+    assert failed["message"] == "ValueError: no"
+
+
 def test_memory_broker_answers_at_once_only_what_a_subclass_does_not_override() -> None:
     broker = MemoryBroker()
     assert broker.answer_now("remember_reply", ("s", 3, "r3")) is None

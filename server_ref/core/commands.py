@@ -15,6 +15,7 @@ unset and the hub numbers it.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,9 @@ class Handle:
     data: Any
     claims: dict[str, Any]
     op: int = 0
+    started: Awaitable[Any] | None = None
+    """The reply's awaitable when ``handle_now`` called the handler and it must be
+    awaited (an ``async def`` handler): the driver awaits it, and does not call again."""
 
 
 Call = BrokerCall | Authenticate | Authorize | Handle

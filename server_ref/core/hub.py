@@ -48,6 +48,7 @@ from .commands import (
     Command,
     Deliver,
     Finished,
+    Handle,
     Send,
 )
 from .connection import ConnectionCore
@@ -79,12 +80,17 @@ class Hub(HubTimers):
         authenticates: bool = False,
         new_session: Callable[[], tuple[str, str]] | None = None,
         answer_now: Callable[[str, tuple[Any, ...]], Any] | None = None,
+        handle_now: Callable[[Handle], Any] | None = None,
         appends_remembered: bool = False,
     ) -> None:
         self.config = config
         self._answer_now = answer_now
         """``answer_now(method, args)``: a broker call's result if the broker has it at
         once (no I/O, no call back into the hub: ``Broker.answer_now``), or ``LATER``."""
+        self._handle_now = handle_now
+        """``handle_now(call)``: the reply of a handler that needs no awaiting, run at once
+        (by the driver, which keeps app code from calling back into the hub while it
+        runs), or ``LATER`` (the driver sets ``call.started`` if it began the call)."""
         self.node = node
         self._namespaces = namespaces
         self._authenticates = authenticates
@@ -193,7 +199,7 @@ class Hub(HubTimers):
         frame = c.core.receive_text(text, now)
         if frame is not None:
             self.stats.received[frame.type] += 1
-            if isinstance(frame, p.HelloFrame):
+            if frame.type == "hello":  # (not isinstance: slow on a pydantic model class)
                 c.early = []
                 self._start(self._handshake(c, frame), conn=c)
             else:
@@ -359,7 +365,7 @@ class Hub(HubTimers):
 
     def _step(self, running: Running, value: Any, error: BaseException | None) -> None:
         """Run the operation to its next call that the driver must await (or to its end)."""
-        gen, answer_now = running.gen, self._answer_now
+        gen, answer_now, handle_now = running.gen, self._answer_now, self._handle_now
         while True:
             try:
                 call = gen.send(value) if error is None else gen.throw(error)
@@ -394,10 +400,16 @@ class Hub(HubTimers):
                     self._flush(c)
                 self._ended(running, None, exc)
                 return
-            if answer_now is None or type(call) is not BrokerCall:
-                break
-            try:
-                value, error = answer_now(call.method, call.args), None
+            try:  # the calls the driver can answer at once: taken here, no trip through it
+                if type(call) is Handle:
+                    if handle_now is None:
+                        break
+                    value = handle_now(call)
+                elif answer_now is not None and type(call) is BrokerCall:
+                    value = answer_now(call.method, call.args)
+                else:
+                    break
+                error = None
             except Exception as exc:
                 value, error = None, exc
                 continue

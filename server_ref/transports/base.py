@@ -33,7 +33,7 @@ comes next.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
@@ -107,8 +107,8 @@ class Endpoint(Protocol):
         """A connection was accepted; returns its id for the calls below."""
         ...
 
-    async def received(self, conn: int, text: str | bytes) -> None:
-        """One text frame; the next is read after this returns."""
+    def received(self, conn: int, text: str | bytes) -> Awaitable[None]:
+        """One text frame; the next is read once what this returns is awaited."""
         ...
 
     async def closed(self, conn: int, peer_code: int | None) -> None:
