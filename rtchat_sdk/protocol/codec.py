@@ -119,8 +119,13 @@ def encode_batch(frames: list[bytes]) -> bytes:
     return b"[" + b",".join(frames) + b"]"
 
 
+_PLAIN_JSON = frozenset({dict, list, str, int, float, bool, type(None)})
+
+
 def jsonable(data: Any) -> Any:
     """App data as it travels: a pydantic model (an Event) as its JSON form, else as given."""
+    if type(data) in _PLAIN_JSON:  # the common case, without the (slow) ABC check below
+        return data
     if isinstance(data, BaseModel):
         return data.model_dump(mode="json")
     return data
