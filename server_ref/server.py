@@ -433,9 +433,11 @@ class Server:
             done.set_result(None)
         return done
 
-    async def _await_calls(self, call: Call | None) -> None:
+    async def _await_calls(self, first: Call) -> None:
+        """Await an input's calls in order, each result back to the hub, then the timer."""
         hub = self.hub
         clock = self._clock
+        call: Call | None = first
         while call is not None:
             # The two common calls first, without _outcome's dispatch.
             try:

@@ -47,13 +47,19 @@ from .pages import span
 __all__ = ["MemoryBroker"]
 
 
+_NO_ENTRIES: deque[StreamEntry] = deque(maxlen=0)
+"""The entries of every stream not appended to yet (never appended to itself)."""
+
+
 class _Stream:
     __slots__ = ("entries", "epoch", "listeners", "offset")
 
-    def __init__(self, history_size: int) -> None:
+    def __init__(self) -> None:
         self.epoch = secrets.token_hex(8)
         self.offset = 0
-        self.entries: deque[StreamEntry] = deque(maxlen=history_size)
+        self.entries: deque[StreamEntry] = _NO_ENTRIES
+        """Its newest entries; a stream's own deque is made at its first append (an
+        empty deque takes ~600 bytes, and each session has an inbox stream)."""
         self.listeners: list[EntryListener] = []
 
 
@@ -129,7 +135,7 @@ class MemoryBroker(Broker):
     def _stream(self, name: str) -> _Stream:
         stream = self._streams.get(name)
         if stream is None:
-            stream = self._streams[name] = _Stream(self.history_size)
+            stream = self._streams[name] = _Stream()
         return stream
 
     def _trim(self, stream: _Stream, now: float) -> None:
@@ -148,6 +154,8 @@ class MemoryBroker(Broker):
         text = draft.render(s.epoch, s.offset + 1)  # may raise: then nothing is numbered
         s.offset += 1
         entry = StreamEntry(stream, s.epoch, s.offset, text, draft.sender, draft.echo, now)
+        if s.entries is _NO_ENTRIES:
+            s.entries = deque(maxlen=self.history_size)
         s.entries.append(entry)
         self._trim(s, now)
         if key is not None:

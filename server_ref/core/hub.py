@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -209,7 +210,10 @@ class Hub(HubTimers):
                 refused = admit(c, session, frame.id, now)  # over a limit: answered, not run
                 gen = refused or self._answer(session, frame)
                 if session.busy:  # _enqueue, inline (every message)
-                    session.queue.append((gen, c))
+                    queue = session.queue
+                    if queue is None:
+                        queue = session.queue = deque()
+                    queue.append((gen, c))
                 else:
                     session.busy = True
                     self._seq += 1
@@ -357,7 +361,10 @@ class Hub(HubTimers):
         it gets the operation's result, and its count of busy messages drops.
         """
         if session.busy:
-            session.queue.append((gen, answers))
+            queue = session.queue
+            if queue is None:
+                queue = session.queue = deque()
+            queue.append((gen, answers))
             return
         session.busy = True
         self._seq += 1  # _start, inline (every message)
