@@ -8,6 +8,7 @@ it imports nothing of the client's driver, so the server can too.
 """
 
 from .codec import (
+    PLAIN_JSON_TYPES,
     decode_client_frame,
     decode_server_frame,
     decode_server_message,
@@ -73,6 +74,7 @@ from .heartbeat import Heartbeat
 from .reads import History, Presence, PresenceChange, PresenceMember, PresenceStats
 
 __all__ = [
+    "PLAIN_JSON_TYPES",
     "CLIENT_FRAME_TYPES",
     "DEFAULT_NAMESPACE",
     "MAX_HISTORY_LIMIT",

@@ -24,6 +24,7 @@ from .frames import (
 )
 
 __all__ = [
+    "PLAIN_JSON_TYPES",
     "decode_client_frame",
     "decode_server_frame",
     "decode_server_message",
@@ -119,12 +120,14 @@ def encode_batch(frames: list[bytes]) -> bytes:
     return b"[" + b",".join(frames) + b"]"
 
 
-_PLAIN_JSON = frozenset({dict, list, str, int, float, bool, type(None)})
+PLAIN_JSON_TYPES = frozenset({dict, list, str, int, float, bool, type(None)})
+"""The types of parsed JSON: never a model, never awaitable, so a type test in this
+set skips the ``isinstance`` checks against ABCs (slow: pydantic's metaclass is one)."""
 
 
 def jsonable(data: Any) -> Any:
     """App data as it travels: a pydantic model (an Event) as its JSON form, else as given."""
-    if type(data) in _PLAIN_JSON:  # the common case, without the (slow) ABC check below
+    if type(data) in PLAIN_JSON_TYPES:  # the common case, without the (slow) ABC check below
         return data
     if isinstance(data, BaseModel):
         return data.model_dump(mode="json")

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import deque
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -210,10 +209,7 @@ class Hub(HubTimers):
                 refused = admit(c, session, frame.id, now)  # over a limit: answered, not run
                 gen = refused or self._answer(session, frame)
                 if session.busy:  # _enqueue, inline (every message)
-                    queue = session.queue
-                    if queue is None:
-                        queue = session.queue = deque()
-                    queue.append((gen, c))
+                    session.wait(gen, c)
                 else:
                     session.busy = True
                     self._seq += 1
@@ -361,10 +357,7 @@ class Hub(HubTimers):
         it gets the operation's result, and its count of busy messages drops.
         """
         if session.busy:
-            queue = session.queue
-            if queue is None:
-                queue = session.queue = deque()
-            queue.append((gen, answers))
+            session.wait(gen, answers)
             return
         session.busy = True
         self._seq += 1  # _start, inline (every message)

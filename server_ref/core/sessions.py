@@ -76,7 +76,7 @@ class Session:
         """An operation of the session is running: the next waits in ``queue``."""
         self.queue: deque[tuple[Generator[Any, Any, Any], Any]] | None = None
         """Operations waiting for ``busy`` to clear, each with the connection it answers
-        (made when the first waits: an empty deque takes ~600 bytes, per session)."""
+        (made by ``wait``, when the first waits: an empty deque takes ~600 bytes)."""
         self.highest: int | None = None
         """The highest message id it processed, when all of them were processed here
         (None: unknown, ask the broker's dedupe records for every message)."""
@@ -89,6 +89,14 @@ class Session:
         self.refusing: int | None = None
         """A message answered ``unavailable``: later ones are refused too until it is
         resent, so the session's messages are still processed in id order."""
+
+    def wait(self, op: Generator[Any, Any, Any], answers: Any) -> None:
+        """Queue an operation behind the running one (``busy``), with the connection
+        it answers, if any."""
+        queue = self.queue
+        if queue is None:
+            queue = self.queue = deque()
+        queue.append((op, answers))
 
 
 def wants(session: Session, entry: StreamEntry) -> bool:
